@@ -1,0 +1,42 @@
+# vitserve: `make test` sets everything up from nothing and runs the fast tier.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CONFIG ?= models.yaml
+REPO ?= model_repository
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-slow lint format engines serve demo perf bench clean
+
+setup: $(STAMP) perf-deps
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -e '.[all,dev]'
+	@touch $@
+
+# perf_analyzer (tritonclient 2.51) links Debian's libb64.
+perf-deps:
+	@if ldconfig -p 2>/dev/null | grep -q libb64.so.0d; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get install -y -q libb64-0d >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q libb64-0d >/dev/null; }; \
+	else echo "NOTE: perf_analyzer needs libb64: run 'sudo apt-get install libb64-0d' (Debian/Ubuntu)"; fi
+
+test: setup
+	$(BIN)/pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+
+test-slow: setup
+	$(BIN)/pytest -m "slow" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf artifacts $(REPO)/*/ .pytest_cache

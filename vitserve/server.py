@@ -1,0 +1,243 @@
+"""Launch the real Triton Inference Server on a CPU-only host.
+
+The nvidia-pytriton wheel ships `tritonserver` (2.51) with the python backend only. This module turns that
+wheel into a usable server: a backend directory holding the python backend and the stub built for the
+running Python, the wheel's bundled libraries on LD_LIBRARY_PATH, free ports, a readiness wait on
+`/v2/health/ready`, a kept log and a clean shutdown of the whole process group (stubs included).
+
+    with TritonServer("model_repository") as server:
+        print(server.http_url, server.grpc_url)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vitserve.errors import ServerError
+
+_PY_TAG = f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def _pytriton_root() -> Path:
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise ServerError(
+            "tritonserver was not found: install the serve extra (`pip install 'vitserve[serve]'`, which "
+            "brings nvidia-pytriton's server) or run the NGC Triton container (see README)"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def tritonserver_binary() -> Path:
+    """Path of the tritonserver binary shipped by the nvidia-pytriton wheel."""
+    return _pytriton_root() / "tritonserver" / "bin" / "tritonserver"
+
+
+def backend_directory(cache_dir: Path | None = None) -> Path:
+    """A backend directory with the python backend and the stub for this Python, made once and reused."""
+    root = _pytriton_root() / "tritonserver"
+    stub = root / "python_backend_stubs" / _PY_TAG / "triton_python_backend_stub"
+    if not stub.exists():
+        raise ServerError(f"nvidia-pytriton ships no python backend stub for Python {_PY_TAG} ({stub})")
+    cache_dir = cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vitserve"
+    target = cache_dir / f"backends-py{_PY_TAG}"
+    marker = target / "python" / ".complete"
+    if marker.exists():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="backends-", dir=cache_dir))
+    shutil.copytree(root / "backends" / "python", tmp / "python")
+    shutil.copy2(stub, tmp / "python" / "triton_python_backend_stub")
+    (tmp / "python" / ".complete").touch()
+    with contextlib.suppress(OSError):  # another process may have won the race; its copy is as good
+        tmp.rename(target)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (the kernel's choice)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _check_port_free(port: int, what: str) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError as e:
+            raise ServerError(f"{what} port {port} is already in use ({e.strerror}); choose another port") from e
+
+
+@dataclass
+class TritonServer:
+    """The real tritonserver on `repository`, as a context manager.
+
+    Ports left at 0 are chosen free. `log_path` keeps the server log (default: a file next to nothing,
+    in the temp dir, named in every error). `extra_args` go to tritonserver verbatim, e.g.
+    `["--exit-timeout-secs=10"]`.
+    """
+
+    repository: str | Path
+    http_port: int = 0
+    grpc_port: int = 0
+    metrics_port: int = 0
+    log_path: Path | None = None
+    extra_args: list[str] = field(default_factory=list)
+    verbose: int = 0
+    startup_timeout_s: float = 180.0
+    process: subprocess.Popen | None = field(default=None, init=False, repr=False)
+
+    @property
+    def http_url(self) -> str:
+        return f"localhost:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"localhost:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://localhost:{self.metrics_port}/metrics"
+
+    def command(self) -> list[str]:
+        """The exact tritonserver command line (also written at the top of the log)."""
+        return [
+            str(tritonserver_binary()),
+            f"--model-repository={self.repository}",
+            f"--backend-directory={backend_directory()}",
+            f"--http-port={self.http_port}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-port={self.metrics_port}",
+            "--allow-metrics=true",
+            f"--log-verbose={self.verbose}",
+            *self.extra_args,
+        ]
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        libs = _pytriton_root().parent / "nvidia_pytriton.libs"
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), env.get("LD_LIBRARY_PATH")) if p)
+        # The python backend stub runs `python` models with whatever interpreter environment it inherits:
+        # put this interpreter's bin first so models see the same packages as the caller.
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        env.setdefault("PYTHONNOUSERSITE", "1")
+        return env
+
+    def start(self) -> TritonServer:
+        """Start the server and wait until `/v2/health/ready`; on failure nothing is left running."""
+        repo = str(self.repository)
+        if "://" not in repo and not Path(repo).is_dir():
+            raise ServerError(f"model repository {repo!r} does not exist; build it with `make engines`")
+        for what in ("http", "grpc", "metrics"):
+            port = getattr(self, f"{what}_port")
+            if port:
+                _check_port_free(port, what)
+        taken: set[int] = {self.http_port, self.grpc_port, self.metrics_port} - {0}
+        for what in ("http", "grpc", "metrics"):
+            if not getattr(self, f"{what}_port"):
+                port = free_port()
+                while port in taken:
+                    port = free_port()
+                taken.add(port)
+                setattr(self, f"{what}_port", port)
+        if self.log_path is None:
+            fd, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
+            os.close(fd)
+            self.log_path = Path(name)
+        self.log_path = Path(self.log_path)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        cmd = self.command()
+        with open(self.log_path, "w") as log:
+            log.write("# " + " ".join(cmd) + "\n")
+            log.flush()
+            self.process = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=self.environment(), start_new_session=True
+            )
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        url = f"http://127.0.0.1:{self.http_port}/v2/health/ready"
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerError(
+                    f"tritonserver exited with code {self.process.returncode} while starting; "
+                    f"log {self.log_path}:\n{self.log_tail()}"
+                )
+            with contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError):
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if r.status == 200:
+                        return
+            time.sleep(0.25)
+        raise ServerError(
+            f"tritonserver was not ready after {self.startup_timeout_s:.0f} s; log {self.log_path}:\n"
+            f"{self.log_tail()}"
+        )
+
+    def log_tail(self, lines: int = 30) -> str:
+        if self.log_path is None or not Path(self.log_path).exists():
+            return ""
+        return "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-lines:])
+
+    def is_running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        """SIGTERM the server (it drains in-flight requests), SIGKILL its process group after `timeout_s`."""
+        if self.process is None:
+            return None
+        proc, self.process = self.process, None
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                pass
+        with contextlib.suppress(ProcessLookupError):  # stubs that outlived the server
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return proc.returncode
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def perf_analyzer_command() -> tuple[list[str], dict[str, str]]:
+    """The real perf_analyzer (tritonclient 2.51 wheel) and the environment it needs to load."""
+    exe = shutil.which("perf_analyzer", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    if exe is None:
+        raise ServerError("perf_analyzer was not found; install `tritonclient[all]==2.51.0` (the serve extra)")
+    env = dict(os.environ)
+    spec = importlib.util.find_spec("nvidia")
+    libdirs = []
+    if spec is not None and spec.submodule_search_locations:
+        for loc in spec.submodule_search_locations:
+            cand = Path(loc) / "cuda_runtime" / "lib"
+            if (cand / "libcudart.so.12").exists():
+                libdirs.append(str(cand))
+    env["LD_LIBRARY_PATH"] = os.pathsep.join([*libdirs, env.get("LD_LIBRARY_PATH", "")]).rstrip(os.pathsep)
+    return [exe], env
