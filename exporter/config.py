@@ -161,7 +161,7 @@ class ModelSpec:
     backbone: str
     weights: str = "pretrained"  # "pretrained" | "pretrained:TAG" | a checkpoint path | "random"
     head: str = "none"  # none | zeroshot | linear:FILE | mlp:FILE
-    labels: str | None = None
+    labels: str | tuple[str, ...] | None = None  # a file, or the class names inline
     precisions: tuple[Precision, ...] = (Precision.FP32,)
     kinds: tuple[Kind, ...] = (Kind.CPU,)
     profile: BatchProfile = field(default_factory=BatchProfile)
@@ -224,9 +224,10 @@ def load_models(path: str | Path) -> list[ModelSpec]:
     specs = []
     for entry in models:
         entry = dict(entry)
-        for key in ("labels",):
-            if entry.get(key):
-                entry[key] = str((path.parent / entry[key]).resolve())
+        if isinstance(entry.get("labels"), list):
+            entry["labels"] = tuple(str(x) for x in entry["labels"])
+        elif entry.get("labels"):
+            entry["labels"] = str((path.parent / entry["labels"]).resolve())
         head = entry.get("head", "none")
         if ":" in head:
             kind, file = head.split(":", 1)

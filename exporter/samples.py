@@ -66,9 +66,8 @@ def eval_photos() -> list[tuple[str, Image.Image]]:
     return [(Path(n).stem, load_photo(p, n)) for p, n in EVAL_PHOTOS]
 
 
-def calibration_photos(count: int, seed: int = 0) -> list[tuple[str, Image.Image]]:
-    """`count` deterministic views of the calibration pool: each photo whole, then random crops/flips."""
-    pool = [(Path(n).stem, load_photo(p, n)) for p, n in CALIBRATION_PHOTOS]
+def _views(pool: list[tuple[str, Image.Image]], count: int, seed: int) -> list[tuple[str, Image.Image]]:
+    """`count` deterministic views of `pool`: each photo whole, then random crops/flips of them."""
     out = list(pool[:count])
     rng = np.random.default_rng(seed)
     i = 0
@@ -84,6 +83,16 @@ def calibration_photos(count: int, seed: int = 0) -> list[tuple[str, Image.Image
         out.append((f"{name}_crop{len(out)}", view))
         i += 1
     return out
+
+
+def calibration_photos(count: int, seed: int = 0) -> list[tuple[str, Image.Image]]:
+    """`count` deterministic views of the calibration pool (never the evaluation photos)."""
+    return _views([(Path(n).stem, load_photo(p, n)) for p, n in CALIBRATION_PHOTOS], count, seed)
+
+
+def eval_views(count: int = 32, seed: int = 1) -> list[tuple[str, Image.Image]]:
+    """`count` deterministic views of the held-out photos: the photos, then crops/flips of them."""
+    return _views(eval_photos(), count, seed)
 
 
 def _write(images: list[tuple[str, Image.Image]], folder: Path) -> list[Path]:

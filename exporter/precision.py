@@ -1,0 +1,381 @@
+"""Stage 2, ONNX -> FP16 / INT8 ONNX, with a fidelity report against FP32 on held-out real photographs.
+
+TensorRT 11 builds strongly typed networks: precision is decided in the ONNX.
+- fp16: ModelOpt AutoCast (I/O kept FP32); LayerNormalization, Softmax and the embedding L2 norm stay
+  FP32, and so does any node whose activations on the calibration images leave [-data_max, data_max].
+  The nodes kept in FP32 are reported with ModelOpt's reason.
+- int8: ModelOpt ONNX PTQ, explicit symmetric Q/DQ (what TensorRT consumes), calibrated (max or entropy)
+  on images run through the backbone's own preprocessing. The attention matmuls (Q.K^T and softmax.V:
+  MatMuls of two activations) are left unquantized: quantizing them collapses ViT fidelity.
+- cpu-int8: onnxruntime's own quantizer for the CPU serving kind (VNNI): dynamic (default) or static QDQ,
+  per-channel weights, attention matmuls kept in float.
+Quantized models are cached by a hash of (model, images, settings), so an unchanged rebuild is instant.
+FP16 is evaluated on the CPU with onnxruntime at ORT_ENABLE_EXTENDED (ORT_ENABLE_ALL has killed the
+process opening AutoCast models); the report says which evaluator ran.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vitserve.errors import CalibrationError, ConfigError
+from vitserve.exporter.compare import compare_outputs, format_table
+from vitserve.exporter.config import Calibration, Gates, ModelSpec, Precision
+from vitserve.exporter.export import ONNX_NAME, read_manifest, sha256_file
+
+log = logging.getLogger(__name__)
+
+FP16_KEEP_OP_TYPES = ["LayerNormalization", "Softmax", "ReduceL2"]
+VARIANT_REPORT = "variant.json"
+
+
+# ----------------------------------------------------------------------------------------- images
+
+
+def calibration_files(cal: Calibration, cache_dir: Path) -> list[Path]:
+    """The calibration image files: `cal.images` (recursive) or the bundled calibration photos,
+    sampled deterministically to `cal.num_images`."""
+    from vitserve.exporter.samples import list_images, write_calibration_images
+
+    if cal.images is None:
+        return write_calibration_images(cache_dir / f"calibration-{cal.num_images}-{cal.seed}", cal.num_images, cal.seed)
+    folder = Path(cal.images)
+    if not folder.is_dir():
+        raise CalibrationError(f"calibration folder {folder} does not exist; pass a folder of jpg/png/webp images")
+    files = list_images(folder)
+    if not files:
+        raise CalibrationError(f"calibration folder {folder} holds no jpg/png/webp images (searched recursively)")
+    if len(files) > cal.num_images:
+        rng = np.random.default_rng(cal.seed)
+        files = sorted(files[i] for i in rng.choice(len(files), cal.num_images, replace=False))
+    return files
+
+
+def load_pixels(files: list[Path], entry, what: str = "calibration") -> tuple[list[Path], np.ndarray]:
+    """Files through the backbone's own eval transform; unreadable files are skipped with a warning
+    naming them (an error when none is left)."""
+    import torch
+    from PIL import Image
+
+    from vitserve.exporter.backbones import torch_transform
+
+    tf = torch_transform(entry)
+    good, tensors, bad = [], [], []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                tensors.append(tf(im.convert("RGB")))
+            good.append(f)
+        except Exception as e:
+            bad.append(f"{f} ({type(e).__name__}: {e})")
+    if bad:
+        log.warning("skipped %d unreadable %s image(s): %s", len(bad), what, "; ".join(bad))
+        print(f"WARNING: skipped {len(bad)} unreadable {what} image(s): " + "; ".join(bad))
+    if not tensors:
+        raise CalibrationError(f"none of the {len(files)} {what} images could be read: " + "; ".join(bad))
+    return good, torch.stack(tensors).numpy()
+
+
+def eval_pixels(entry, count: int = 32) -> tuple[list[str], np.ndarray]:
+    """Views of the held-out photographs (never used for calibration) through the backbone's transform."""
+    import torch
+
+    from vitserve.exporter.backbones import torch_transform
+    from vitserve.exporter.samples import eval_views
+
+    tf = torch_transform(entry)
+    views = eval_views(count)
+    return [n for n, _ in views], torch.stack([tf(im) for _, im in views]).numpy()
+
+
+# ----------------------------------------------------------------------------------------- graphs
+
+
+def attention_matmuls(onnx_path: Path) -> list[str]:
+    """Names of MatMul nodes whose both inputs are activations (Q.K^T and softmax.V in a ViT)."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    consts = {i.name for i in model.graph.initializer}
+    consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    return [
+        n.name for n in model.graph.node
+        if n.op_type == "MatMul" and not any(i in consts for i in n.input)
+    ]
+
+
+def count_ops(onnx_path: Path) -> dict[str, int]:
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    counts: dict[str, int] = {}
+    for n in model.graph.node:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return counts
+
+
+SHAPE_OPS = {"Shape", "Gather", "Concat", "Reshape", "Unsqueeze", "Squeeze", "Slice", "Constant",
+             "ConstantOfShape", "Expand", "Range", "Equal", "Where", "Cast", "Identity"}
+
+
+@contextlib.contextmanager
+def quiet_modelopt():
+    """ModelOpt logs every node at INFO on its own handlers; keep its warnings, drop the rest."""
+    loggers = [logging.getLogger(n) for n in ("modelopt", "modelopt.onnx", "modelopt.onnx.autocast",
+                                              "modelopt.onnx.quantization")]
+    saved = [(lg, lg.propagate, [(h, h.level) for h in lg.handlers]) for lg in loggers]
+    for lg in loggers:
+        lg.propagate = False
+        for h in lg.handlers:
+            h.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, propagate, handlers in saved:
+            lg.propagate = propagate
+            for h, level in handlers:
+                h.setLevel(level)
+
+
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.kept: dict[str, str] = {}
+
+    def emit(self, record):
+        msg = record.getMessage()
+        if msg.startswith("Skipping node "):
+            name, _, reason = msg[len("Skipping node "):].partition(": ")
+            self.kept[name] = reason
+
+
+def make_fp16(src: Path, dst: Path, calib: np.ndarray, work: Path) -> dict[str, Any]:
+    """AutoCast `src` to FP16 (I/O FP32) into `dst`; returns {kept_fp32: {node: reason}}."""
+    import onnx
+    from modelopt.onnx.autocast import convert_to_mixed_precision
+
+    data = work / "autocast_inputs.npz"
+    np.savez(data, pixel_values=calib[: min(len(calib), 8)])
+    collect = _Collect()
+    mlog = logging.getLogger("modelopt.onnx.autocast")
+    mlog.addHandler(collect)
+    try:
+        with quiet_modelopt():
+            model = convert_to_mixed_precision(
+                onnx_path=str(src), low_precision_type="fp16", keep_io_types=True,
+                op_types_to_exclude=FP16_KEEP_OP_TYPES, calibration_data=str(data), providers=["cpu"],
+            )
+    finally:
+        mlog.removeHandler(collect)
+    onnx.save_model(model, str(dst))
+    op_type = {n.name: n.op_type for n in onnx.load(str(src), load_external_data=False).graph.node}
+    compute = {n: r for n, r in collect.kept.items() if op_type.get(n) not in SHAPE_OPS}
+    shape = sorted(n for n in collect.kept if op_type.get(n) in SHAPE_OPS)
+    return {
+        "kept_fp32": compute,
+        "kept_fp32_shape_ops": len(shape),
+        "kept_op_types": FP16_KEEP_OP_TYPES,
+        "data_max": 512,
+        "note": "DisabledOpTypes: LayerNorm/Softmax/L2-norm kept FP32 by rule; 'reference IO out of range': "
+        "activations beyond +-512 on the calibration images",
+    }
+
+
+def make_int8(src: Path, dst: Path, calib: np.ndarray, method: str, work: Path) -> dict[str, Any]:
+    """ModelOpt explicit Q/DQ INT8 of `src` into `dst`, attention matmuls excluded."""
+    from modelopt.onnx.quantization import quantize
+
+    excluded = attention_matmuls(src)
+    with quiet_modelopt():
+        quantize(
+            onnx_path=str(src), quantize_mode="int8", calibration_data={"pixel_values": calib},
+            calibration_method=method, calibration_eps=["cpu"], nodes_to_exclude=[_exact(n) for n in excluded],
+            high_precision_dtype="fp32", output_path=str(dst), log_level="WARNING",
+        )
+    return {"method": method, "excluded_attention_matmuls": len(excluded), "high_precision_dtype": "fp32"}
+
+
+def _exact(name: str) -> str:
+    import re
+
+    return "^" + re.escape(name) + "$"
+
+
+class _Reader:
+    def __init__(self, calib: np.ndarray, batch: int = 1):
+        self._it = iter([{"pixel_values": calib[i : i + batch]} for i in range(0, len(calib), batch)])
+
+    def get_next(self):
+        return next(self._it, None)
+
+
+def make_cpu_int8(src: Path, dst: Path, calib: np.ndarray, mode: str = "dynamic") -> dict[str, Any]:
+    """onnxruntime quantization for the CPU: per-channel int8 weights on MatMul/Gemm, attention in float."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    excluded = attention_matmuls(src)
+    if mode == "dynamic":
+        quantize_dynamic(
+            str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=excluded,
+        )
+    elif mode == "static":
+        quantize_static(
+            str(src), str(dst), _Reader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=excluded,
+        )
+    else:
+        raise ConfigError(f"cpu-int8 mode {mode!r}: expected 'dynamic' or 'static'")
+    return {"mode": mode, "excluded_attention_matmuls": len(excluded), "weights": "int8 per-channel"}
+
+
+# ----------------------------------------------------------------------------------------- fidelity
+
+
+def fidelity(fp32: Path, variant: Path, precision: Precision, pixels: np.ndarray) -> dict[str, Any]:
+    """Variant vs FP32 with onnxruntime (CPU) on `pixels`: per output cosine/abs error, top-1/top-5."""
+    from vitserve.exporter import onnxrt
+
+    level = "extended" if precision is Precision.FP16 else "all"
+    ref = onnxrt.run(onnxrt.cpu_session(fp32), pixels)
+    t0 = time.perf_counter()
+    got = onnxrt.run(onnxrt.cpu_session(variant, optimization=level), pixels)
+    metrics = compare_outputs(ref, got)
+    return {
+        "evaluator": f"onnxruntime CPUExecutionProvider, graph optimization {level.upper()}",
+        "images": len(pixels),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "outputs": metrics,
+    }
+
+
+def check_gate(precision: Precision, report: dict[str, Any], gates: Gates) -> tuple[bool, str]:
+    emb = report["outputs"]["embeddings"]["cosine_mean"]
+    logits = report["outputs"].get("logits", {})
+    top1 = logits.get("top1_agreement")
+    if precision is Precision.FP16:
+        ok, text = emb >= gates.fp16_mean_cosine, f"embeddings mean cosine {emb:.6f} >= {gates.fp16_mean_cosine}"
+    elif precision is Precision.CPU_INT8:
+        ok, text = emb >= gates.cpu_int8_mean_cosine, f"embeddings mean cosine {emb:.6f} >= {gates.cpu_int8_mean_cosine}"
+    else:
+        ok = emb >= gates.int8_mean_cosine
+        text = f"embeddings mean cosine {emb:.6f} >= {gates.int8_mean_cosine}"
+        if top1 is not None:
+            ok = ok and top1 >= gates.int8_top1_agreement
+            text += f", top-1 agreement {top1:.3f} >= {gates.int8_top1_agreement}"
+    return bool(ok), ("PASS: " if ok else "FAIL: ") + text
+
+
+def fidelity_table(reports: dict[str, dict[str, Any]]) -> str:
+    rows = []
+    for precision, r in reports.items():
+        o = r["fidelity"]["outputs"]
+        row = {
+            "variant": precision,
+            "emb_cos_min": o["embeddings"]["cosine_min"],
+            "emb_cos_mean": o["embeddings"]["cosine_mean"],
+            "emb_max_abs": o["embeddings"]["max_abs_err"],
+        }
+        if "logits" in o:
+            row |= {"top1": o["logits"]["top1_agreement"], "top5": o["logits"]["top5_agreement"],
+                    "logits_max_abs": o["logits"]["max_abs_err"]}
+        row["gate"] = r["gate"].split(":")[0]
+        rows.append(row)
+    cols = ["variant", "emb_cos_min", "emb_cos_mean", "emb_max_abs", "top1", "top5", "logits_max_abs", "gate"]
+    return format_table(rows, cols)
+
+
+# ----------------------------------------------------------------------------------------- stage
+
+
+def variant_key(precision: Precision, fp32_sha: str, files: list[Path], settings: dict[str, Any]) -> str:
+    from importlib.metadata import version
+
+    from vitserve.exporter.samples import files_digest
+
+    parts = {
+        "precision": precision.value, "fp32": fp32_sha, "images": files_digest(files), "settings": settings,
+        "modelopt": version("nvidia-modelopt"), "onnxruntime": version("onnxruntime-gpu"),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def make_variant(
+    precision: Precision, fp32_dir: Path, out_dir: Path, spec: ModelSpec, cpu_int8_mode: str = "dynamic"
+) -> dict[str, Any]:
+    """Make the `precision` variant of the FP32 export in `fp32_dir` into `out_dir`, score it against
+    FP32 on held-out photos, apply the gate; returns the report (also `out_dir/variant.json`)."""
+    from vitserve.exporter.backbones import get_backbone
+    from vitserve.exporter.export import atomic_directory
+
+    precision = Precision(precision)
+    manifest = read_manifest(fp32_dir)
+    entry = get_backbone(manifest["backbone"])
+    fp32 = fp32_dir / ONNX_NAME
+    files = calibration_files(spec.calibration, out_dir.parent)
+    if len(files) < spec.calibration.num_images:
+        print(f"WARNING: {spec.name}: asked for {spec.calibration.num_images} calibration images, "
+              f"found {len(files)} in {spec.calibration.images}; calibrating on {len(files)}")
+    settings: dict[str, Any] = {"method": spec.calibration.method, "num_images": spec.calibration.num_images,
+                                "seed": spec.calibration.seed}
+    if precision is Precision.CPU_INT8:
+        settings["mode"] = cpu_int8_mode
+    if precision is Precision.FP16:
+        settings = {"keep": FP16_KEEP_OP_TYPES}
+    key = variant_key(precision, manifest["files"][ONNX_NAME]["sha256"], files, settings)
+    cached = out_dir / VARIANT_REPORT
+    if cached.exists():
+        report = json.loads(cached.read_text())
+        if report.get("key") == key and (out_dir / ONNX_NAME).exists():
+            report["passed"], report["gate"] = check_gate(precision, report["fidelity"], spec.gates)
+            report["cached"] = True
+            log.info("%s %s: unchanged (key %s), reusing %s", spec.name, precision.value, key, out_dir)
+            return report
+    t0 = time.perf_counter()
+    used, calib = load_pixels(files, entry)
+    with atomic_directory(out_dir) as tmp, tempfile.TemporaryDirectory() as work:
+        dst = tmp / ONNX_NAME
+        if precision is Precision.FP16:
+            details = make_fp16(fp32, dst, calib, Path(work))
+        elif precision is Precision.INT8:
+            details = make_int8(fp32, dst, calib, spec.calibration.method, Path(work))
+        elif precision is Precision.CPU_INT8:
+            details = make_cpu_int8(fp32, dst, calib, cpu_int8_mode)
+        else:
+            raise ConfigError(f"no variant to make for precision {precision.value}")
+        build_s = time.perf_counter() - t0
+        names, pixels = eval_pixels(entry)
+        fid = fidelity(fp32, dst, precision, pixels)
+        fid["eval_images"] = names
+        passed, gate = check_gate(precision, fid, spec.gates)
+        report = {
+            "precision": precision.value, "key": key, "details": details, "fidelity": fid, "passed": passed,
+            "gate": gate, "build_seconds": round(build_s, 2), "calibration_images": [str(f) for f in used],
+            "ops": {k: v for k, v in count_ops(dst).items() if k in ("QuantizeLinear", "DequantizeLinear",
+                                                                   "DynamicQuantizeLinear", "MatMulInteger", "Cast")},
+            "sha256": sha256_file(dst), "onnx": str(out_dir / ONNX_NAME), "cached": False,
+        }
+        (tmp / VARIANT_REPORT).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"[{spec.name}] {precision.value}: {gate} ({fid['evaluator']}, {len(pixels)} held-out photos)")
+    return report
+
+
+def make_variants(fp32_dir: str | Path, spec: ModelSpec, out_root: str | Path) -> dict[str, dict[str, Any]]:
+    """All non-FP32 precisions of `spec`, with the fidelity table printed."""
+    reports = {}
+    for p in spec.precisions:
+        if p is not Precision.FP32:
+            reports[p.value] = make_variant(p, Path(fp32_dir), Path(out_root) / p.value, spec)
+    if reports:
+        print(fidelity_table(reports))
+    return reports

@@ -1,0 +1,129 @@
+"""In-process baseline: the served ONNX file run directly with onnxruntime's CPU provider.
+
+The same file the CPU backbone model loads (`{model}_fp32_cpu/1/model.onnx`), the same batch size and the
+same intra-op thread count, so that served images/s divided by these images/s is the serving efficiency:
+what Triton, gRPC, batching and (for the ensemble) decoding cost on top of the network itself.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from vitserve.errors import ConfigError, missing_extra
+
+# Names a python-backend model config may use for its onnxruntime intra-op thread count.
+THREAD_PARAMETERS = ("intra_op_num_threads", "intra_op_thread_count", "intra_op_threads")
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(uint8)": np.uint8,
+    "tensor(int8)": np.int8,
+    "tensor(bool)": np.bool_,
+}
+
+
+@dataclass
+class BaselineResult:
+    """Images per second of one onnxruntime session at one batch size; latencies in microseconds."""
+
+    onnx: str
+    batch_size: int
+    threads: int | None
+    provider: str
+    runs: int
+    seconds: float
+    images_per_s: float
+    p50_us: float
+    p99_us: float
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)
+
+
+def threads_from_config(config: dict) -> int | None:
+    """The intra-op thread count a Triton model config sets in `parameters`, if it sets one."""
+    params = config.get("parameters", {}) or {}
+    for key in THREAD_PARAMETERS:
+        value = params.get(key, {})
+        value = value.get("string_value") if isinstance(value, dict) else value
+        if value not in (None, ""):
+            try:
+                return int(value)
+            except ValueError as e:
+                raise ConfigError(f"model config parameter {key}={value!r} is not an integer") from e
+    return None
+
+
+def run_baseline(
+    onnx_path: str | Path,
+    batch_size: int,
+    *,
+    threads: int | None = None,
+    duration_s: float = 5.0,
+    warmup_runs: int = 3,
+    shapes: dict[str, list[int]] | None = None,
+    seed: int = 0,
+) -> BaselineResult:
+    """Run `onnx_path` with onnxruntime (CPU provider) on random inputs of `batch_size` for `duration_s`.
+
+    `threads` sets `intra_op_num_threads` (None: onnxruntime's default, one per core). The first dimension
+    of every input is the batch; other variable dimensions come from `shapes` (name -> dims without batch).
+    """
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise missing_extra("onnxruntime", "export") from e
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise ConfigError(f"baseline ONNX file {str(onnx_path)!r} does not exist")
+    if batch_size < 1 or duration_s <= 0:
+        raise ConfigError(f"baseline needs batch_size >= 1 and duration_s > 0, got {batch_size}, {duration_s}")
+    opts = ort.SessionOptions()
+    if threads is not None:
+        opts.intra_op_num_threads = int(threads)
+    try:
+        session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own untyped errors for a bad file
+        raise ConfigError(f"onnxruntime could not load {str(onnx_path)!r}: {e}") from e
+    shapes = shapes or {}
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for inp in session.get_inputs():
+        dims = list(inp.shape)
+        rest = shapes.get(inp.name, dims[1:])
+        if any(not isinstance(d, int) or d < 0 for d in rest):
+            raise ConfigError(
+                f"input {inp.name!r} of {onnx_path.name} has variable dims {dims}; give them in shapes"
+            )
+        dtype = _ORT_TYPES.get(inp.type)
+        if dtype is None:
+            raise ConfigError(f"input {inp.name!r} of {onnx_path.name} has type {inp.type}, not supported")
+        feeds[inp.name] = rng.random([batch_size, *rest]).astype(dtype)
+    for _ in range(warmup_runs):
+        session.run(None, feeds)
+    latencies = []
+    start = time.perf_counter()
+    while (now := time.perf_counter()) - start < duration_s or not latencies:
+        session.run(None, feeds)
+        latencies.append(time.perf_counter() - now)
+    seconds = time.perf_counter() - start
+    lat_us = np.asarray(latencies) * 1e6
+    p50, p99 = np.percentile(lat_us, [50, 99])
+    return BaselineResult(
+        onnx=str(onnx_path),
+        batch_size=batch_size,
+        threads=threads,
+        provider="CPUExecutionProvider",
+        runs=len(latencies),
+        seconds=seconds,
+        images_per_s=len(latencies) * batch_size / seconds,
+        p50_us=float(p50),
+        p99_us=float(p99),
+        input_shapes={k: list(v.shape) for k, v in feeds.items()},
+    )

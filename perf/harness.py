@@ -1,0 +1,369 @@
+"""Sweep served models over concurrency x batch size with perf_analyzer and/or the built-in generator.
+
+    result = run_sweep("localhost:8001", ["vitb32", "vitb32_fp32_cpu"], [1, 2, 4], [1, 8],
+                       generator="both", duration_s=5, max_total_s=600, out_dir="perf/results/run1",
+                       images="tests/data/images", onnx="model_repository/vitb32_fp32_cpu/1/model.onnx")
+
+Each point is measured the same way whichever generator runs it: `warmup_s` of closed-loop load at the
+point's concurrency, a snapshot of Triton's statistics, `duration_s` of measured load, a second snapshot.
+The sweep is bounded in points (models x batch sizes x concurrencies x generators) and in time: once
+`max_total_s` has passed no new point starts, the finished ones are kept and the result says so.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import enum
+import logging
+import math
+import re
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from vitserve.errors import ClientError, ConfigError, ServerError, VitServeError
+from vitserve.perf import server_stats
+from vitserve.perf.baseline import BaselineResult, run_baseline, threads_from_config
+from vitserve.perf.inputs import ModelSpec, connect, describe_model, list_images, make_payloads, write_input_data
+from vitserve.perf.loadgen import run_load
+from vitserve.perf.perf_analyzer import run_perf_analyzer
+
+log = logging.getLogger(__name__)
+
+
+class Generator(str, enum.Enum):
+    """Which load generator measures each point."""
+
+    PERF_ANALYZER = "perf_analyzer"
+    BUILTIN = "builtin"
+    BOTH = "both"
+
+    def generators(self) -> list[str]:
+        if self is Generator.BOTH:
+            return [Generator.PERF_ANALYZER.value, Generator.BUILTIN.value]
+        return [self.value]
+
+
+@dataclass
+class PointResult:
+    """One measured point. Latencies are client-side microseconds; `server_*_us` are per-request averages
+    from Triton's statistics over the point; `images_per_s` = `requests_per_s` * `batch_size`."""
+
+    model: str
+    generator: str
+    concurrency: int
+    batch_size: int
+    window_s: float | None = None
+    requests: int | None = None
+    failures: int | None = None
+    requests_per_s: float | None = None
+    images_per_s: float | None = None
+    p50_us: float | None = None
+    p90_us: float | None = None
+    p95_us: float | None = None
+    p99_us: float | None = None
+    server_requests: int | None = None
+    server_queue_us: float | None = None
+    server_compute_input_us: float | None = None
+    server_compute_infer_us: float | None = None
+    server_compute_output_us: float | None = None
+    server_avg_batch: float | None = None
+    gpu_util_pct: float | None = None
+    gpu_mem_used_mib: float | None = None
+    efficiency: float | None = None
+    wall_s: float | None = None
+    error: str | None = None
+    error_samples: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and bool(self.requests)
+
+    def check_percentiles(self) -> None:
+        """p50 <= p90 <= p95 <= p99, or ClientError naming the point (a measurement we cannot trust)."""
+        values = [self.p50_us, self.p90_us, self.p95_us, self.p99_us]
+        if any(v is None or math.isnan(v) for v in values):
+            return
+        if any(a > b for a, b in zip(values, values[1:], strict=False)):
+            raise ClientError(
+                f"{self.generator} reported non-monotonic percentiles p50/p90/p95/p99 = {values} us "
+                f"for {self.model} at concurrency {self.concurrency}, batch {self.batch_size}"
+            )
+
+
+@dataclass
+class SweepResult:
+    """All points of a sweep plus what is needed to read and reproduce them."""
+
+    url: str
+    models: list[str]
+    concurrencies: list[int]
+    batch_sizes: list[int]
+    generator: str
+    duration_s: float
+    warmup_s: float
+    max_total_s: float
+    planned_points: int
+    points: list[PointResult] = field(default_factory=list)
+    baselines: list[BaselineResult] = field(default_factory=list)
+    baseline_threads_source: str | None = None
+    truncated: bool = False
+    note: str | None = None
+    elapsed_s: float = 0.0
+    started_at: str = ""
+    command: str | None = None
+    images: str | None = None
+    out_dir: str | None = None
+    files: dict[str, str] = field(default_factory=dict)
+
+    def baseline_for(self, batch_size: int) -> BaselineResult | None:
+        return next((b for b in self.baselines if b.batch_size == batch_size), None)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _positive_ints(values, what: str) -> list[int]:
+    if isinstance(values, int | str):
+        values = [values]
+    out = []
+    for v in values:
+        try:
+            n = int(v)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{what} must be positive integers, got {v!r}") from e
+        if n < 1:
+            raise ConfigError(f"{what} must be positive integers, got {v!r}")
+        out.append(n)
+    if not out:
+        raise ConfigError(f"{what}: give at least one value")
+    return out
+
+
+def _baseline_threads(url: str, specs: list[ModelSpec]) -> tuple[int | None, str]:
+    """The intra-op thread count the served models set (an ensemble: its steps), and where it came from."""
+    client = connect(url)
+    try:
+        for spec in specs:
+            configs = [(spec.name, spec.config)]
+            for step in spec.config.get("ensemble_scheduling", {}).get("step", []):
+                name = step.get("model_name")
+                if name:
+                    try:
+                        configs.append((name, client.get_model_config(name, as_json=True).get("config", {})))
+                    except Exception:  # a composing model we cannot read only loses the hint
+                        continue
+            for name, config in configs:
+                threads = threads_from_config(config)
+                if threads is not None:
+                    return threads, f"{threads} (from the {name} model config)"
+    finally:
+        client.close()
+    return None, "onnxruntime default (the served models set no intra-op thread count)"
+
+
+def _measure(
+    url: str,
+    spec: ModelSpec,
+    gen: str,
+    concurrency: int,
+    batch_size: int,
+    payloads,
+    duration_s: float,
+    warmup_s: float,
+    input_data: Path | None,
+    shapes,
+    raw_dir: Path,
+) -> PointResult:
+    point = PointResult(spec.name, gen, concurrency, batch_size)
+    if warmup_s > 0:
+        run_load(url, spec, payloads, concurrency=concurrency, duration_s=warmup_s, warmup_s=0)
+    client = connect(url)
+    try:
+        before = server_stats.snapshot(client, spec.name)
+        with server_stats.GpuSampler() as gpu:
+            if gen == Generator.PERF_ANALYZER.value:
+                pa = run_perf_analyzer(
+                    url, spec, concurrency=concurrency, batch_size=batch_size, duration_s=duration_s,
+                    csv_path=raw_dir / f"perf_analyzer_{spec.name}_b{batch_size}_c{concurrency}.csv",
+                    shapes=shapes, input_data=input_data,
+                )  # fmt: skip
+                row = pa.row
+                m = re.search(r"Request count:\s*(\d+)", pa.stdout)
+                point.requests = int(m.group(1)) if m else None
+                point.failures = 0  # perf_analyzer stops at the first failure; getting here means none
+                point.window_s = duration_s
+                point.images_per_s = row["images_per_s"]
+                point.requests_per_s = row["images_per_s"] / batch_size
+                for p in (50, 90, 95, 99):
+                    setattr(point, f"p{p}_us", row[f"p{p}_us"])
+            else:
+                res = run_load(url, spec, payloads, concurrency=concurrency, duration_s=duration_s, warmup_s=0)
+                point.window_s = res.window_s
+                point.requests = res.requests
+                point.failures = res.failures
+                point.requests_per_s = res.requests_per_s
+                point.images_per_s = res.images_per_s
+                for p, v in res.percentiles_us().items():
+                    setattr(point, f"p{p}_us", v)
+                point.error_samples = res.errors
+                if res.requests == 0:
+                    point.error = "no request succeeded" + (f": {res.errors[0]}" if res.errors else "")
+        after = server_stats.snapshot(client, spec.name)
+    finally:
+        client.close()
+    d = server_stats.delta(before, after)
+    point.server_requests = d.requests
+    point.server_queue_us = d.queue_us
+    point.server_compute_input_us = d.compute_input_us
+    point.server_compute_infer_us = d.compute_infer_us
+    point.server_compute_output_us = d.compute_output_us
+    point.server_avg_batch = d.avg_batch
+    point.gpu_util_pct = gpu.util_pct
+    point.gpu_mem_used_mib = gpu.mem_used_mib
+    point.check_percentiles()
+    return point
+
+
+def run_sweep(
+    url: str,
+    models: str | list[str],
+    concurrencies: list[int],
+    batch_sizes: list[int],
+    *,
+    generator: str | Generator = Generator.BOTH,
+    duration_s: float = 5.0,
+    warmup_s: float = 1.0,
+    max_total_s: float = 600.0,
+    out_dir: str | Path | None = None,
+    images: str | Path | None = None,
+    shapes: dict[str, list[int]] | None = None,
+    onnx: str | Path | None = None,
+    baseline_threads: int | None = None,
+    command: str | None = None,
+    progress: bool = True,
+) -> SweepResult:
+    """Measure every (model, batch size, concurrency, generator) point against the Triton server at `url`.
+
+    `url` is the gRPC endpoint (host:port). Inputs come from each model's metadata: numeric inputs are
+    random (fixed seed), BYTES inputs carry the images of `images` (a folder). With `onnx`, that file is
+    also run in-process (onnxruntime CPU, `baseline_threads` or the served model's setting) at each batch
+    size and every point gets `efficiency` = its images/s over the baseline's. No point starts after
+    `max_total_s`; finished points are kept and `truncated`/`note` say so. With `out_dir` the CSV, JSON,
+    plots and Markdown report are written there (see `vitserve.perf.report`).
+    """
+    t_start = time.monotonic()
+    models = [models] if isinstance(models, str) else list(models)
+    if not models:
+        raise ConfigError("give at least one model")
+    try:
+        gen = Generator(generator)
+    except ValueError as e:
+        raise ConfigError(
+            f"generator must be one of {[g.value for g in Generator]}, got {generator!r}"
+        ) from e
+    concurrencies = _positive_ints(concurrencies, "concurrencies")
+    batch_sizes = _positive_ints(batch_sizes, "batch sizes")
+    if duration_s <= 0 or warmup_s < 0 or max_total_s <= 0:
+        raise ConfigError(
+            f"need duration_s > 0, warmup_s >= 0, max_total_s > 0; got {duration_s}, {warmup_s}, {max_total_s}"
+        )
+    # Everything the sweep needs is checked before the first measurement: a typo fails in a second.
+    specs = [describe_model(url, m) for m in models]
+    for spec in specs:
+        for b in batch_sizes:
+            spec.check_batch_size(b)
+    image_files = list_images(images) if images is not None else None
+    generators = gen.generators()
+    result = SweepResult(
+        url=url, models=models, concurrencies=concurrencies, batch_sizes=batch_sizes, generator=gen.value,
+        duration_s=duration_s, warmup_s=warmup_s, max_total_s=max_total_s,
+        planned_points=len(models) * len(batch_sizes) * len(concurrencies) * len(generators),
+        started_at=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), command=command,
+        images=str(images) if images is not None else None,
+        out_dir=str(out_dir) if out_dir is not None else None,
+    )  # fmt: skip
+    work_dir = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="vitserve-perf-"))
+    raw_dir = work_dir / "raw"
+    raw_dir.mkdir(parents=True, exist_ok=True)
+
+    def out_of_time() -> bool:
+        return time.monotonic() - t_start >= max_total_s
+
+    try:
+        if onnx is not None:
+            threads = baseline_threads
+            if threads is None:
+                threads, result.baseline_threads_source = _baseline_threads(url, specs)
+            else:
+                result.baseline_threads_source = f"{threads} (given)"
+            for b in batch_sizes:
+                result.baselines.append(run_baseline(onnx, b, threads=threads, duration_s=duration_s))
+        _sweep(result, specs, generators, image_files, shapes, work_dir, raw_dir, out_of_time, progress)
+    except KeyboardInterrupt:
+        result.truncated = True
+        result.note = f"interrupted after {len(result.points)} of {result.planned_points} points"
+        raise
+    finally:
+        result.elapsed_s = time.monotonic() - t_start
+        if out_dir is not None:
+            from vitserve.perf.report import write_report
+
+            write_report(result, out_dir)
+    return result
+
+
+def _sweep(result, specs, generators, image_files, shapes, work_dir, raw_dir, out_of_time, progress) -> None:
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the bar is a nicety; the sweep runs without it
+        tqdm = None
+    bar = tqdm(total=result.planned_points, desc="perf", unit="point", disable=not progress) if tqdm else None
+    try:
+        for spec in specs:
+            has_bytes = any(t.datatype == "BYTES" for t in spec.inputs)
+            input_data = None
+            if has_bytes and image_files and Generator.PERF_ANALYZER.value in generators:
+                input_data = write_input_data(spec, image_files, work_dir / f"input_data_{spec.name}.json")
+            for b in result.batch_sizes:
+                payloads = make_payloads(spec, b, shapes=shapes, images=image_files)
+                for c in result.concurrencies:
+                    for gen in generators:
+                        if out_of_time():
+                            result.truncated = True
+                            result.note = (
+                                f"stopped after {len(result.points)} of {result.planned_points} points: the time "
+                                f"bound max_total_s={result.max_total_s:g} s was reached; finished points are kept"
+                            )
+                            log.warning(result.note)
+                            return
+                        if bar is not None:
+                            bar.set_description(f"{spec.name} b{b} c{c} {gen}")
+                        t0 = time.monotonic()
+                        try:
+                            point = _measure(
+                                result.url, spec, gen, c, b, payloads, result.duration_s, result.warmup_s,
+                                input_data, shapes, raw_dir,
+                            )  # fmt: skip
+                        except ServerError as e:
+                            result.points.append(PointResult(spec.name, gen, c, b, error=str(e)))
+                            result.truncated = True
+                            result.note = f"stopped: the server failed during the sweep: {e}"
+                            log.error(result.note)
+                            return
+                        except VitServeError as e:
+                            point = PointResult(spec.name, gen, c, b, error=str(e))
+                            log.error("%s", e)
+                        point.wall_s = time.monotonic() - t0
+                        base = result.baseline_for(b)
+                        if base is not None and point.images_per_s:
+                            point.efficiency = point.images_per_s / base.images_per_s
+                        result.points.append(point)
+                        if bar is not None:
+                            bar.update(1)
+                            if point.images_per_s:
+                                bar.set_postfix(img_s=f"{point.images_per_s:.1f}", p99_ms=f"{(point.p99_us or 0) / 1e3:.2f}")
+    finally:
+        if bar is not None:
+            bar.close()
