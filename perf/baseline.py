@@ -7,6 +7,7 @@ what Triton, gRPC, batching and (for the ensemble) decoding cost on top of the n
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +16,12 @@ import numpy as np
 
 from vitserve.errors import ConfigError, missing_extra
 
-# Names a python-backend model config may use for its onnxruntime intra-op thread count.
-THREAD_PARAMETERS = ("intra_op_num_threads", "intra_op_thread_count", "intra_op_threads")
+# Names a python-backend model config may use for its onnxruntime settings, either as parameters of their
+# own or inside a JSON-valued parameter (the CPU backbone model keeps
+# `onnx_cpu = {"intra_op_threads": 2, "optimization": "all"}`).
+THREAD_KEYS = ("intra_op_threads", "intra_op_num_threads", "intra_op_thread_count")
+OPTIMIZATION_KEYS = ("optimization", "graph_optimization_level")
+OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 
 _ORT_TYPES = {
     "tensor(float)": np.float32,
@@ -37,6 +42,7 @@ class BaselineResult:
     onnx: str
     batch_size: int
     threads: int | None
+    optimization: str
     provider: str
     runs: int
     seconds: float
@@ -46,18 +52,27 @@ class BaselineResult:
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
 
 
-def threads_from_config(config: dict) -> int | None:
-    """The intra-op thread count a Triton model config sets in `parameters`, if it sets one."""
-    params = config.get("parameters", {}) or {}
-    for key in THREAD_PARAMETERS:
-        value = params.get(key, {})
-        value = value.get("string_value") if isinstance(value, dict) else value
-        if value not in (None, ""):
-            try:
-                return int(value)
-            except ValueError as e:
-                raise ConfigError(f"model config parameter {key}={value!r} is not an integer") from e
-    return None
+def ort_settings_from_config(config: dict) -> dict[str, int | str]:
+    """The onnxruntime settings (`threads`, `optimization`) a Triton model config (as JSON) sets, if any."""
+    found: dict[str, int | str] = {}
+    for key, value in (config.get("parameters", {}) or {}).items():
+        text = value.get("string_value", "") if isinstance(value, dict) else str(value)
+        candidates = {key: text}
+        try:
+            inner = json.loads(text)
+        except ValueError:
+            inner = None
+        if isinstance(inner, dict):
+            candidates.update(inner)
+        for k, v in candidates.items():
+            if k in THREAD_KEYS and v not in (None, "", 0, "0"):
+                try:
+                    found.setdefault("threads", int(v))
+                except (TypeError, ValueError) as e:
+                    raise ConfigError(f"model config parameter {k}={v!r} is not an integer") from e
+            elif k in OPTIMIZATION_KEYS and str(v).lower() in OPTIMIZATION_LEVELS:
+                found.setdefault("optimization", str(v).lower())
+    return found
 
 
 def run_baseline(
@@ -65,6 +80,7 @@ def run_baseline(
     batch_size: int,
     *,
     threads: int | None = None,
+    optimization: str = "all",
     duration_s: float = 5.0,
     warmup_runs: int = 3,
     shapes: dict[str, list[int]] | None = None,
@@ -72,7 +88,8 @@ def run_baseline(
 ) -> BaselineResult:
     """Run `onnx_path` with onnxruntime (CPU provider) on random inputs of `batch_size` for `duration_s`.
 
-    `threads` sets `intra_op_num_threads` (None: onnxruntime's default, one per core). The first dimension
+    `threads` sets `intra_op_num_threads` (None: onnxruntime's default, one per core) and `optimization`
+    the graph optimization level (disable, basic, extended, all), as the served model sets them. The first dimension
     of every input is the batch; other variable dimensions come from `shapes` (name -> dims without batch).
     """
     try:
@@ -83,8 +100,18 @@ def run_baseline(
     if not onnx_path.is_file():
         raise ConfigError(f"baseline ONNX file {str(onnx_path)!r} does not exist")
     if batch_size < 1 or duration_s <= 0:
-        raise ConfigError(f"baseline needs batch_size >= 1 and duration_s > 0, got {batch_size}, {duration_s}")
+        raise ConfigError(
+            f"baseline needs batch_size >= 1 and duration_s > 0, got {batch_size}, {duration_s}"
+        )
+    if optimization not in OPTIMIZATION_LEVELS:
+        raise ConfigError(f"optimization must be one of {OPTIMIZATION_LEVELS}, got {optimization!r}")
     opts = ort.SessionOptions()
+    opts.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[optimization]
     if threads is not None:
         opts.intra_op_num_threads = int(threads)
     try:
@@ -119,6 +146,7 @@ def run_baseline(
         onnx=str(onnx_path),
         batch_size=batch_size,
         threads=threads,
+        optimization=optimization,
         provider="CPUExecutionProvider",
         runs=len(latencies),
         seconds=seconds,

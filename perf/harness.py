@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import enum
+import itertools
 import logging
 import math
 import re
@@ -24,15 +25,22 @@ from pathlib import Path
 
 from vitserve.errors import ClientError, ConfigError, ServerError, VitServeError
 from vitserve.perf import server_stats
-from vitserve.perf.baseline import BaselineResult, run_baseline, threads_from_config
-from vitserve.perf.inputs import ModelSpec, connect, describe_model, list_images, make_payloads, write_input_data
+from vitserve.perf.baseline import BaselineResult, ort_settings_from_config, run_baseline
+from vitserve.perf.inputs import (
+    ModelSpec,
+    connect,
+    describe_model,
+    list_images,
+    make_payloads,
+    write_input_data,
+)
 from vitserve.perf.loadgen import run_load
 from vitserve.perf.perf_analyzer import run_perf_analyzer
 
 log = logging.getLogger(__name__)
 
 
-class Generator(str, enum.Enum):
+class Generator(enum.StrEnum):
     """Which load generator measures each point."""
 
     PERF_ANALYZER = "perf_analyzer"
@@ -69,6 +77,7 @@ class PointResult:
     server_compute_infer_us: float | None = None
     server_compute_output_us: float | None = None
     server_avg_batch: float | None = None
+    server_steps: dict[str, dict[str, float | None]] = field(default_factory=dict)
     gpu_util_pct: float | None = None
     gpu_mem_used_mib: float | None = None
     efficiency: float | None = None
@@ -85,7 +94,7 @@ class PointResult:
         values = [self.p50_us, self.p90_us, self.p95_us, self.p99_us]
         if any(v is None or math.isnan(v) for v in values):
             return
-        if any(a > b for a, b in zip(values, values[1:], strict=False)):
+        if any(a > b for a, b in itertools.pairwise(values)):
             raise ClientError(
                 f"{self.generator} reported non-monotonic percentiles p50/p90/p95/p99 = {values} us "
                 f"for {self.model} at concurrency {self.concurrency}, batch {self.batch_size}"
@@ -107,7 +116,7 @@ class SweepResult:
     planned_points: int
     points: list[PointResult] = field(default_factory=list)
     baselines: list[BaselineResult] = field(default_factory=list)
-    baseline_threads_source: str | None = None
+    baseline_settings: str | None = None
     truncated: bool = False
     note: str | None = None
     elapsed_s: float = 0.0
@@ -141,26 +150,31 @@ def _positive_ints(values, what: str) -> list[int]:
     return out
 
 
-def _baseline_threads(url: str, specs: list[ModelSpec]) -> tuple[int | None, str]:
-    """The intra-op thread count the served models set (an ensemble: its steps), and where it came from."""
+def _baseline_settings(url: str, onnx: Path, specs: list[ModelSpec]) -> tuple[dict, str]:
+    """The onnxruntime settings of the served model that runs `onnx`, and which model they came from.
+
+    Candidates in order: the model whose folder holds the file (`REPO/NAME/1/model.onnx`), then the swept
+    models and their ensemble steps. The first that sets threads or optimization wins.
+    """
     client = connect(url)
     try:
+        index = {m.get("name") for m in client.get_model_repository_index(as_json=True).get("models", [])}
+        names = [onnx.resolve().parent.parent.name]
         for spec in specs:
-            configs = [(spec.name, spec.config)]
-            for step in spec.config.get("ensemble_scheduling", {}).get("step", []):
-                name = step.get("model_name")
-                if name:
-                    try:
-                        configs.append((name, client.get_model_config(name, as_json=True).get("config", {})))
-                    except Exception:  # a composing model we cannot read only loses the hint
-                        continue
-            for name, config in configs:
-                threads = threads_from_config(config)
-                if threads is not None:
-                    return threads, f"{threads} (from the {name} model config)"
+            names += [spec.name, *server_stats.ensemble_steps(spec.config)]
+        for name in dict.fromkeys(names):
+            if name not in index:
+                continue
+            try:
+                config = client.get_model_config(name, as_json=True).get("config", {})
+            except Exception:  # a model we cannot read only loses the hint
+                continue
+            settings = ort_settings_from_config(config)
+            if settings:
+                return settings, f"the {name} model config"
     finally:
         client.close()
-    return None, "onnxruntime default (the served models set no intra-op thread count)"
+    return {}, "onnxruntime defaults (no served model sets intra-op threads or optimization)"
 
 
 def _measure(
@@ -181,7 +195,8 @@ def _measure(
         run_load(url, spec, payloads, concurrency=concurrency, duration_s=warmup_s, warmup_s=0)
     client = connect(url)
     try:
-        before = server_stats.snapshot(client, spec.name)
+        watched = [spec.name, *server_stats.ensemble_steps(spec.config)]
+        before = {m: server_stats.snapshot(client, m) for m in watched}
         with server_stats.GpuSampler() as gpu:
             if gen == Generator.PERF_ANALYZER.value:
                 pa = run_perf_analyzer(
@@ -193,13 +208,16 @@ def _measure(
                 m = re.search(r"Request count:\s*(\d+)", pa.stdout)
                 point.requests = int(m.group(1)) if m else None
                 point.failures = 0  # perf_analyzer stops at the first failure; getting here means none
-                point.window_s = duration_s
                 point.images_per_s = row["images_per_s"]
                 point.requests_per_s = row["images_per_s"] / batch_size
+                if point.requests and point.requests_per_s:
+                    point.window_s = point.requests / point.requests_per_s
                 for p in (50, 90, 95, 99):
                     setattr(point, f"p{p}_us", row[f"p{p}_us"])
             else:
-                res = run_load(url, spec, payloads, concurrency=concurrency, duration_s=duration_s, warmup_s=0)
+                res = run_load(
+                    url, spec, payloads, concurrency=concurrency, duration_s=duration_s, warmup_s=0
+                )
                 point.window_s = res.window_s
                 point.requests = res.requests
                 point.failures = res.failures
@@ -210,10 +228,17 @@ def _measure(
                 point.error_samples = res.errors
                 if res.requests == 0:
                     point.error = "no request succeeded" + (f": {res.errors[0]}" if res.errors else "")
-        after = server_stats.snapshot(client, spec.name)
+        after = {m: server_stats.snapshot(client, m) for m in watched}
     finally:
         client.close()
-    d = server_stats.delta(before, after)
+    d = server_stats.delta(before[spec.name], after[spec.name])
+    for step in watched[1:]:
+        sd = server_stats.delta(before[step], after[step])
+        point.server_steps[step] = {
+            "requests": sd.requests, "queue_us": sd.queue_us, "compute_input_us": sd.compute_input_us,
+            "compute_infer_us": sd.compute_infer_us, "compute_output_us": sd.compute_output_us,
+            "avg_batch": sd.avg_batch,
+        }  # fmt: skip
     point.server_requests = d.requests
     point.server_queue_us = d.queue_us
     point.server_compute_input_us = d.compute_input_us
@@ -248,8 +273,9 @@ def run_sweep(
 
     `url` is the gRPC endpoint (host:port). Inputs come from each model's metadata: numeric inputs are
     random (fixed seed), BYTES inputs carry the images of `images` (a folder). With `onnx`, that file is
-    also run in-process (onnxruntime CPU, `baseline_threads` or the served model's setting) at each batch
-    size and every point gets `efficiency` = its images/s over the baseline's. No point starts after
+    also run in-process (onnxruntime CPU, the served model's threads and graph optimization, threads
+    overridden by `baseline_threads`) at each batch size, and every point gets `efficiency` = its images/s
+    over the baseline's at the same batch size. No point starts after
     `max_total_s`; finished points are kept and `truncated`/`note` say so. With `out_dir` the CSV, JSON,
     plots and Markdown report are written there (see `vitserve.perf.report`).
     """
@@ -271,10 +297,10 @@ def run_sweep(
         )
     # Everything the sweep needs is checked before the first measurement: a typo fails in a second.
     specs = [describe_model(url, m) for m in models]
+    image_files = list_images(images) if images is not None else None
     for spec in specs:
         for b in batch_sizes:
-            spec.check_batch_size(b)
-    image_files = list_images(images) if images is not None else None
+            make_payloads(spec, b, shapes=shapes, images=image_files, count=1)  # batch, shapes, BYTES
     generators = gen.generators()
     result = SweepResult(
         url=url, models=models, concurrencies=concurrencies, batch_sizes=batch_sizes, generator=gen.value,
@@ -293,13 +319,16 @@ def run_sweep(
 
     try:
         if onnx is not None:
-            threads = baseline_threads
-            if threads is None:
-                threads, result.baseline_threads_source = _baseline_threads(url, specs)
-            else:
-                result.baseline_threads_source = f"{threads} (given)"
+            settings, source = _baseline_settings(url, Path(onnx), specs)
+            if baseline_threads is not None:
+                settings["threads"] = baseline_threads
+                source += f", threads {baseline_threads} given"
+            result.baseline_settings = (
+                f"intra-op threads {settings.get('threads', 'default')}, graph optimization "
+                f"{settings.get('optimization', 'all')} (from {source})"
+            )
             for b in batch_sizes:
-                result.baselines.append(run_baseline(onnx, b, threads=threads, duration_s=duration_s))
+                result.baselines.append(run_baseline(onnx, b, duration_s=duration_s, **settings))
         _sweep(result, specs, generators, image_files, shapes, work_dir, raw_dir, out_of_time, progress)
     except KeyboardInterrupt:
         result.truncated = True
@@ -363,7 +392,10 @@ def _sweep(result, specs, generators, image_files, shapes, work_dir, raw_dir, ou
                         if bar is not None:
                             bar.update(1)
                             if point.images_per_s:
-                                bar.set_postfix(img_s=f"{point.images_per_s:.1f}", p99_ms=f"{(point.p99_us or 0) / 1e3:.2f}")
+                                bar.set_postfix(
+                                    img_s=f"{point.images_per_s:.1f}",
+                                    p99_ms=f"{(point.p99_us or 0) / 1e3:.2f}",
+                                )
     finally:
         if bar is not None:
             bar.close()

@@ -103,6 +103,13 @@ def describe_model(url: str, model: str) -> ModelSpec:
     but not READY is refused with the server's reason.
     """
     client = connect(url)
+    try:
+        return _describe(client, url, model)
+    finally:
+        client.close()
+
+
+def _describe(client, url: str, model: str) -> ModelSpec:
     from tritonclient.utils import InferenceServerException
 
     try:
@@ -117,15 +124,15 @@ def describe_model(url: str, model: str) -> ModelSpec:
             + (", ".join(names) if names else "(none)")
         )
     if not any(m.get("state") == "READY" for m in entries):
-        reasons = "; ".join(f"version {m.get('version', '?')}: {m.get('state', '?')} {m.get('reason', '')}" for m in entries)
+        reasons = "; ".join(
+            f"version {m.get('version', '?')}: {m.get('state', '?')} {m.get('reason', '')}" for m in entries
+        )
         raise ServerError(f"model {model!r} at {url} is not ready ({reasons}); see the server log")
     try:
         meta = client.get_model_metadata(model, as_json=True)
         config = client.get_model_config(model, as_json=True).get("config", {})
     except InferenceServerException as e:
         raise ClientError(f"could not read metadata of model {model!r} at {url}: {e.message()}") from e
-    finally:
-        client.close()
     max_batch = int(config.get("max_batch_size", 0) or 0)
 
     def specs(items: list[dict]) -> tuple[TensorSpec, ...]:
@@ -219,7 +226,9 @@ def make_payloads(
             elif t.datatype in _NUMPY:
                 payload[t.name] = rng.random(shape, dtype=np.float64).astype(_NUMPY[t.datatype])
             else:
-                raise ConfigError(f"input {t.name!r} of {spec.name!r} has datatype {t.datatype}, not supported")
+                raise ConfigError(
+                    f"input {t.name!r} of {spec.name!r} has datatype {t.datatype}, not supported"
+                )
         k += batch_size
         payloads.append(payload)
     return payloads
@@ -235,8 +244,8 @@ def _serialize_bytes_element(blob: bytes) -> bytes:
 def write_input_data(spec: ModelSpec, images: list[Path], path: str | Path) -> Path:
     """Write a perf_analyzer `--input-data` JSON file carrying `images` for every BYTES input.
 
-    One data step per image, each a batch-1 tensor (perf_analyzer fills a batch from consecutive steps).
-    Numeric inputs of the same model are left out: perf_analyzer makes them up itself.
+    One data step per image, each a batch-1 tensor; perf_analyzer builds each request's batch from the
+    steps and cycles through them.
     """
     byte_inputs = [t for t in spec.inputs if t.datatype == "BYTES"]
     if not byte_inputs:

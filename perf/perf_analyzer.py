@@ -1,11 +1,12 @@
 """Run the real perf_analyzer (tritonclient 2.51's binary) for one sweep point and parse its CSV.
 
 perf_analyzer normally repeats measurement windows until three in a row agree within 10 %, which on a
-shared CPU host can take minutes or never happen. A sweep point here must take a bounded time, so the
-window is `duration_s / 3`, at most three windows are taken (`--max-trials 3`) and any spread is accepted
-(`--stability-percentage 1000`): perf_analyzer then reports the three windows merged, i.e. `duration_s` of
-closed-loop load at the given concurrency. It aborts on the first failed request; its own message (stderr)
-is passed on in the error.
+shared CPU host can take minutes or never happen. A sweep point here must take a bounded time, so at most
+three windows are taken (`--max-trials 3`) and any spread is accepted (`--stability-percentage 1000`):
+perf_analyzer then reports the three windows merged. It measures each window for 1.2 x
+`--measurement-interval` (seen with 2.51: request count / throughput = 3.6 x the interval), so the interval
+is `duration_s / 3.6` and a point measures `duration_s` of closed-loop load, like the built-in generator.
+perf_analyzer aborts on the first failed request; its own message (stderr) is passed on in the error.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def perf_analyzer_args(
         "-m", spec.name, "-u", url, "-i", "grpc",
         "--concurrency-range", str(concurrency),
         "-b", str(batch_size),
-        "--measurement-interval", str(max(100, round(duration_s * 1000 / 3))),
+        "--measurement-interval", str(max(100, round(duration_s * 1000 / 3.6))),
         "--max-trials", "3",
         "--stability-percentage", "1000",
         "--percentile", str(percentile),
@@ -94,7 +95,9 @@ def parse_csv(path: str | Path) -> list[dict[str, float]]:
         reader = csv.DictReader(f)
         missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
-            raise ClientError(f"perf_analyzer CSV {path} lacks columns {missing}; header: {reader.fieldnames}")
+            raise ClientError(
+                f"perf_analyzer CSV {path} lacks columns {missing}; header: {reader.fieldnames}"
+            )
         return [{ours: float(r[theirs]) for theirs, ours in CSV_COLUMNS.items()} for r in reader]
 
 

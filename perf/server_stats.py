@@ -2,8 +2,9 @@
 
 Triton keeps cumulative per-model counters (`get_inference_statistics`): successful requests and, for each,
 the nanoseconds spent queued and in compute input/infer/output. Their difference across one sweep point
-gives the average per request for that point alone, whichever load generator produced it. For an ensemble
-the counters are the ensemble's own (Triton adds up its steps).
+gives the average per request for that point alone, whichever load generator produced it. An ensemble's
+own counters hold its scheduler's queue (near zero) and compute taken from its steps (seen with 2.51), so
+each step's model is also measured on its own (`ensemble_steps`).
 """
 
 from __future__ import annotations
@@ -47,6 +48,12 @@ class ServerBreakdown:
     def avg_batch(self) -> float | None:
         """Average size of the batches the model executed (dynamic batching merges requests)."""
         return self.inferences / self.executions if self.executions else None
+
+
+def ensemble_steps(config: dict) -> list[str]:
+    """The composing models of an ensemble's config (as JSON), in step order, without repeats."""
+    steps = config.get("ensemble_scheduling", {}).get("step", [])
+    return list(dict.fromkeys(s["model_name"] for s in steps if s.get("model_name")))
 
 
 def snapshot(client, model: str) -> StatsSnapshot:
