@@ -119,6 +119,27 @@ def test_baseline_settings_come_from_the_served_model_config():
     assert ort_settings_from_config({"backend": "python"}) == {}
 
 
+def test_gpu_sampler_reads_nvidia_smi_and_is_null_without_it(tmp_path, monkeypatch):
+    import os
+    import time
+
+    from vitserve.perf.server_stats import GpuSampler
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-smi at all
+    with GpuSampler(interval_s=0.05) as gpu:
+        time.sleep(0.1)
+    assert gpu.util_pct is None and gpu.mem_used_mib is None
+    fake = tmp_path / "nvidia-smi"  # the two queries the sampler makes, answered as nvidia-smi does
+    fake.write_text(
+        '#!/bin/sh\nif [ "$1" = "-L" ]; then echo "GPU 0: Fake (UUID: GPU-0)"; else echo "37, 1024"; fi\n'
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}/bin{os.pathsep}/usr/bin")
+    with GpuSampler(interval_s=0.05) as gpu:
+        time.sleep(0.3)
+    assert gpu.util_pct == 37 and gpu.mem_used_mib == 1024
+
+
 def test_unreachable_server_names_the_url():
     url = f"localhost:{free_port()}"
     with pytest.raises(ServerError, match=f"{url}.*unreachable"):
