@@ -7,7 +7,11 @@ CONFIG ?= models.yaml
 REPO ?= model_repository
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-slow lint format engines serve demo perf bench clean
+RANDOM_INIT ?=
+HTTP_PORT ?= 8000
+GRPC_PORT ?= 8001
+
+.PHONY: setup perf-deps test test-slow lint format engines serve demo perf clean
 
 setup: $(STAMP) perf-deps
 
@@ -37,6 +41,15 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+# Every model of $(CONFIG) -> $(REPO): export, FP16/INT8/CPU-INT8 variants, TensorRT engines (or build.sh).
+# Offline (no pretrained download): make engines RANDOM_INIT=1  (untrained weights, loudly labelled)
+engines: setup
+	$(BIN)/vitserve build --config $(CONFIG) --repository $(REPO) $(if $(RANDOM_INIT),--random-init)
+
+# The real tritonserver (CPU build from nvidia-pytriton) on $(REPO); Ctrl-C stops it.
+serve: setup
+	$(BIN)/vitserve serve --repository $(REPO) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT)
 
 clean:
 	rm -rf artifacts $(REPO)/*/ .pytest_cache

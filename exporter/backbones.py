@@ -22,6 +22,7 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+RANDOM_INIT_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,8 @@ class LoadedBackbone:
 def _download_error(entry: BackboneEntry, tag: str, err: Exception) -> ExportError:
     return ExportError(
         f"could not get pretrained weights {entry.name}:{tag} ({type(err).__name__}: {err}). Offline? "
-        f"Pass a local checkpoint with --weights FILE, or --random-init for an untrained model"
+        f"Pass a local checkpoint with --weights FILE, or --random-init for an untrained model "
+        f"(make engines RANDOM_INIT=1)"
     )
 
 
@@ -248,6 +250,9 @@ def create_backbone(name: str, weights: str | Weights | None = None, device: str
     w = weights if isinstance(weights, Weights) else Weights.parse(weights, entry)
     if w.kind == "random":
         log.warning("%s: RANDOM-INIT WEIGHTS - the exported model is untrained (outputs are meaningless)", name)
+        import torch
+
+        torch.manual_seed(RANDOM_INIT_SEED)  # the same untrained model every time, so it can be checked
     if entry.source == "open_clip":
         return _create_open_clip(entry, w, device)
     report: dict[str, Any] = {}

@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -343,14 +344,21 @@ def make_variant(
             return report
     t0 = time.perf_counter()
     used, calib = load_pixels(files, entry)
-    with atomic_directory(out_dir) as tmp, tempfile.TemporaryDirectory() as work:
+    with atomic_directory(out_dir) as tmp, tempfile.TemporaryDirectory(dir=out_dir.parent) as work:
         dst = tmp / ONNX_NAME
+        # The quantizers write next to their input (ModelOpt rewrote model.onnx in place here):
+        # give them a private copy so the FP32 export stays byte-identical to its manifest.
+        src = Path(work) / "src" / ONNX_NAME
+        src.parent.mkdir()
+        for f in fp32_dir.iterdir():
+            if f.name.startswith(ONNX_NAME):
+                shutil.copy2(f, src.parent / f.name)
         if precision is Precision.FP16:
-            details = make_fp16(fp32, dst, calib, Path(work))
+            details = make_fp16(src, dst, calib, Path(work))
         elif precision is Precision.INT8:
-            details = make_int8(fp32, dst, calib, spec.calibration.method, Path(work))
+            details = make_int8(src, dst, calib, spec.calibration.method, Path(work))
         elif precision is Precision.CPU_INT8:
-            details = make_cpu_int8(fp32, dst, calib, cpu_int8_mode)
+            details = make_cpu_int8(src, dst, calib, cpu_int8_mode)
         else:
             raise ConfigError(f"no variant to make for precision {precision.value}")
         build_s = time.perf_counter() - t0

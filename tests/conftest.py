@@ -62,3 +62,64 @@ def tiny_server(tiny_repository, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "tiny_server.log"
     with TritonServer(tiny_repository, log_path=log) as server:
         yield server
+
+
+LABELS = ["astronaut", "cat", "coffee", "rocket", "woman", "motorcycle", "camera", "cells", "dog", "car"]
+
+
+@pytest.fixture(scope="session")
+def linear_head(tmp_path_factory) -> tuple[Path, Path]:
+    """A TAO-shaped linear head (512 -> 10) for ViT-B-32 and its labels file."""
+    import torch
+
+    d = tmp_path_factory.mktemp("head")
+    g = torch.Generator().manual_seed(0)
+    head = d / "head.pt"
+    torch.save({"fc.weight": torch.randn(len(LABELS), 512, generator=g) * 0.5, "fc.bias": torch.zeros(len(LABELS))}, head)
+    labels = d / "labels.txt"
+    labels.write_text("\n".join(LABELS) + "\n")
+    return head, labels
+
+
+def write_models_yaml(path: Path, head: Path, labels: Path, **overrides) -> Path:
+    import yaml
+
+    model = {
+        "name": "vitb32",
+        "backbone": "ViT-B-32",
+        "weights": "random",
+        "head": f"linear:{head}",
+        "labels": str(labels),
+        "precisions": ["fp32", "fp16", "int8", "cpu-int8"],
+        "kinds": ["cpu"],
+        "profile": {"min": 1, "opt": 4, "max": 8},
+        "dynamic_batching": {"preferred_batch_sizes": [4, 8], "max_queue_delay_us": 20000},
+        "calibration": {"num_images": 16, "method": "max"},
+        "max_image_pixels": 20_000_000,
+    } | overrides
+    path.write_text(yaml.safe_dump({"models": [model]}))
+    return path
+
+
+@pytest.fixture(scope="session")
+def vitb32_build(tmp_path_factory, linear_head) -> dict:
+    """ViT-B-32 (random init) + linear head through the whole pipeline: export, fp16/int8/cpu-int8
+    variants, and a Triton repository with the CPU kind. Shared by the exporter, precision, repository,
+    client and perf tests."""
+    from vitserve.exporter.pipeline import build_all
+
+    root = tmp_path_factory.mktemp("vitb32_build")
+    config = write_models_yaml(root / "models.yaml", *linear_head)
+    summary = build_all(config, root / "model_repository", root / "artifacts", random_init=True)
+    return {"root": root, "config": config, "repository": root / "model_repository",
+            "artifacts": root / "artifacts", "summary": summary}
+
+
+@pytest.fixture(scope="session")
+def vitb32_server(vitb32_build, tmp_path_factory):
+    """The real tritonserver serving the ViT-B-32 repository (ensemble `vitb32`)."""
+    from vitserve.server import TritonServer
+
+    log = tmp_path_factory.mktemp("logs") / "vitb32_server.log"
+    with TritonServer(vitb32_build["repository"], log_path=log) as server:
+        yield server

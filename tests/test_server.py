@@ -34,7 +34,8 @@ def test_perf_analyzer_csv(tiny_server, tmp_path):
     report = tmp_path / "pa.csv"
     proc = subprocess.run(
         [*cmd, "-m", "add_one", "-u", tiny_server.grpc_url, "-i", "grpc", "--shape", "INPUT0:4",
-         "--concurrency-range", "1:2", "--measurement-interval", "1000", "-f", str(report)],
+         "--concurrency-range", "1:2", "--measurement-interval", "1000", "--stability-percentage", "1000",
+         "--max-trials", "3", "-f", str(report)],
         env=env, capture_output=True, text=True, timeout=180,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr

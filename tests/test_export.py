@@ -1,0 +1,176 @@
+"""Exporter: registry, heads, ONNX export with parity, manifest, and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vitserve.errors import ConfigError, ExportError
+from vitserve.exporter.backbones import REGISTRY, get_backbone, load_timm_checkpoint, meta_feature_dim
+from vitserve.exporter.export import export_model
+
+# The seed table of the project brief (open_clip name -> feature dim), plus NV-DINOv2 and DINOv2.
+EXPECTED_DIMS = {
+    "ViT-B-32": 512, "ViT-B-16": 512, "ViT-L-14": 768, "ViT-H-14": 1024, "ViT-g-14": 1024,
+    "EVA02-L-14": 768, "EVA02-L-14-336": 768, "EVA02-E-14": 1024, "EVA02-E-14-plus": 1024,
+    "NV-DINOv2": 1024, "DINOv2-S": 384, "DINOv2-B": 768, "DINOv2-L": 1024, "DINOv2-g": 1536,
+}
+
+
+def test_registry_feature_dims_match_the_table():
+    for name, dim in EXPECTED_DIMS.items():
+        assert REGISTRY[name].feature_dim == dim, name
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_every_architecture_builds_on_meta_with_its_feature_dim(name):
+    dim, params = meta_feature_dim(name)
+    assert dim == REGISTRY[name].feature_dim
+    assert params > 10_000_000
+
+
+def test_nv_dinov2_is_tao_swiglu_vit_large():
+    from timm.layers import GluMlp
+
+    from vitserve.exporter.backbones import _timm_module
+
+    with torch.device("meta"):
+        model = _timm_module(get_backbone("NV-DINOv2"), None)
+    assert len(model.blocks) == 24 and model.embed_dim == 1024
+    mlp = model.blocks[0].mlp
+    assert isinstance(mlp, GluMlp) and isinstance(mlp.act, torch.nn.SiLU)  # timm's SwiGLUPacked
+    assert (mlp.fc1.out_features, mlp.fc2.in_features) == (5472, 2736)  # mlp_ratio=5472/1024, packed gate+value
+    assert model.patch_embed.patch_size == (14, 14) and model.patch_embed.img_size == (518, 518)
+
+
+def test_unknown_backbone_lists_close_names():
+    with pytest.raises(ConfigError, match="ViT-B-32"):
+        get_backbone("ViT-B-23")
+
+
+def _check_manifest(out: Path, outputs: list[str]) -> dict:
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["random_init"] is True and "RANDOM INIT" in manifest["weights"]
+    assert manifest["outputs"] == outputs
+    assert manifest["parity"]["passed"] is True
+    assert manifest["opset"] >= 17
+    import hashlib
+
+    for name, meta in manifest["files"].items():
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == meta["sha256"]
+    return manifest
+
+
+def test_vitb32_linear_head_export(vitb32_build):
+    """The pipeline's export: parity passed on real photos and random inputs, batch 1 and > 1."""
+    import onnx
+
+    out = vitb32_build["artifacts"] / "vitb32" / "fp32"
+    manifest = _check_manifest(out, ["embeddings", "logits", "probs"])
+    cases = manifest["parity"]["cases"]
+    assert any("photo (batch 1)" in c for c in cases) and any("random" in c for c in cases)
+    for metrics in cases.values():
+        for m in metrics.values():
+            assert m["cosine_min"] >= 0.99999
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert model.graph.input[0].name == "pixel_values"
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert manifest["head"] == {"kind": "linear", "file": manifest["head"]["file"], "num_classes": 10}
+    assert (out / "labels.txt").read_text().splitlines()[0] == "astronaut"
+
+
+def test_eva02_zeroshot_export(tmp_path):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("cat\ndog\nrocket\n")
+    m = export_model("EVA02-B-16", tmp_path / "eva", weights="random", head="zeroshot", labels=labels)
+    _check_manifest(tmp_path / "eva", ["embeddings", "logits", "probs"])
+    assert m["family"] == "eva02-clip" and m["head"]["num_classes"] == 3
+
+
+def test_dinov2_mlp_head_export(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    head = tmp_path / "mlp.pt"
+    torch.save({"fc1.weight": torch.randn(64, 384, generator=g) * 0.05, "fc1.bias": torch.zeros(64),
+                "fc2.weight": torch.randn(4, 64, generator=g) * 0.05, "fc2.bias": torch.zeros(4)}, head)
+    m = export_model("DINOv2-S", tmp_path / "dino", weights="random", head=f"mlp:{head}")
+    _check_manifest(tmp_path / "dino", ["embeddings", "logits", "probs"])
+    assert m["input"]["shape"] == [-1, 3, 518, 518]
+
+
+def test_no_head_exports_normalized_embeddings(vitb32_build, tmp_path):
+    from vitserve.exporter import onnxrt
+    from vitserve.exporter.export import photo_batch
+
+    export_model("ViT-B-32", tmp_path / "emb", weights="random", head="none")
+    _check_manifest(tmp_path / "emb", ["embeddings"])
+    _, x = photo_batch(get_backbone("ViT-B-32"), 3)
+    emb = onnxrt.run(onnxrt.cpu_session(tmp_path / "emb" / "model.onnx"), x)["embeddings"]
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vitserve.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_head_in_channels_mismatch_names_both_numbers(tmp_path):
+    head = tmp_path / "head.pt"
+    torch.save({"weight": torch.zeros(3, 768), "bias": torch.zeros(3)}, head)
+    out = tmp_path / "out"
+    r = _cli("export", "--backbone", "ViT-B-32", "--random-init", "--head", f"linear:{head}", "--out", str(out))
+    assert r.returncode != 0
+    assert "in_channels=768" in r.stderr and "feature_dim=512" in r.stderr
+    assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_cli_unknown_backbone(tmp_path):
+    r = _cli("export", "--backbone", "EVA02-L14", "--random-init", "--out", str(tmp_path / "o"))
+    assert r.returncode != 0 and "EVA02-L-14" in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("content", [None, b"this is not a checkpoint"])
+def test_missing_or_corrupt_checkpoint(tmp_path, content):
+    ckpt = tmp_path / "ckpt.pt"
+    if content is not None:
+        ckpt.write_bytes(content)
+    with pytest.raises(ExportError, match=str(ckpt)):
+        export_model("DINOv2-S", tmp_path / "o", weights=str(ckpt))
+    assert not (tmp_path / "o").exists()
+
+
+def test_labels_count_must_match_head(tmp_path, linear_head):
+    head, _ = linear_head
+    labels = tmp_path / "labels.txt"
+    labels.write_text("a\nb\nc\n")
+    with pytest.raises(ExportError, match="3 names but head .* 10 classes"):
+        export_model("ViT-B-32", tmp_path / "o", weights="random", head=f"linear:{head}", labels=labels)
+    assert not (tmp_path / "o").exists()
+
+
+def test_pretrained_download_failure_suggests_alternatives(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ExportError, match="--weights FILE.*--random-init"):
+        export_model("DINOv2-S", tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_tao_checkpoint_keys_are_mapped_and_reported(tmp_path):
+    import timm
+
+    model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0)
+    sd = {f"model.backbone.{k}": v.clone() + 1 for k, v in model.state_dict().items()}
+    sd["model.head.fc.weight"] = torch.zeros(3, 384)
+    del sd["model.backbone.norm.bias"]
+    ckpt = tmp_path / "tao.pth"
+    torch.save({"state_dict": sd}, ckpt)
+    target = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0)
+    report = load_timm_checkpoint(target, str(ckpt))
+    assert report["unmapped_keys"] == ["model.head.fc.weight"]
+    assert report["missing_keys"] == ["norm.bias"]
+    assert torch.equal(target.cls_token, model.cls_token + 1)

@@ -1,0 +1,137 @@
+"""Precision variants: Q/DQ placement, fidelity reports that measure something, calibration input."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+
+from vitserve.errors import CalibrationError
+from vitserve.exporter.config import Calibration, Precision, load_models
+from vitserve.exporter.precision import attention_matmuls, calibration_files, make_variant
+
+
+def _report(build, precision: str) -> dict:
+    return json.loads((build["artifacts"] / "vitb32" / precision / "variant.json").read_text())
+
+
+def _spec(build):
+    return load_models(build["config"])[0]
+
+
+def test_int8_has_qdq_on_weight_matmuls_and_not_on_attention(vitb32_build):
+    art = vitb32_build["artifacts"] / "vitb32"
+    model = onnx.load(str(art / "int8" / "model.onnx"))
+    produced_by = {o: n for n in model.graph.node for o in n.output}
+    inits = {i.name for i in model.graph.initializer}
+    attention = set(attention_matmuls(art / "fp32" / "model.onnx"))
+    assert len(attention) == 2 * 12  # Q.K^T and softmax.V in each of the 12 blocks
+    quantized_weights = 0
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "Gemm"):
+            continue
+        feeders = [produced_by.get(i) for i in node.input[:2]]
+        dq = [f for f in feeders if f is not None and f.op_type == "DequantizeLinear"]
+        if node.name in attention:
+            assert not dq, f"attention matmul {node.name} was quantized"
+        elif any(f.input[0] in inits or produced_by.get(f.input[0], f).op_type == "QuantizeLinear" for f in dq):
+            quantized_weights += 1
+    assert quantized_weights >= 12 * 4  # qkv, out-proj, fc1, fc2 per block
+    q = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert q and all(_zero_point_is_zero(model, n) for n in q)  # symmetric
+
+
+def _zero_point_is_zero(model, node) -> bool:
+    if len(node.input) < 3:
+        return True
+    from onnx import numpy_helper
+
+    for i in model.graph.initializer:
+        if i.name == node.input[2]:
+            return not numpy_helper.to_array(i).any()
+    return True
+
+
+def test_fidelity_reports_and_gates(vitb32_build):
+    for precision in ("fp16", "int8", "cpu-int8"):
+        r = _report(vitb32_build, precision)
+        emb = r["fidelity"]["outputs"]["embeddings"]
+        assert 0 < emb["cosine_min"] <= emb["cosine_mean"] <= 1.0
+        assert r["fidelity"]["outputs"]["logits"]["top1_agreement"] >= 0
+        assert "onnxruntime" in r["fidelity"]["evaluator"]
+        assert r["fidelity"]["images"] >= 16
+        assert not set(r["fidelity"]["eval_images"]) & {p.split("/")[-1].rsplit(".", 1)[0] for p in r["calibration_images"]}
+    fp16 = _report(vitb32_build, "fp16")
+    assert "EXTENDED" in fp16["fidelity"]["evaluator"]
+    assert fp16["details"]["kept_fp32"]  # LayerNorm / Softmax at least
+    assert any("LayerNormalization" in n for n in fp16["details"]["kept_fp32"])
+    assert fp16["passed"] and fp16["fidelity"]["outputs"]["embeddings"]["cosine_mean"] >= 0.999
+    assert _report(vitb32_build, "cpu-int8")["passed"]
+    summary = vitb32_build["summary"]["models"]["vitb32"]
+    published = {m["precision"] for m in summary["triton_models"].values() if m["role"] == "backbone"}
+    for precision in ("fp16", "int8", "cpu-int8"):
+        assert (precision in published) == _report(vitb32_build, precision)["passed"]
+
+
+def test_unchanged_rebuild_is_cached(vitb32_build):
+    spec = _spec(vitb32_build)
+    art = vitb32_build["artifacts"] / "vitb32"
+    t0 = time.perf_counter()
+    report = make_variant(Precision.INT8, art / "fp32", art / "int8", spec)
+    assert report["cached"] is True and time.perf_counter() - t0 < 10
+
+
+def test_black_calibration_is_visibly_worse(vitb32_build, tmp_path):
+    """The fidelity numbers are computed: calibrating on all-black images hurts INT8."""
+    black = tmp_path / "black"
+    black.mkdir()
+    for i in range(16):
+        Image.new("RGB", (256, 256)).save(black / f"{i}.png")
+    spec = _spec(vitb32_build)
+    spec = replace(spec, calibration=Calibration(images=str(black), num_images=16, method="max"))
+    art = vitb32_build["artifacts"] / "vitb32"
+    bad = make_variant(Precision.INT8, art / "fp32", tmp_path / "int8_black", spec)
+    good = _report(vitb32_build, "int8")
+    bad_cos = bad["fidelity"]["outputs"]["embeddings"]["cosine_mean"]
+    good_cos = good["fidelity"]["outputs"]["embeddings"]["cosine_mean"]
+    assert 1 - bad_cos > 3 * (1 - good_cos), (bad_cos, good_cos)
+
+
+def test_calibration_folder_errors(tmp_path):
+    with pytest.raises(CalibrationError, match=str(tmp_path / "missing")):
+        calibration_files(Calibration(images=str(tmp_path / "missing")), tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CalibrationError, match="no jpg/png/webp"):
+        calibration_files(Calibration(images=str(tmp_path / "empty")), tmp_path)
+
+
+def test_unreadable_calibration_files_are_named_and_skipped(tmp_path, capsys):
+    from vitserve.exporter.backbones import get_backbone
+    from vitserve.exporter.precision import load_pixels
+
+    folder = tmp_path / "cal" / "nested"
+    folder.mkdir(parents=True)
+    Image.fromarray(np.full((64, 80, 3), 128, np.uint8)).save(folder / "ok.jpg")
+    (folder / "broken.png").write_bytes(b"\x89PNG garbage")
+    files = calibration_files(Calibration(images=str(tmp_path / "cal"), num_images=8), tmp_path)
+    assert [f.name for f in files] == ["broken.png", "ok.jpg"]
+    used, pixels = load_pixels(files, get_backbone("ViT-B-32"))
+    assert [f.name for f in used] == ["ok.jpg"] and pixels.shape == (1, 3, 224, 224)
+    assert "broken.png" in capsys.readouterr().out
+    (folder / "ok.jpg").unlink()
+    with pytest.raises(CalibrationError, match="broken.png"):
+        load_pixels(calibration_files(Calibration(images=str(tmp_path / "cal")), tmp_path), get_backbone("ViT-B-32"))
+
+
+def test_calibration_sampling_is_deterministic(tmp_path):
+    for i in range(20):
+        Image.new("RGB", (32, 32), (i, i, i)).save(tmp_path / f"{i:02d}.webp")
+    cal = Calibration(images=str(tmp_path), num_images=5, seed=3)
+    first = calibration_files(cal, tmp_path)
+    assert first == calibration_files(cal, tmp_path) and len(first) == 5
+    assert first != calibration_files(replace(cal, seed=4), tmp_path)
