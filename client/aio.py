@@ -1,0 +1,597 @@
+"""AsyncVitClient: embeddings and top-k labels from a deployed vitserve model, over gRPC or HTTP (asyncio).
+
+    async with AsyncVitClient("localhost:8001", model="vitb32") as client:
+        result = await client.embed(["a.jpg", "b.png"])      # result.embeddings (2, D), result.errors {}
+        top = await client.classify(["a.jpg"], top_k=3)       # [[("cat", 0.91), ("dog", 0.05), ...]]
+
+Encoded images (paths, bytes, PIL images, HWC uint8 arrays) go to the ensemble `model`; preprocessed CHW
+float32 arrays go to a backbone model (`backbone=`, or the one the ensemble routes to). Calls are split into
+requests of `batch_size`, at most `max_in_flight` outstanding, reassembled in order. Triton fails a whole
+request when one of its images is bad, so a request refused for its input is re-sent image by image and
+only the bad images are reported, by index (or raised, with `strict=True`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import warnings
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from vitserve.client import images as images_mod
+from vitserve.client import shm
+from vitserve.client.config import ClientConfig, Protocol
+from vitserve.client.images import Images, Item
+from vitserve.client.results import ClassifyResult, EmbedResult, failure_message, parse_classification
+from vitserve.client.schema import (
+    EMBEDDINGS,
+    IMAGE_INPUT,
+    PIXELS,
+    PROBS,
+    ModelInfo,
+    describe_index,
+    parse_model,
+)
+from vitserve.client.shm import SharedMemory
+from vitserve.errors import ClientError, missing_extra
+
+log = logging.getLogger(__name__)
+
+MAX_BACKOFF_S = 5.0
+UNREGISTER_WAIT_S = 5.0
+
+# What an exception from tritonclient means for the request: try again, give up, or blame the input.
+RETRY, TIMEOUT, INPUT, NOT_FOUND, OTHER = "retry", "timeout", "input", "not_found", "other"
+_STATUS_KIND = {
+    "StatusCode.UNAVAILABLE": RETRY,
+    "503": RETRY,
+    "StatusCode.DEADLINE_EXCEEDED": TIMEOUT,
+    "504": TIMEOUT,
+    "StatusCode.INVALID_ARGUMENT": INPUT,
+    "400": INPUT,
+    "StatusCode.NOT_FOUND": NOT_FOUND,
+    "404": NOT_FOUND,
+}
+
+
+def error_kind(e: BaseException) -> str:
+    """RETRY (server unreachable), TIMEOUT, INPUT (the request's data was refused), NOT_FOUND or OTHER."""
+    from tritonclient.utils import InferenceServerException
+
+    if isinstance(e, InferenceServerException):
+        return _STATUS_KIND.get(str(e.status()), OTHER)
+    if isinstance(e, TimeoutError):  # asyncio's and aiohttp's timeouts; checked before OSError, its base
+        return TIMEOUT
+    if isinstance(e, OSError):
+        return RETRY
+    try:
+        import aiohttp
+    except ImportError:
+        return OTHER
+    return RETRY if isinstance(e, aiohttp.ClientConnectionError) else OTHER
+
+
+def error_text(e: BaseException) -> str:
+    from tritonclient.utils import InferenceServerException
+
+    if isinstance(e, InferenceServerException):
+        return e.message() or str(e)
+    return str(e) or type(e).__name__
+
+
+class _Transport:
+    """One tritonclient aio client, with a deadline on every call."""
+
+    def __init__(self, config: ClientConfig) -> None:
+        self.grpc = config.protocol is Protocol.GRPC
+        self.timeout_s = config.timeout_s
+        try:
+            if self.grpc:
+                import tritonclient.grpc as module
+                import tritonclient.grpc.aio as aio
+
+                self.client = aio.InferenceServerClient(
+                    config.url,
+                    channel_args=[
+                        ("grpc.max_send_message_length", module.MAX_GRPC_MESSAGE_SIZE),
+                        ("grpc.max_receive_message_length", module.MAX_GRPC_MESSAGE_SIZE),
+                        # a restarted server is noticed within a second, not after gRPC's 2-minute backoff
+                        ("grpc.max_reconnect_backoff_ms", 1000),
+                    ],
+                )
+            else:
+                import tritonclient.http as module
+                import tritonclient.http.aio as aio
+
+                self.client = aio.InferenceServerClient(
+                    config.url, conn_limit=max(8, 2 * config.max_in_flight), conn_timeout=config.timeout_s
+                )
+        except (ImportError, RuntimeError) as e:  # tritonclient.http.aio raises RuntimeError without aiohttp
+            raise missing_extra(f"tritonclient[{config.protocol.value}]", "client") from e
+        self.module = module
+        self.loop = asyncio.get_running_loop()
+
+    async def call(self, method: str, *args, timeout_s: float | None = None, as_json: bool = False, **kwargs):
+        timeout_s = timeout_s or self.timeout_s
+        if self.grpc:
+            kwargs["client_timeout"] = timeout_s
+            if as_json:
+                kwargs["as_json"] = True
+        # the protocol's own deadline ends the call; this one is the backstop for anything it misses
+        return await asyncio.wait_for(getattr(self.client, method)(*args, **kwargs), timeout_s + 1.0)
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+@dataclass
+class _Target:
+    """A model requests are sent to, checked, with the slots that bound its in-flight requests."""
+
+    info: ModelInfo
+    batch_size: int
+    pixel_shape: tuple[int, ...] | None  # (3, H, W) for a backbone, None for the ensemble
+    embed_dim: int | None
+    slots: asyncio.Queue
+    shared_memory: SharedMemory
+
+
+class AsyncVitClient:
+    """Asyncio client for a vitserve deployment (see the module docstring); use `async with` or `close()`.
+
+    `url` is host:port (default localhost:8001 for gRPC, :8000 for HTTP); `model` the ensemble taking
+    encoded images; `backbone` the model for preprocessed tensors (default: the ensemble's own backbone
+    step). `shared_memory` ("system" or "cuda") moves tensors through shared memory when the server runs on
+    this host; elsewhere, or when it cannot be set up, it falls back to the network with a warning. A
+    client is bound to the event loop it first runs in."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        model: str = "vitb32",
+        *,
+        protocol: Protocol | str = Protocol.GRPC,
+        backbone: str | None = None,
+        batch_size: int = 8,
+        max_in_flight: int = 4,
+        timeout_s: float = 30.0,
+        retries: int = 3,
+        shared_memory: SharedMemory | str = SharedMemory.NONE,
+        cuda_device: int = 0,
+    ) -> None:
+        self.config = ClientConfig(
+            url,
+            model,
+            protocol,
+            backbone,
+            batch_size,
+            max_in_flight,
+            timeout_s,
+            retries,
+            shared_memory=shared_memory,
+            cuda_device=cuda_device,
+        )
+        self._transport: _Transport | None = None
+        self._targets: dict[bool, _Target] = {}
+        self._lock: asyncio.Lock | None = None
+        self._regions: list[shm.Region] = []  # made here, destroyed in close() (or by the finalizer)
+        self._registered: list[shm.Region] = []  # known to the server, unregistered in close()
+        self._finalizer = weakref.finalize(self, shm.destroy_all, self._regions)
+        self._closed = False
+
+    @property
+    def url(self) -> str:
+        return self.config.url
+
+    def _where(self) -> str:
+        return f"tritonserver at {self.config.url} ({self.config.protocol.value})"
+
+    # -- connection ---------------------------------------------------------------------------------------
+
+    def _conn(self) -> _Transport:
+        if self._closed:
+            raise ClientError("the client is closed; make a new one")
+        if self._transport is None:
+            self._transport = _Transport(self.config)
+            self._lock = asyncio.Lock()
+        elif self._transport.loop is not asyncio.get_running_loop():
+            raise ClientError(
+                "this AsyncVitClient was first used in another event loop; make one client per loop"
+            )
+        return self._transport
+
+    async def _call(self, method: str, *args, **kwargs) -> Any:
+        """`method` of the tritonclient client, retried with exponential backoff while the server is
+        unreachable; the last exception is re-raised as it is."""
+        transport = self._conn()
+        for attempt in range(self.config.retries + 1):
+            try:
+                return await transport.call(method, *args, **kwargs)
+            except Exception as e:
+                if error_kind(e) != RETRY or attempt == self.config.retries:
+                    raise
+                delay = min(self.config.backoff_s * 2**attempt, MAX_BACKOFF_S)
+                log.debug(
+                    "%s: %s failed (%s); retry %d in %.2f s",
+                    self._where(),
+                    method,
+                    error_text(e),
+                    attempt + 1,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _error(self, e: BaseException, doing: str) -> ClientError:
+        kind = error_kind(e)
+        if kind == RETRY:
+            return ClientError(
+                f"cannot reach {self._where()} while {doing} ({self.config.retries + 1} attempts): {error_text(e)}. "
+                "Is the server running there? (`vitserve serve --repository ...`)"
+            )
+        if kind == TIMEOUT:
+            return ClientError(
+                f"{self._where()} did not answer within {self.config.timeout_s:g} s while {doing}; "
+                "raise timeout_s or check the server's load"
+            )
+        return ClientError(f"{self._where()} refused {doing}: {error_text(e)}")
+
+    async def wait_until_ready(self, timeout_s: float | None = None) -> None:
+        """Wait until the server and `model` are ready; ClientError saying what was missing after `timeout_s`
+        (default: the client's timeout_s)."""
+        timeout_s = self.config.timeout_s if timeout_s is None else timeout_s
+        transport = self._conn()
+        deadline = time.monotonic() + timeout_s
+        last, server_up = "no answer", False
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                if not await transport.call("is_server_ready", timeout_s=min(remaining, 5.0)):
+                    last = "the server is live but not ready"
+                elif not await transport.call(
+                    "is_model_ready", self.config.model, timeout_s=min(remaining, 5.0)
+                ):
+                    server_up, last = True, f"model {self.config.model!r} is not ready"
+                else:
+                    return
+            except Exception as e:
+                last = error_text(e)
+            await asyncio.sleep(max(0.0, min(0.25, deadline - time.monotonic())))
+        if server_up:
+            try:
+                index = await transport.call("get_model_repository_index", timeout_s=2.0, as_json=True)
+                last += f"; ready models: {describe_index(index)}"
+            except Exception as e:
+                log.debug("repository index unavailable: %s", e)
+        raise ClientError(f"{self._where()} was not ready within {timeout_s:g} s: {last}")
+
+    # -- model checks -------------------------------------------------------------------------------------
+
+    async def _model_info(self, name: str) -> ModelInfo:
+        try:
+            metadata = await self._call("get_model_metadata", name, as_json=True)
+            config = await self._call("get_model_config", name, as_json=True)
+        except Exception as e:
+            if error_kind(e) in (RETRY, TIMEOUT):
+                raise self._error(e, f"reading the metadata of model {name!r}") from e
+            try:
+                index = describe_index(await self._call("get_model_repository_index", as_json=True))
+            except Exception:
+                index = "(the repository index could not be read)"
+            raise ClientError(
+                f"model {name!r} is not loaded on {self._where()} ({error_text(e)}); ready models: {index}"
+            ) from e
+        return parse_model(metadata, config)
+
+    async def _target(self, tensor: bool) -> _Target:
+        """The checked model for encoded images (`tensor` False) or for tensors, made on first use."""
+        self._conn()
+        async with self._lock:
+            if tensor in self._targets:
+                return self._targets[tensor]
+            if tensor and self.config.backbone:
+                info = await self._model_info(self.config.backbone)
+            else:
+                info = await self._model_info(self.config.model)
+                if tensor and not info.takes_pixels:
+                    if info.pixel_step is None:
+                        raise ClientError(
+                            f"model {info.name!r} does not take preprocessed tensors ({info.describe_inputs()}) "
+                            "and routes to no backbone; pass backbone=<name> (a model with input pixel_values)"
+                        )
+                    info = await self._model_info(info.pixel_step)
+            pixel_shape = info.check_pixels() if tensor else None
+            if not tensor:
+                info.check_images()
+            batch_size = self.config.batch_size
+            if batch_size > info.max_batch_size:
+                log.warning(
+                    "batch_size %d is above model %s's max_batch_size %d; sending %d per request",
+                    batch_size,
+                    info.name,
+                    info.max_batch_size,
+                    info.max_batch_size,
+                )
+                batch_size = info.max_batch_size
+            embed_dim = info.output_dim(EMBEDDINGS) if EMBEDDINGS in info.outputs else None
+            slots, kind = await self._make_slots(info, batch_size, pixel_shape, embed_dim)
+            target = _Target(info, batch_size, pixel_shape, embed_dim, slots, kind)
+            self._targets[tensor] = target
+            return target
+
+    async def model_info(self, tensor: bool = False) -> ModelInfo:
+        """What the server says about the model encoded images (or, `tensor=True`, tensors) are sent to."""
+        return (await self._target(tensor)).info
+
+    # -- shared memory ------------------------------------------------------------------------------------
+
+    async def _make_slots(
+        self, info: ModelInfo, batch_size: int, pixel_shape: tuple[int, ...] | None, embed_dim: int | None
+    ) -> tuple[asyncio.Queue, SharedMemory]:
+        kind = self.config.shared_memory
+        if kind is not SharedMemory.NONE and not shm.is_local(self.config.url):
+            warnings.warn(
+                f"shared_memory={kind.value!r} needs the server on this host, and {self.config.url} is not; "
+                "sending tensors over the network",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            kind = SharedMemory.NONE
+        if kind is SharedMemory.CUDA:
+            reason = await asyncio.to_thread(shm.cuda_available, self.config.cuda_device)
+            if reason:
+                warnings.warn(f"{reason}; using system shared memory instead", RuntimeWarning, stacklevel=2)
+                kind = SharedMemory.SYSTEM
+        sizes = {}
+        if pixel_shape is not None:
+            sizes[PIXELS] = batch_size * math.prod(pixel_shape) * 4
+        if embed_dim is not None:  # classification strings cannot go through shared memory; embeddings can
+            sizes[EMBEDDINGS] = batch_size * embed_dim * 4
+        slots: list[shm.Slot] = []
+        if kind is not SharedMemory.NONE and sizes:
+            made: list[shm.Region] = []
+            try:
+                for _ in range(self.config.max_in_flight):
+                    slot = shm.Slot()
+                    for tensor, size in sizes.items():
+                        region = shm.create(kind, shm.new_name(), size, self.config.cuda_device)
+                        made.append(region)
+                        self._regions.append(region)
+                        await self._register(region)
+                        slot.regions[tensor] = region
+                    slots.append(slot)
+            except Exception as e:
+                await self._release(made)
+                if error_kind(e) in (RETRY, TIMEOUT):
+                    raise self._error(e, "registering shared memory") from e
+                warnings.warn(
+                    f"{kind.value} shared memory could not be set up for model {info.name} ({error_text(e)}); "
+                    "sending tensors over the network",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                slots, kind = [], SharedMemory.NONE
+        if not slots:
+            kind = SharedMemory.NONE
+            slots = [shm.Slot() for _ in range(self.config.max_in_flight)]
+        queue: asyncio.Queue = asyncio.Queue()
+        for slot in slots:
+            queue.put_nowait(slot)
+        return queue, kind
+
+    async def _register(self, region: shm.Region) -> None:
+        if region.kind is SharedMemory.CUDA:
+            await self._call(
+                "register_cuda_shared_memory",
+                region.name,
+                region.raw_handle(),
+                region.device_id,
+                region.byte_size,
+            )
+        else:
+            await self._call("register_system_shared_memory", region.name, region.key, region.byte_size)
+        self._registered.append(region)
+
+    async def _unregister(self, method: str, name: str) -> None:
+        # Triton lets go of an output region a moment after the response has been sent, and refuses to
+        # unregister it until then ("currently in use"): wait for it, briefly.
+        deadline = time.monotonic() + min(self.config.timeout_s, UNREGISTER_WAIT_S)
+        while True:
+            try:
+                await self._transport.call(method, name, timeout_s=min(self.config.timeout_s, 5.0))
+                return
+            except Exception as e:
+                if "in use" in error_text(e) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                    continue
+                log.warning(
+                    "could not unregister shared-memory region %s from %s: %s",
+                    name,
+                    self._where(),
+                    error_text(e),
+                )
+                return
+
+    async def _release(self, regions: list[shm.Region]) -> None:
+        """Unregister (best effort: the server may be gone) and destroy `regions`."""
+        for region in list(regions):
+            if region in self._registered:
+                self._registered.remove(region)
+                method = (
+                    "unregister_cuda_shared_memory"
+                    if region.kind is SharedMemory.CUDA
+                    else "unregister_system_shared_memory"
+                )
+                await self._unregister(method, region.name)
+            if region in self._regions:
+                self._regions.remove(region)
+            shm.destroy_all([region])
+
+    # -- requests -----------------------------------------------------------------------------------------
+
+    def _request(self, target: _Target, items: list[Item], top_k: int, slot: shm.Slot):
+        """tritonclient inputs and outputs for one request (runs in a worker thread: it encodes images)."""
+        module = self._transport.module
+        n = len(items)
+        if target.pixel_shape is None:
+            data = np.empty((n, 1), dtype=np.object_)
+            for row, item in enumerate(items):
+                data[row, 0] = images_mod.encoded(item)
+            inp = module.InferInput(IMAGE_INPUT, [n, 1], "BYTES")
+            inp.set_data_from_numpy(data)
+        else:
+            data = images_mod.pixels(items)
+            inp = module.InferInput(PIXELS, list(data.shape), "FP32")
+            region = slot.regions.get(PIXELS)
+            if region is not None:
+                region.write(data)
+                inp.set_shared_memory(region.name, data.nbytes)
+            else:
+                inp.set_data_from_numpy(data)
+        if top_k:
+            out = module.InferRequestedOutput(PROBS, class_count=top_k)
+        else:
+            out = module.InferRequestedOutput(EMBEDDINGS)
+            region = slot.regions.get(EMBEDDINGS)
+            if region is not None:
+                out.set_shared_memory(region.name, n * target.embed_dim * 4)
+        return [inp], [out]
+
+    def _rows(self, target: _Target, result, n: int, top_k: int, slot: shm.Slot) -> list:
+        if top_k:
+            probs = result.as_numpy(PROBS)
+            if probs is None or probs.size != n * top_k:
+                raise ClientError(
+                    f"model {target.info.name} returned no top-{top_k} `{PROBS}` for {n} image(s)"
+                )
+            return [[parse_classification(x) for x in row] for row in probs.reshape(n, top_k)]
+        region = slot.regions.get(EMBEDDINGS)
+        if region is not None:
+            return list(region.read(np.float32, (n, target.embed_dim)))
+        emb = result.as_numpy(EMBEDDINGS)
+        if emb is None or emb.shape != (n, target.embed_dim):
+            got = None if emb is None else emb.shape
+            raise ClientError(
+                f"model {target.info.name} returned `{EMBEDDINGS}` of shape {got} for {n} image(s)"
+            )
+        return list(emb)
+
+    async def _infer(self, target: _Target, items: list[Item], top_k: int) -> list:
+        slot = await target.slots.get()
+        try:
+            inputs, outputs = await asyncio.to_thread(self._request, target, items, top_k, slot)
+            result = await self._call("infer", target.info.name, inputs, outputs=outputs)
+            return self._rows(target, result, len(items), top_k, slot)
+        finally:
+            target.slots.put_nowait(slot)
+
+    async def _run_chunk(
+        self, target: _Target, items: list[Item], top_k: int
+    ) -> tuple[dict[int, Any], dict[int, str]]:
+        try:
+            rows = await self._infer(target, items, top_k)
+            return {item.index: row for item, row in zip(items, rows, strict=True)}, {}
+        except ClientError:
+            raise
+        except Exception as e:
+            if error_kind(e) != INPUT:
+                first, last = items[0].index, items[-1].index
+                span = f"image {first}" if first == last else f"images {first}-{last}"
+                raise self._error(e, f"running model {target.info.name!r} on {span}") from e
+            if len(items) == 1:
+                return {}, {items[0].index: error_text(e)}
+        # Triton fails the whole request for one bad image: send its images one by one to find it
+        parts = await asyncio.gather(*(self._run_chunk(target, [item], top_k) for item in items))
+        rows, errors = {}, {}
+        for r, err in parts:
+            rows.update(r)
+            errors.update(err)
+        return rows, errors
+
+    async def _run(
+        self, target: _Target, items: list[Item], top_k: int
+    ) -> tuple[dict[int, Any], dict[int, str]]:
+        size = target.batch_size
+        tasks = [
+            asyncio.ensure_future(self._run_chunk(target, items[i : i + size], top_k))
+            for i in range(0, len(items), size)
+        ]
+        try:
+            parts = await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        rows, errors = {}, {}
+        for r, err in parts:
+            rows.update(r)
+            errors.update(err)
+        return rows, errors
+
+    # -- public API ---------------------------------------------------------------------------------------
+
+    async def embed(self, images: Images, *, strict: bool = False) -> EmbedResult:
+        """L2-normalized embeddings (N, D) float32 of `images`, in order.
+
+        A bad path or array raises ClientError before anything is sent. An image the server cannot decode
+        leaves a NaN row and its message in `.errors[index]`; with `strict=True` it raises ClientError
+        naming every failed index instead."""
+        batch = images_mod.prepare(images)
+        target = await self._target(batch.tensor)
+        dim = target.info.output_dim(EMBEDDINGS)
+        if batch.tensor:
+            images_mod.check_shape(batch.items, target.pixel_shape)
+        rows, errors = await self._run(target, batch.items, 0)
+        out = np.full((len(batch), dim), np.nan, dtype=np.float32)
+        for i, row in rows.items():
+            out[i] = row
+        if strict and errors:
+            raise ClientError(failure_message(errors, {it.index: it.source for it in batch.items}))
+        return EmbedResult(out, errors)
+
+    async def classify(self, images: Images, top_k: int = 5, *, strict: bool = False) -> ClassifyResult:
+        """The `top_k` (label, score) pairs of each image, best first, from the model's `probs` output and
+        its label file (Triton's classification extension). Failures as in `embed`."""
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ClientError(f"top_k {top_k!r} must be an integer >= 1")
+        batch = images_mod.prepare(images)
+        target = await self._target(batch.tensor)
+        classes = target.info.output_dim(PROBS)
+        if PROBS not in target.info.labelled:
+            log.warning(
+                "model %s has no label file on `%s`; labels are class indices", target.info.name, PROBS
+            )
+        if batch.tensor:
+            images_mod.check_shape(batch.items, target.pixel_shape)
+        rows, errors = await self._run(target, batch.items, min(top_k, classes))
+        if strict and errors:
+            raise ClientError(failure_message(errors, {it.index: it.source for it in batch.items}))
+        return ClassifyResult([rows.get(i) for i in range(len(batch))], errors)
+
+    async def close(self) -> None:
+        """Unregister and destroy shared memory, close the connection; safe to call twice."""
+        if self._closed:
+            return
+        try:
+            if self._transport is not None:
+                await self._release(list(self._regions))
+                await self._transport.close()
+        finally:
+            self._closed = True
+            shm.destroy_all(self._regions)
+            self._finalizer.detach()
+
+    async def __aenter__(self) -> AsyncVitClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

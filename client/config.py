@@ -1,0 +1,83 @@
+"""The client's settings, checked at the door."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum, StrEnum
+
+from vitserve.client.shm import SharedMemory
+from vitserve.errors import ConfigError
+
+
+class Protocol(StrEnum):
+    GRPC = "grpc"
+    HTTP = "http"
+
+
+DEFAULT_PORTS = {Protocol.GRPC: 8001, Protocol.HTTP: 8000}
+
+
+def _enum(cls, value, what: str):
+    try:
+        return cls(value.value if isinstance(value, Enum) else str(value).lower())
+    except ValueError:
+        choices = ", ".join(m.value for m in cls)
+        raise ConfigError(f"{what} {value!r} is not one of: {choices}") from None
+
+
+def normalize_url(url: str | None, protocol: Protocol) -> str:
+    """`host:port` as tritonclient wants it: no scheme, no trailing slash, the protocol's port by default."""
+    if not url:
+        return f"localhost:{DEFAULT_PORTS[protocol]}"
+    url = str(url).strip()
+    if "://" in url:
+        scheme, url = url.split("://", 1)
+        if scheme.lower() not in ("http", "grpc"):
+            raise ConfigError(
+                f"url {scheme}://{url}: only plain http:// or grpc:// endpoints (host:port) are supported"
+            )
+    url = url.rstrip("/")
+    if "/" in url or not url:
+        raise ConfigError(f"url {url!r} must be host:port (no path)")
+    has_port = url.rsplit("]", 1)[-1].count(":") == 1 if url.startswith("[") else url.count(":") == 1
+    return url if has_port else f"{url}:{DEFAULT_PORTS[protocol]}"
+
+
+@dataclass
+class ClientConfig:
+    """Settings of VitClient/AsyncVitClient; a bad value is refused with the value in the message.
+
+    `batch_size` images go in one request (lowered to the model's max_batch_size), at most `max_in_flight`
+    requests are outstanding at once, every call to the server ends after `timeout_s`, and a request that
+    could not reach the server is tried `retries` more times with exponential backoff from `backoff_s`."""
+
+    url: str | None
+    model: str = "vitb32"
+    protocol: Protocol | str = Protocol.GRPC
+    backbone: str | None = None
+    batch_size: int = 8
+    max_in_flight: int = 4
+    timeout_s: float = 30.0
+    retries: int = 3
+    backoff_s: float = 0.2
+    shared_memory: SharedMemory | str = SharedMemory.NONE
+    cuda_device: int = 0
+
+    def __post_init__(self) -> None:
+        self.protocol = _enum(Protocol, self.protocol, "protocol")
+        self.shared_memory = _enum(SharedMemory, self.shared_memory, "shared_memory")
+        self.url = normalize_url(self.url, self.protocol)
+        if not self.model or not isinstance(self.model, str):
+            raise ConfigError(f"model {self.model!r} must be a model name, e.g. 'vitb32'")
+        for name in ("batch_size", "max_in_flight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} {value!r} must be an integer >= 1")
+        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
+            raise ConfigError(f"retries {self.retries!r} must be an integer >= 0")
+        for name in ("timeout_s", "backoff_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ConfigError(f"{name} {value!r} must be a number of seconds > 0")
+        if self.cuda_device < 0:
+            raise ConfigError(f"cuda_device {self.cuda_device!r} must be >= 0")
