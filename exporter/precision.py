@@ -137,7 +137,8 @@ def quiet_modelopt():
     for lg in loggers:
         lg.propagate = False
         for h in lg.handlers:
-            h.setLevel(logging.WARNING)
+            if not isinstance(h, _Collect):
+                h.setLevel(logging.WARNING)
     try:
         yield
     finally:
@@ -161,6 +162,7 @@ class _Collect(logging.Handler):
 
 def make_fp16(src: Path, dst: Path, calib: np.ndarray, work: Path) -> dict[str, Any]:
     """AutoCast `src` to FP16 (I/O FP32) into `dst`; returns {kept_fp32: {node: reason}}."""
+    import modelopt.onnx.autocast.nodeclassifier  # noqa: F401  (its import resets the logger's handlers)
     import onnx
     from modelopt.onnx.autocast import convert_to_mixed_precision
 
@@ -168,6 +170,8 @@ def make_fp16(src: Path, dst: Path, calib: np.ndarray, work: Path) -> dict[str, 
     np.savez(data, pixel_values=calib[: min(len(calib), 8)])
     collect = _Collect()
     mlog = logging.getLogger("modelopt.onnx.autocast")
+    level = mlog.level
+    mlog.setLevel(logging.INFO)  # its per-node decisions are logged at INFO; quiet_modelopt hides them
     mlog.addHandler(collect)
     try:
         with quiet_modelopt():
@@ -177,6 +181,7 @@ def make_fp16(src: Path, dst: Path, calib: np.ndarray, work: Path) -> dict[str, 
             )
     finally:
         mlog.removeHandler(collect)
+        mlog.setLevel(level)
     onnx.save_model(model, str(dst))
     op_type = {n.name: n.op_type for n in onnx.load(str(src), load_external_data=False).graph.node}
     compute = {n: r for n, r in collect.kept.items() if op_type.get(n) not in SHAPE_OPS}
@@ -191,11 +196,11 @@ def make_fp16(src: Path, dst: Path, calib: np.ndarray, work: Path) -> dict[str, 
     }
 
 
-def make_int8(src: Path, dst: Path, calib: np.ndarray, method: str, work: Path) -> dict[str, Any]:
-    """ModelOpt explicit Q/DQ INT8 of `src` into `dst`, attention matmuls excluded."""
+def make_int8(src: Path, dst: Path, calib: np.ndarray, method: str, quantize_attention: bool = False) -> dict[str, Any]:
+    """ModelOpt explicit Q/DQ INT8 of `src` into `dst`, attention matmuls excluded unless asked."""
     from modelopt.onnx.quantization import quantize
 
-    excluded = attention_matmuls(src)
+    excluded = [] if quantize_attention else attention_matmuls(src)
     with quiet_modelopt():
         quantize(
             onnx_path=str(src), quantize_mode="int8", calibration_data={"pixel_values": calib},
@@ -329,6 +334,8 @@ def make_variant(
               f"found {len(files)} in {spec.calibration.images}; calibrating on {len(files)}")
     settings: dict[str, Any] = {"method": spec.calibration.method, "num_images": spec.calibration.num_images,
                                 "seed": spec.calibration.seed}
+    if precision is Precision.INT8:
+        settings["quantize_attention"] = spec.calibration.quantize_attention
     if precision is Precision.CPU_INT8:
         settings["mode"] = cpu_int8_mode
     if precision is Precision.FP16:
@@ -356,7 +363,7 @@ def make_variant(
         if precision is Precision.FP16:
             details = make_fp16(src, dst, calib, Path(work))
         elif precision is Precision.INT8:
-            details = make_int8(src, dst, calib, spec.calibration.method, Path(work))
+            details = make_int8(src, dst, calib, spec.calibration.method, spec.calibration.quantize_attention)
         elif precision is Precision.CPU_INT8:
             details = make_cpu_int8(src, dst, calib, cpu_int8_mode)
         else:

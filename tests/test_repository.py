@@ -144,7 +144,9 @@ def test_backbone_takes_preprocessed_tensors(vitb32_build, vitb32_server, protoc
 
 def _png16() -> bytes:
     a = (np.linspace(0, 65535, 64 * 48).reshape(48, 64)).astype(np.uint16)
-    return _png(Image.fromarray(a, "I;16"))
+    im = Image.fromarray(a)
+    assert im.mode == "I;16"
+    return _png(im)
 
 
 def _animated_gif() -> bytes:
