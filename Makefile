@@ -51,5 +51,20 @@ engines: setup
 serve: setup
 	$(BIN)/vitserve serve --repository $(REPO) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT)
 
+# The default model end to end: build (random-init weights when offline, loudly), serve, classify, stop.
+demo: setup
+	$(BIN)/vitserve demo --config $(CONFIG) --repository $(REPO)
+
+# Latency/throughput sweep of the running server (make serve) for the default model: perf_analyzer and
+# the built-in generator, with the in-process baseline; report in perf/results/$(PERF_MODEL)/.
+PERF_MODEL ?= vitb32
+PERF_IMAGES ?= artifacts/perf_images
+perf: setup
+	$(BIN)/python -c "from vitserve.exporter.samples import write_eval_images as w; w('$(PERF_IMAGES)')"
+	$(BIN)/vitserve perf --url localhost:$(GRPC_PORT) --model $(PERF_MODEL) --model $(PERF_MODEL)_fp32_cpu \
+	  --model $(PERF_MODEL)_cpu-int8_cpu --concurrency 1,2,4 --batch 1,8 --generator both --duration-s 5 \
+	  --max-total-s 900 --images $(PERF_IMAGES) --onnx $(REPO)/$(PERF_MODEL)_fp32_cpu/1/model.onnx \
+	  --out perf/results/$(PERF_MODEL)
+
 clean:
 	rm -rf artifacts $(REPO)/*/ .pytest_cache

@@ -61,7 +61,9 @@ class BackboneEntry:
         return self.source == "open_clip"
 
 
-def _clip(name: str, tag: str, dim: int, size: int = 224, family: str = "clip", fast: bool = False) -> BackboneEntry:
+def _clip(
+    name: str, tag: str, dim: int, size: int = 224, family: str = "clip", fast: bool = False
+) -> BackboneEntry:
     return BackboneEntry(name, "open_clip", name, tag, dim, Preprocess(size, size), family, fast=fast)
 
 
@@ -70,12 +72,22 @@ def _dinov2(name: str, arch: str, dim: int, fast: bool = False) -> BackboneEntry
     return BackboneEntry(name, "timm", arch, "lvd142m", dim, pre, "dinov2", fast=fast)
 
 
-def _nv_dinov2_kwargs(embed_dim: int, depth: int, heads: int, hidden: int, reg_tokens: int = 0) -> dict[str, Any]:
+def _nv_dinov2_kwargs(
+    embed_dim: int, depth: int, heads: int, hidden: int, reg_tokens: int = 0
+) -> dict[str, Any]:
     # TAO nvidia_tao_pytorch/cv/backbone_v2/dino_v2.py: a timm VisionTransformer with SwiGLUPacked MLP.
     return dict(
-        patch_size=14, embed_dim=embed_dim, depth=depth, num_heads=heads, init_values=1e-5, img_size=518,
-        mlp_ratio=hidden / embed_dim, reg_tokens=reg_tokens, no_embed_class=reg_tokens > 0,
-        global_pool="token", num_classes=0,
+        patch_size=14,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=heads,
+        init_values=1e-5,
+        img_size=518,
+        mlp_ratio=hidden / embed_dim,
+        reg_tokens=reg_tokens,
+        no_embed_class=reg_tokens > 0,
+        global_pool="token",
+        num_classes=0,
     )
 
 
@@ -95,11 +107,23 @@ REGISTRY: dict[str, BackboneEntry] = {
         _clip("EVA02-E-14", "laion2b_s4b_b115k", 1024, family="eva02-clip"),
         _clip("EVA02-E-14-plus", "laion2b_s9b_b144k", 1024, family="eva02-clip"),
         BackboneEntry(
-            "NV-DINOv2", "tao", "vit_large_patch14_dinov2_swiglu", None, 1024, _NV_PRE, "nv-dinov2",
+            "NV-DINOv2",
+            "tao",
+            "vit_large_patch14_dinov2_swiglu",
+            None,
+            1024,
+            _NV_PRE,
+            "nv-dinov2",
             _nv_dinov2_kwargs(1024, 24, 16, 5472),
         ),
         BackboneEntry(
-            "NV-DINOv2-g", "tao", "vit_giant_patch14_reg4_dinov2_swiglu", None, 1536, _NV_PRE, "nv-dinov2",
+            "NV-DINOv2-g",
+            "tao",
+            "vit_giant_patch14_reg4_dinov2_swiglu",
+            None,
+            1536,
+            _NV_PRE,
+            "nv-dinov2",
             _nv_dinov2_kwargs(1536, 40, 24, 8192, reg_tokens=4),
         ),
         _dinov2("DINOv2-S", "vit_small_patch14_dinov2", 384, fast=True),
@@ -187,7 +211,9 @@ def _read_state_dict(path: str) -> dict[str, Any]:
         else:
             sd = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a corrupt file
-        raise ExportError(f"checkpoint {path} could not be read ({type(e).__name__}: {e}); is it a PyTorch file?") from e
+        raise ExportError(
+            f"checkpoint {path} could not be read ({type(e).__name__}: {e}); is it a PyTorch file?"
+        ) from e
     for key in ("state_dict", "model", "module"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
@@ -196,7 +222,9 @@ def _read_state_dict(path: str) -> dict[str, Any]:
     return sd
 
 
-def load_timm_checkpoint(model, path: str, prefixes=("model.backbone.", "backbone.", "model.", "module.")) -> dict:
+def load_timm_checkpoint(
+    model, path: str, prefixes=("model.backbone.", "backbone.", "model.", "module.")
+) -> dict:
     """Load a (TAO/timm) checkpoint into a timm model, mapping prefixed keys; report what did not map.
 
     TAO classification checkpoints hold `model.backbone.*` and `model.head.*` keys; the head keys are
@@ -208,8 +236,8 @@ def load_timm_checkpoint(model, path: str, prefixes=("model.backbone.", "backbon
     for key, value in sd.items():
         name = key
         for prefix in prefixes:
-            if name.startswith(prefix) and name[len(prefix):] in target:
-                name = name[len(prefix):]
+            if name.startswith(prefix) and name[len(prefix) :] in target:
+                name = name[len(prefix) :]
                 break
         if name in target and tuple(target[name].shape) == tuple(value.shape):
             mapped[name] = value
@@ -226,7 +254,12 @@ def load_timm_checkpoint(model, path: str, prefixes=("model.backbone.", "backbon
     if unmapped or missing:
         log.warning(
             "checkpoint %s: %d keys loaded, %d did not map (%s), %d model keys missing (%s)",
-            path, len(mapped), len(unmapped), ", ".join(unmapped[:8]), len(missing), ", ".join(missing[:8]),
+            path,
+            len(mapped),
+            len(unmapped),
+            ", ".join(unmapped[:8]),
+            len(missing),
+            ", ".join(missing[:8]),
         )
     return report
 
@@ -249,7 +282,9 @@ def create_backbone(name: str, weights: str | Weights | None = None, device: str
     entry = get_backbone(name)
     w = weights if isinstance(weights, Weights) else Weights.parse(weights, entry)
     if w.kind == "random":
-        log.warning("%s: RANDOM-INIT WEIGHTS - the exported model is untrained (outputs are meaningless)", name)
+        log.warning(
+            "%s: RANDOM-INIT WEIGHTS - the exported model is untrained (outputs are meaningless)", name
+        )
         import torch
 
         torch.manual_seed(RANDOM_INIT_SEED)  # the same untrained model every time, so it can be checked
@@ -273,15 +308,21 @@ def _create_open_clip(entry: BackboneEntry, w: Weights, device: str) -> LoadedBa
     from torch import nn
 
     tag = entry.pretrained
-    quick_gelu = bool(open_clip.get_pretrained_cfg(entry.model_id, tag).get("quick_gelu", False)) if tag else False
+    quick_gelu = (
+        bool(open_clip.get_pretrained_cfg(entry.model_id, tag).get("quick_gelu", False)) if tag else False
+    )
     kwargs = dict(force_quick_gelu=quick_gelu, device=device)
     try:
         if w.kind == "pretrained":
-            model = open_clip.create_model(entry.model_id, pretrained=w.value, require_pretrained=True, **kwargs)
+            model = open_clip.create_model(
+                entry.model_id, pretrained=w.value, require_pretrained=True, **kwargs
+            )
         elif w.kind == "file":
             if not Path(w.value).is_file():
                 raise ExportError(f"checkpoint {w.value} does not exist; pass an existing file to --weights")
-            model = open_clip.create_model(entry.model_id, pretrained=w.value, require_pretrained=True, **kwargs)
+            model = open_clip.create_model(
+                entry.model_id, pretrained=w.value, require_pretrained=True, **kwargs
+            )
         else:
             model = open_clip.create_model(entry.model_id, pretrained=None, **kwargs)
     except ExportError:
@@ -289,7 +330,9 @@ def _create_open_clip(entry: BackboneEntry, w: Weights, device: str) -> LoadedBa
     except Exception as e:
         if w.kind == "pretrained":
             raise _download_error(entry, w.value, e) from e
-        raise ExportError(f"checkpoint {w.value} could not be loaded into {entry.name}: {type(e).__name__}: {e}") from e
+        raise ExportError(
+            f"checkpoint {w.value} could not be loaded into {entry.name}: {type(e).__name__}: {e}"
+        ) from e
 
     class ClipImageEncoder(nn.Module):
         def __init__(self, visual):
@@ -301,7 +344,9 @@ def _create_open_clip(entry: BackboneEntry, w: Weights, device: str) -> LoadedBa
 
     model.eval()
     tokenizer = open_clip.get_tokenizer(entry.model_id)
-    return LoadedBackbone(entry, ClipImageEncoder(model.visual).eval(), w, clip_model=model, tokenizer=tokenizer)
+    return LoadedBackbone(
+        entry, ClipImageEncoder(model.visual).eval(), w, clip_model=model, tokenizer=tokenizer
+    )
 
 
 def meta_feature_dim(name: str) -> tuple[int, int]:
@@ -349,11 +394,20 @@ def torch_transform(entry: BackboneEntry):
         import open_clip
 
         return open_clip.image_transform(
-            p.size, is_train=False, mean=p.mean, std=p.std, interpolation=p.interpolation, resize_mode=p.resize_mode
+            p.size,
+            is_train=False,
+            mean=p.mean,
+            std=p.std,
+            interpolation=p.interpolation,
+            resize_mode=p.resize_mode,
         )
     import timm.data
 
     return timm.data.create_transform(
-        input_size=(3, p.size, p.size), interpolation=p.interpolation, mean=p.mean, std=p.std,
-        crop_pct=p.size / p.resize_size, crop_mode="center" if p.resize_mode == "shortest" else "squash",
+        input_size=(3, p.size, p.size),
+        interpolation=p.interpolation,
+        mean=p.mean,
+        std=p.std,
+        crop_pct=p.size / p.resize_size,
+        crop_mode="center" if p.resize_mode == "shortest" else "squash",
     )

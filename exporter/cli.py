@@ -22,11 +22,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder (replaced only when the export passes)")
     p.set_defaults(func=_export)
 
-    p = sub.add_parser("build", help="build every model of models.yaml into a Triton repository (make engines)")
+    p = sub.add_parser(
+        "build", help="build every model of models.yaml into a Triton repository (make engines)"
+    )
     p.add_argument("--config", default="models.yaml")
     p.add_argument("--repository", default="model_repository")
     p.add_argument("--artifacts", default="artifacts", help="exports, variants, caches and build scripts")
-    p.add_argument("--random-init", action="store_true", help="override every model's weights with random init")
+    p.add_argument(
+        "--random-init", action="store_true", help="override every model's weights with random init"
+    )
     p.add_argument("--only", action="append", help="build only these model names")
     p.set_defaults(func=_build)
 
@@ -50,7 +54,11 @@ def _export(args: argparse.Namespace) -> int:
     else:
         weights = f"pretrained:{args.pretrained}" if args.pretrained else "pretrained"
     manifest = export_model(
-        args.backbone, args.out, weights=weights, head=args.head, labels=args.labels,
+        args.backbone,
+        args.out,
+        weights=weights,
+        head=args.head,
+        labels=args.labels,
         options=ExportOptions(opset=args.opset, simplify=args.simplify),
     )
     print(manifest["parity_table"])

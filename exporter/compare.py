@@ -38,7 +38,9 @@ def compare_outputs(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> d
             top_g = np.argsort(-g64, axis=1)
             m["top1_agreement"] = float((top_r[:, 0] == top_g[:, 0]).mean())
             k = min(5, r.shape[1])
-            m["top5_agreement"] = float(np.mean([len(set(a[:k]) & set(b[:k])) / k for a, b in zip(top_r, top_g, strict=True)]))
+            m["top5_agreement"] = float(
+                np.mean([len(set(a[:k]) & set(b[:k])) / k for a, b in zip(top_r, top_g, strict=True)])
+            )
         report[name] = m
     return report
 
@@ -49,6 +51,7 @@ def concat_outputs(chunks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]
 
 def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     """A plain aligned text table."""
+
     def fmt(v):
         if isinstance(v, float):
             return f"{v:.6f}" if abs(v) < 1e4 else f"{v:.3g}"

@@ -113,7 +113,9 @@ class DynamicBatching:
         if self.max_queue_delay_us < 0:
             raise ConfigError(f"dynamic batching max_queue_delay_us={self.max_queue_delay_us}: must be >= 0")
         if any(b < 1 for b in self.preferred_batch_sizes):
-            raise ConfigError(f"dynamic batching preferred_batch_sizes={self.preferred_batch_sizes}: must be >= 1")
+            raise ConfigError(
+                f"dynamic batching preferred_batch_sizes={self.preferred_batch_sizes}: must be >= 1"
+            )
 
 
 @dataclass(frozen=True)
@@ -198,12 +200,16 @@ class ModelSpec:
             if key not in data:
                 raise ConfigError(f"model {name}: missing required key {key!r}")
         if "precisions" in data:
-            data["precisions"] = tuple(_enum(Precision, p, f"model {name} precision") for p in data["precisions"])
+            data["precisions"] = tuple(
+                _enum(Precision, p, f"model {name} precision") for p in data["precisions"]
+            )
         if "kinds" in data:
             data["kinds"] = tuple(_enum(Kind, k, f"model {name} kind") for k in data["kinds"])
         if "profile" in data:
             data["profile"] = BatchProfile.parse(data["profile"])
-        data["dynamic_batching"] = _build(DynamicBatching, data.get("dynamic_batching"), f"model {name} dynamic_batching")
+        data["dynamic_batching"] = _build(
+            DynamicBatching, data.get("dynamic_batching"), f"model {name} dynamic_batching"
+        )
         data["calibration"] = _build(Calibration, data.get("calibration"), f"model {name} calibration")
         data["gates"] = _build(Gates, data.get("gates"), f"model {name} gates")
         return cls(**data)
@@ -238,7 +244,10 @@ def load_models(path: str | Path) -> list[ModelSpec]:
         if weights not in ("pretrained", "random") and not weights.startswith("pretrained:"):
             entry["weights"] = str((path.parent / weights).resolve())
         if entry.get("calibration", {}).get("images"):
-            entry["calibration"] = {**entry["calibration"], "images": str((path.parent / entry["calibration"]["images"]).resolve())}
+            entry["calibration"] = {
+                **entry["calibration"],
+                "images": str((path.parent / entry["calibration"]["images"]).resolve()),
+            }
         specs.append(ModelSpec.from_dict(entry))
     names = [s.name for s in specs]
     dupes = {n for n in names if names.count(n) > 1}

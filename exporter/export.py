@@ -64,7 +64,15 @@ def library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
-    for pkg in ("torch", "open_clip_torch", "timm", "onnx", "onnxruntime-gpu", "onnxruntime", "nvidia-modelopt"):
+    for pkg in (
+        "torch",
+        "open_clip_torch",
+        "timm",
+        "onnx",
+        "onnxruntime-gpu",
+        "onnxruntime",
+        "nvidia-modelopt",
+    ):
         with contextlib.suppress(PackageNotFoundError):
             out[pkg] = version(pkg)
     return out
@@ -141,11 +149,17 @@ def check_parity(model, onnx_path: Path, entry, options: ExportOptions) -> dict[
         [{"case": c, "output": o, **m} for c, ms in results.items() for o, m in ms.items()],
         ["case", "output", "cosine_min", "cosine_mean", "max_abs_err", "max_rel_err"],
     )
-    report = {"threshold_cosine": options.min_cosine, "images": names, "cases": results, "table": table,
-              "passed": not failures}
+    report = {
+        "threshold_cosine": options.min_cosine,
+        "images": names,
+        "cases": results,
+        "table": table,
+        "passed": not failures,
+    }
     if failures:
         raise ParityError(
-            f"ONNX model disagrees with PyTorch (cosine < {options.min_cosine}):\n" + "\n".join(failures)
+            f"ONNX model disagrees with PyTorch (cosine < {options.min_cosine}):\n"
+            + "\n".join(failures)
             + f"\n{table}"
         )
     return report
@@ -160,8 +174,14 @@ def _torch_export(model, path: Path, entry, opset: int) -> None:
     # (aten::_native_multi_head_attention), which has no ONNX symbolic.
     with torch.inference_mode(False), torch.enable_grad():
         torch.onnx.export(
-            model, (dummy,), str(path), dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
-            output_names=outputs, dynamic_axes={n: {0: "batch"} for n in [INPUT_NAME, *outputs]},
+            model,
+            (dummy,),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=outputs,
+            dynamic_axes={n: {0: "batch"} for n in [INPUT_NAME, *outputs]},
             do_constant_folding=True,
         )
 
@@ -179,8 +199,12 @@ def _finalize_onnx(raw: Path, dest: Path, simplify: bool) -> None:
     size = sum(t.ByteSize() for t in model.graph.initializer)
     if size >= TWO_GB:
         onnx.save_model(
-            model, str(dest), save_as_external_data=True, all_tensors_to_one_file=True,
-            location=EXTERNAL_DATA_NAME, size_threshold=1024,
+            model,
+            str(dest),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=EXTERNAL_DATA_NAME,
+            size_threshold=1024,
         )
     else:
         onnx.save_model(model, str(dest))
@@ -250,7 +274,11 @@ def export_model(
             "checkpoint_report": loaded.checkpoint_report or None,
             "head": {"kind": spec.kind, "file": spec.file, "num_classes": num_classes},
             "labels": LABELS_NAME if label_names else None,
-            "input": {"name": INPUT_NAME, "shape": [-1, 3, entry.image_size, entry.image_size], "dtype": "float32"},
+            "input": {
+                "name": INPUT_NAME,
+                "shape": [-1, 3, entry.image_size, entry.image_size],
+                "dtype": "float32",
+            },
             "outputs": model.output_names,
             "feature_dim": entry.feature_dim,
             "preprocess": entry.preprocess.as_dict(),

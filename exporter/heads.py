@@ -41,7 +41,9 @@ class HeadSpec:
         text = text or "none"
         kind, _, file = text.partition(":")
         if kind not in HEAD_KINDS:
-            raise ConfigError(f"head {text!r}: kind must be one of {', '.join(HEAD_KINDS)} (e.g. linear:head.pt)")
+            raise ConfigError(
+                f"head {text!r}: kind must be one of {', '.join(HEAD_KINDS)} (e.g. linear:head.pt)"
+            )
         if kind in ("linear", "mlp") and not file:
             raise ConfigError(f"head {text!r}: a {kind} head needs its weights, e.g. {kind}:head.pt")
         if kind in ("none", "zeroshot") and file:
@@ -83,7 +85,7 @@ def _head_state_dict(path: str) -> dict[str, torch.Tensor]:
             continue
         for prefix in ("model.head.", "head.", "model.", ""):
             if k.startswith(prefix):
-                out[k[len(prefix):]] = v
+                out[k[len(prefix) :]] = v
                 break
     return out
 
@@ -146,7 +148,9 @@ def build_head(spec: HeadSpec, backbone, labels: list[str] | None) -> nn.Module 
         return None
     if spec.kind == "zeroshot":
         if backbone.clip_model is None:
-            raise ConfigError(f"a zeroshot head needs a CLIP backbone (with a text tower); {entry.name} has none")
+            raise ConfigError(
+                f"a zeroshot head needs a CLIP backbone (with a text tower); {entry.name} has none"
+            )
         if not labels:
             raise ConfigError("a zeroshot head needs --labels FILE (the class names)")
         return zeroshot_head(backbone, labels)
@@ -163,12 +167,16 @@ def build_head(spec: HeadSpec, backbone, labels: list[str] | None) -> nn.Module 
         head.load_state_dict({"fc1.weight": w1, "fc1.bias": b1, "fc2.weight": w2, "fc2.bias": b2})
     num_classes = head.fc.out_features if spec.kind == "linear" else head.fc2.out_features
     if labels is not None and len(labels) != num_classes:
-        raise ExportError(f"labels file has {len(labels)} names but head {spec.file} has {num_classes} classes")
+        raise ExportError(
+            f"labels file has {len(labels)} names but head {spec.file} has {num_classes} classes"
+        )
     return head.eval()
 
 
 @torch.no_grad()
-def zeroshot_head(backbone, labels: list[str], templates: tuple[str, ...] = DEFAULT_TEMPLATES) -> ZeroShotHead:
+def zeroshot_head(
+    backbone, labels: list[str], templates: tuple[str, ...] = DEFAULT_TEMPLATES
+) -> ZeroShotHead:
     """Class names x templates through the CLIP text tower; mean of normalized prompts per class."""
     model, tokenizer = backbone.clip_model, backbone.tokenizer
     weights = []

@@ -98,17 +98,27 @@ def build_model(spec: ModelSpec, artifacts: Path, random_init: bool = False) -> 
         fidelity[precision.value] = report
         if report["passed"] or spec.force:
             if not report["passed"]:
-                print(f"[{spec.name}] WARNING: {precision.value} failed its gate but is published (force: true)")
+                print(
+                    f"[{spec.name}] WARNING: {precision.value} failed its gate but is published (force: true)"
+                )
             onnx_by_precision[precision] = (Path(report["onnx"]), None)
         else:
-            print(f"[{spec.name}] {precision.value} failed its fidelity gate and is NOT published: {report['gate']}")
+            print(
+                f"[{spec.name}] {precision.value} failed its fidelity gate and is NOT published: {report['gate']}"
+            )
     variants = [
         Variant(p, k, onnx, data)
         for k in spec.kinds
         for p, (onnx, data) in onnx_by_precision.items()
         if p is not Precision.CPU_INT8 or k is Kind.CPU
     ]
-    return {"spec": spec, "fp32_dir": fp32_dir, "manifest": manifest, "variants": variants, "fidelity": fidelity}
+    return {
+        "spec": spec,
+        "fp32_dir": fp32_dir,
+        "manifest": manifest,
+        "variants": variants,
+        "fidelity": fidelity,
+    }
 
 
 def engine_stage(record: dict[str, Any], repo: Path) -> dict[str, Any]:
@@ -128,8 +138,9 @@ def engine_stage(record: dict[str, Any], repo: Path) -> dict[str, Any]:
         settings = EngineSettings(profile=spec.profile, timing_cache=repo / name / "timing.cache")
         onnx = repo / name / "onnx" / ONNX_NAME
         if reason is None:
-            engines[name] = build_engine(onnx, plan, "pixel_values", (3, size, size), settings,
-                                         max_batch_size=spec.profile.max)
+            engines[name] = build_engine(
+                onnx, plan, "pixel_values", (3, size, size), settings, max_batch_size=spec.profile.max
+            )
         else:
             from vitserve.exporter.engine import write_build_script
 
@@ -150,7 +161,9 @@ def build_all(
     if only:
         unknown = set(only) - {s.name for s in specs}
         if unknown:
-            raise ExportError(f"--only {sorted(unknown)}: not in {config} (models: {[s.name for s in specs]})")
+            raise ExportError(
+                f"--only {sorted(unknown)}: not in {config} (models: {[s.name for s in specs]})"
+            )
         specs = [s for s in specs if s.name in only]
     if random_init:
         print("WARNING: --random-init: every model gets RANDOM, UNTRAINED weights; outputs are meaningless.")
@@ -165,13 +178,25 @@ def build_all(
         for rec in records:
             spec = rec["spec"]
             labels = rec["fp32_dir"] / LABELS_NAME
-            written = write_model(staging, spec, rec["fp32_dir"], rec["manifest"], rec["variants"],
-                                  labels if labels.exists() else None)
+            written = write_model(
+                staging,
+                spec,
+                rec["fp32_dir"],
+                rec["manifest"],
+                rec["variants"],
+                labels if labels.exists() else None,
+            )
             engines = engine_stage(rec, staging)
-            engines_missing += [f"{staging.name}/{e['build_script']}" for e in engines.values() if not e.get("built", True)]
+            engines_missing += [
+                f"{staging.name}/{e['build_script']}" for e in engines.values() if not e.get("built", True)
+            ]
             summary["models"][spec.name] = {
-                "config": {k: v for k, v in asdict(spec).items() if k != "gates"} | {"gates": asdict(spec.gates)},
-                "export": {k: rec["manifest"].get(k) for k in ("backbone", "weights", "random_init", "feature_dim", "build_key")},
+                "config": {k: v for k, v in asdict(spec).items() if k != "gates"}
+                | {"gates": asdict(spec.gates)},
+                "export": {
+                    k: rec["manifest"].get(k)
+                    for k in ("backbone", "weights", "random_init", "feature_dim", "build_key")
+                },
                 "fidelity": rec["fidelity"],
                 "triton_models": written,
                 "engines": engines,
@@ -191,7 +216,10 @@ def build_all(
             f"and a build.sh per engine are in the repository; run each inside the NGC Triton container on "
             f"the target GPU: " + ", ".join(s.replace(staging.name, str(repository)) for s in engines_missing)
         )
-    print(f"repository {repository}: " + ", ".join(m for rec in summary["models"].values() for m in rec["triton_models"]))
+    print(
+        f"repository {repository}: "
+        + ", ".join(m for rec in summary["models"].values() for m in rec["triton_models"])
+    )
     return summary
 
 

@@ -48,13 +48,19 @@ def calibration_files(cal: Calibration, cache_dir: Path) -> list[Path]:
     from vitserve.exporter.samples import list_images, write_calibration_images
 
     if cal.images is None:
-        return write_calibration_images(cache_dir / f"calibration-{cal.num_images}-{cal.seed}", cal.num_images, cal.seed)
+        return write_calibration_images(
+            cache_dir / f"calibration-{cal.num_images}-{cal.seed}", cal.num_images, cal.seed
+        )
     folder = Path(cal.images)
     if not folder.is_dir():
-        raise CalibrationError(f"calibration folder {folder} does not exist; pass a folder of jpg/png/webp images")
+        raise CalibrationError(
+            f"calibration folder {folder} does not exist; pass a folder of jpg/png/webp images"
+        )
     files = list_images(folder)
     if not files:
-        raise CalibrationError(f"calibration folder {folder} holds no jpg/png/webp images (searched recursively)")
+        raise CalibrationError(
+            f"calibration folder {folder} holds no jpg/png/webp images (searched recursively)"
+        )
     if len(files) > cal.num_images:
         rng = np.random.default_rng(cal.seed)
         files = sorted(files[i] for i in rng.choice(len(files), cal.num_images, replace=False))
@@ -109,8 +115,7 @@ def attention_matmuls(onnx_path: Path) -> list[str]:
     consts = {i.name for i in model.graph.initializer}
     consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
     return [
-        n.name for n in model.graph.node
-        if n.op_type == "MatMul" and not any(i in consts for i in n.input)
+        n.name for n in model.graph.node if n.op_type == "MatMul" and not any(i in consts for i in n.input)
     ]
 
 
@@ -124,15 +129,32 @@ def count_ops(onnx_path: Path) -> dict[str, int]:
     return counts
 
 
-SHAPE_OPS = {"Shape", "Gather", "Concat", "Reshape", "Unsqueeze", "Squeeze", "Slice", "Constant",
-             "ConstantOfShape", "Expand", "Range", "Equal", "Where", "Cast", "Identity"}
+SHAPE_OPS = {
+    "Shape",
+    "Gather",
+    "Concat",
+    "Reshape",
+    "Unsqueeze",
+    "Squeeze",
+    "Slice",
+    "Constant",
+    "ConstantOfShape",
+    "Expand",
+    "Range",
+    "Equal",
+    "Where",
+    "Cast",
+    "Identity",
+}
 
 
 @contextlib.contextmanager
 def quiet_modelopt():
     """ModelOpt logs every node at INFO on its own handlers; keep its warnings, drop the rest."""
-    loggers = [logging.getLogger(n) for n in ("modelopt", "modelopt.onnx", "modelopt.onnx.autocast",
-                                              "modelopt.onnx.quantization")]
+    loggers = [
+        logging.getLogger(n)
+        for n in ("modelopt", "modelopt.onnx", "modelopt.onnx.autocast", "modelopt.onnx.quantization")
+    ]
     saved = [(lg, lg.propagate, [(h, h.level) for h in lg.handlers]) for lg in loggers]
     for lg in loggers:
         lg.propagate = False
@@ -156,7 +178,7 @@ class _Collect(logging.Handler):
     def emit(self, record):
         msg = record.getMessage()
         if msg.startswith("Skipping node "):
-            name, _, reason = msg[len("Skipping node "):].partition(": ")
+            name, _, reason = msg[len("Skipping node ") :].partition(": ")
             self.kept[name] = reason
 
 
@@ -176,8 +198,12 @@ def make_fp16(src: Path, dst: Path, calib: np.ndarray, work: Path) -> dict[str, 
     try:
         with quiet_modelopt():
             model = convert_to_mixed_precision(
-                onnx_path=str(src), low_precision_type="fp16", keep_io_types=True,
-                op_types_to_exclude=FP16_KEEP_OP_TYPES, calibration_data=str(data), providers=["cpu"],
+                onnx_path=str(src),
+                low_precision_type="fp16",
+                keep_io_types=True,
+                op_types_to_exclude=FP16_KEEP_OP_TYPES,
+                calibration_data=str(data),
+                providers=["cpu"],
             )
     finally:
         mlog.removeHandler(collect)
@@ -196,16 +222,24 @@ def make_fp16(src: Path, dst: Path, calib: np.ndarray, work: Path) -> dict[str, 
     }
 
 
-def make_int8(src: Path, dst: Path, calib: np.ndarray, method: str, quantize_attention: bool = False) -> dict[str, Any]:
+def make_int8(
+    src: Path, dst: Path, calib: np.ndarray, method: str, quantize_attention: bool = False
+) -> dict[str, Any]:
     """ModelOpt explicit Q/DQ INT8 of `src` into `dst`, attention matmuls excluded unless asked."""
     from modelopt.onnx.quantization import quantize
 
     excluded = [] if quantize_attention else attention_matmuls(src)
     with quiet_modelopt():
         quantize(
-            onnx_path=str(src), quantize_mode="int8", calibration_data={"pixel_values": calib},
-            calibration_method=method, calibration_eps=["cpu"], nodes_to_exclude=[_exact(n) for n in excluded],
-            high_precision_dtype="fp32", output_path=str(dst), log_level="WARNING",
+            onnx_path=str(src),
+            quantize_mode="int8",
+            calibration_data={"pixel_values": calib},
+            calibration_method=method,
+            calibration_eps=["cpu"],
+            nodes_to_exclude=[_exact(n) for n in excluded],
+            high_precision_dtype="fp32",
+            output_path=str(dst),
+            log_level="WARNING",
         )
     return {"method": method, "excluded_attention_matmuls": len(excluded), "high_precision_dtype": "fp32"}
 
@@ -231,14 +265,24 @@ def make_cpu_int8(src: Path, dst: Path, calib: np.ndarray, mode: str = "dynamic"
     excluded = attention_matmuls(src)
     if mode == "dynamic":
         quantize_dynamic(
-            str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8,
-            op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=excluded,
+            str(src),
+            str(dst),
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul", "Gemm"],
+            nodes_to_exclude=excluded,
         )
     elif mode == "static":
         quantize_static(
-            str(src), str(dst), _Reader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-            op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=excluded,
+            str(src),
+            str(dst),
+            _Reader(calib),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul", "Gemm"],
+            nodes_to_exclude=excluded,
         )
     else:
         raise ConfigError(f"cpu-int8 mode {mode!r}: expected 'dynamic' or 'static'")
@@ -270,9 +314,15 @@ def check_gate(precision: Precision, report: dict[str, Any], gates: Gates) -> tu
     logits = report["outputs"].get("logits", {})
     top1 = logits.get("top1_agreement")
     if precision is Precision.FP16:
-        ok, text = emb >= gates.fp16_mean_cosine, f"embeddings mean cosine {emb:.6f} >= {gates.fp16_mean_cosine}"
+        ok, text = (
+            emb >= gates.fp16_mean_cosine,
+            f"embeddings mean cosine {emb:.6f} >= {gates.fp16_mean_cosine}",
+        )
     elif precision is Precision.CPU_INT8:
-        ok, text = emb >= gates.cpu_int8_mean_cosine, f"embeddings mean cosine {emb:.6f} >= {gates.cpu_int8_mean_cosine}"
+        ok, text = (
+            emb >= gates.cpu_int8_mean_cosine,
+            f"embeddings mean cosine {emb:.6f} >= {gates.cpu_int8_mean_cosine}",
+        )
     else:
         ok = emb >= gates.int8_mean_cosine
         text = f"embeddings mean cosine {emb:.6f} >= {gates.int8_mean_cosine}"
@@ -293,8 +343,11 @@ def fidelity_table(reports: dict[str, dict[str, Any]]) -> str:
             "emb_max_abs": o["embeddings"]["max_abs_err"],
         }
         if "logits" in o:
-            row |= {"top1": o["logits"]["top1_agreement"], "top5": o["logits"]["top5_agreement"],
-                    "logits_max_abs": o["logits"]["max_abs_err"]}
+            row |= {
+                "top1": o["logits"]["top1_agreement"],
+                "top5": o["logits"]["top5_agreement"],
+                "logits_max_abs": o["logits"]["max_abs_err"],
+            }
         row["gate"] = r["gate"].split(":")[0]
         rows.append(row)
     cols = ["variant", "emb_cos_min", "emb_cos_mean", "emb_max_abs", "top1", "top5", "logits_max_abs", "gate"]
@@ -310,8 +363,12 @@ def variant_key(precision: Precision, fp32_sha: str, files: list[Path], settings
     from vitserve.exporter.samples import files_digest
 
     parts = {
-        "precision": precision.value, "fp32": fp32_sha, "images": files_digest(files), "settings": settings,
-        "modelopt": version("nvidia-modelopt"), "onnxruntime": version("onnxruntime-gpu"),
+        "precision": precision.value,
+        "fp32": fp32_sha,
+        "images": files_digest(files),
+        "settings": settings,
+        "modelopt": version("nvidia-modelopt"),
+        "onnxruntime": version("onnxruntime-gpu"),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -330,10 +387,15 @@ def make_variant(
     fp32 = fp32_dir / ONNX_NAME
     files = calibration_files(spec.calibration, out_dir.parent)
     if len(files) < spec.calibration.num_images:
-        print(f"WARNING: {spec.name}: asked for {spec.calibration.num_images} calibration images, "
-              f"found {len(files)} in {spec.calibration.images}; calibrating on {len(files)}")
-    settings: dict[str, Any] = {"method": spec.calibration.method, "num_images": spec.calibration.num_images,
-                                "seed": spec.calibration.seed}
+        print(
+            f"WARNING: {spec.name}: asked for {spec.calibration.num_images} calibration images, "
+            f"found {len(files)} in {spec.calibration.images}; calibrating on {len(files)}"
+        )
+    settings: dict[str, Any] = {
+        "method": spec.calibration.method,
+        "num_images": spec.calibration.num_images,
+        "seed": spec.calibration.seed,
+    }
     if precision is Precision.INT8:
         settings["quantize_attention"] = spec.calibration.quantize_attention
     if precision is Precision.CPU_INT8:
@@ -374,11 +436,23 @@ def make_variant(
         fid["eval_images"] = names
         passed, gate = check_gate(precision, fid, spec.gates)
         report = {
-            "precision": precision.value, "key": key, "details": details, "fidelity": fid, "passed": passed,
-            "gate": gate, "build_seconds": round(build_s, 2), "calibration_images": [str(f) for f in used],
-            "ops": {k: v for k, v in count_ops(dst).items() if k in ("QuantizeLinear", "DequantizeLinear",
-                                                                   "DynamicQuantizeLinear", "MatMulInteger", "Cast")},
-            "sha256": sha256_file(dst), "onnx": str(out_dir / ONNX_NAME), "cached": False,
+            "precision": precision.value,
+            "key": key,
+            "details": details,
+            "fidelity": fid,
+            "passed": passed,
+            "gate": gate,
+            "build_seconds": round(build_s, 2),
+            "calibration_images": [str(f) for f in used],
+            "ops": {
+                k: v
+                for k, v in count_ops(dst).items()
+                if k
+                in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "Cast")
+            },
+            "sha256": sha256_file(dst),
+            "onnx": str(out_dir / ONNX_NAME),
+            "cached": False,
         }
         (tmp / VARIANT_REPORT).write_text(json.dumps(report, indent=2) + "\n")
     print(f"[{spec.name}] {precision.value}: {gate} ({fid['evaluator']}, {len(pixels)} held-out photos)")

@@ -176,7 +176,11 @@ def serving_variant(spec: ModelSpec, published: list[Variant]) -> Variant:
 
 
 def write_model(
-    repo: Path, spec: ModelSpec, export_dir: Path, manifest: dict[str, Any], variants: list[Variant],
+    repo: Path,
+    spec: ModelSpec,
+    export_dir: Path,
+    manifest: dict[str, Any],
+    variants: list[Variant],
     labels: Path | None,
 ) -> dict[str, Any]:
     """Write one configured model (preprocess, backbone variants, ensemble) into `repo`; returns what

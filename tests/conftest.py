@@ -75,7 +75,10 @@ def linear_head(tmp_path_factory) -> tuple[Path, Path]:
     d = tmp_path_factory.mktemp("head")
     g = torch.Generator().manual_seed(0)
     head = d / "head.pt"
-    torch.save({"fc.weight": torch.randn(len(LABELS), 512, generator=g) * 0.5, "fc.bias": torch.zeros(len(LABELS))}, head)
+    torch.save(
+        {"fc.weight": torch.randn(len(LABELS), 512, generator=g) * 0.5, "fc.bias": torch.zeros(len(LABELS))},
+        head,
+    )
     labels = d / "labels.txt"
     labels.write_text("\n".join(LABELS) + "\n")
     return head, labels
@@ -111,8 +114,13 @@ def vitb32_build(tmp_path_factory, linear_head) -> dict:
     root = tmp_path_factory.mktemp("vitb32_build")
     config = write_models_yaml(root / "models.yaml", *linear_head)
     summary = build_all(config, root / "model_repository", root / "artifacts", random_init=True)
-    return {"root": root, "config": config, "repository": root / "model_repository",
-            "artifacts": root / "artifacts", "summary": summary}
+    return {
+        "root": root,
+        "config": config,
+        "repository": root / "model_repository",
+        "artifacts": root / "artifacts",
+        "summary": summary,
+    }
 
 
 @pytest.fixture(scope="session")

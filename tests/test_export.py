@@ -17,9 +17,20 @@ from vitserve.exporter.export import export_model
 
 # The seed table of the project brief (open_clip name -> feature dim), plus NV-DINOv2 and DINOv2.
 EXPECTED_DIMS = {
-    "ViT-B-32": 512, "ViT-B-16": 512, "ViT-L-14": 768, "ViT-H-14": 1024, "ViT-g-14": 1024,
-    "EVA02-L-14": 768, "EVA02-L-14-336": 768, "EVA02-E-14": 1024, "EVA02-E-14-plus": 1024,
-    "NV-DINOv2": 1024, "DINOv2-S": 384, "DINOv2-B": 768, "DINOv2-L": 1024, "DINOv2-g": 1536,
+    "ViT-B-32": 512,
+    "ViT-B-16": 512,
+    "ViT-L-14": 768,
+    "ViT-H-14": 1024,
+    "ViT-g-14": 1024,
+    "EVA02-L-14": 768,
+    "EVA02-L-14-336": 768,
+    "EVA02-E-14": 1024,
+    "EVA02-E-14-plus": 1024,
+    "NV-DINOv2": 1024,
+    "DINOv2-S": 384,
+    "DINOv2-B": 768,
+    "DINOv2-L": 1024,
+    "DINOv2-g": 1536,
 }
 
 
@@ -45,7 +56,10 @@ def test_nv_dinov2_is_tao_swiglu_vit_large():
     assert len(model.blocks) == 24 and model.embed_dim == 1024
     mlp = model.blocks[0].mlp
     assert isinstance(mlp, GluMlp) and isinstance(mlp.act, torch.nn.SiLU)  # timm's SwiGLUPacked
-    assert (mlp.fc1.out_features, mlp.fc2.in_features) == (5472, 2736)  # mlp_ratio=5472/1024, packed gate+value
+    assert (mlp.fc1.out_features, mlp.fc2.in_features) == (
+        5472,
+        2736,
+    )  # mlp_ratio=5472/1024, packed gate+value
     assert model.patch_embed.patch_size == (14, 14) and model.patch_embed.img_size == (518, 518)
 
 
@@ -96,8 +110,15 @@ def test_eva02_zeroshot_export(tmp_path):
 def test_dinov2_mlp_head_export(tmp_path):
     g = torch.Generator().manual_seed(0)
     head = tmp_path / "mlp.pt"
-    torch.save({"fc1.weight": torch.randn(64, 384, generator=g) * 0.05, "fc1.bias": torch.zeros(64),
-                "fc2.weight": torch.randn(4, 64, generator=g) * 0.05, "fc2.bias": torch.zeros(4)}, head)
+    torch.save(
+        {
+            "fc1.weight": torch.randn(64, 384, generator=g) * 0.05,
+            "fc1.bias": torch.zeros(64),
+            "fc2.weight": torch.randn(4, 64, generator=g) * 0.05,
+            "fc2.bias": torch.zeros(4),
+        },
+        head,
+    )
     m = export_model("DINOv2-S", tmp_path / "dino", weights="random", head=f"mlp:{head}")
     _check_manifest(tmp_path / "dino", ["embeddings", "logits", "probs"])
     assert m["input"]["shape"] == [-1, 3, 518, 518]
@@ -115,14 +136,18 @@ def test_no_head_exports_normalized_embeddings(vitb32_build, tmp_path):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vitserve.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "vitserve.cli", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_cli_head_in_channels_mismatch_names_both_numbers(tmp_path):
     head = tmp_path / "head.pt"
     torch.save({"weight": torch.zeros(3, 768), "bias": torch.zeros(3)}, head)
     out = tmp_path / "out"
-    r = _cli("export", "--backbone", "ViT-B-32", "--random-init", "--head", f"linear:{head}", "--out", str(out))
+    r = _cli(
+        "export", "--backbone", "ViT-B-32", "--random-init", "--head", f"linear:{head}", "--out", str(out)
+    )
     assert r.returncode != 0
     assert "in_channels=768" in r.stderr and "feature_dim=512" in r.stderr
     assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
@@ -148,14 +173,14 @@ def test_labels_count_must_match_head(tmp_path, linear_head):
     head, _ = linear_head
     labels = tmp_path / "labels.txt"
     labels.write_text("a\nb\nc\n")
-    with pytest.raises(ExportError, match="3 names but head .* 10 classes"):
+    with pytest.raises(ExportError, match=r"3 names but head .* 10 classes"):
         export_model("ViT-B-32", tmp_path / "o", weights="random", head=f"linear:{head}", labels=labels)
     assert not (tmp_path / "o").exists()
 
 
 def test_pretrained_download_failure_suggests_alternatives(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ExportError, match="--weights FILE.*--random-init"):
+    with pytest.raises(ExportError, match=r"--weights FILE.*--random-init"):
         export_model("DINOv2-S", tmp_path / "o")
     assert not (tmp_path / "o").exists()
 

@@ -39,7 +39,9 @@ def test_int8_has_qdq_on_weight_matmuls_and_not_on_attention(vitb32_build):
         dq = [f for f in feeders if f is not None and f.op_type == "DequantizeLinear"]
         if node.name in attention:
             assert not dq, f"attention matmul {node.name} was quantized"
-        elif any(f.input[0] in inits or produced_by.get(f.input[0], f).op_type == "QuantizeLinear" for f in dq):
+        elif any(
+            f.input[0] in inits or produced_by.get(f.input[0], f).op_type == "QuantizeLinear" for f in dq
+        ):
             quantized_weights += 1
     assert quantized_weights >= 12 * 4  # qkv, out-proj, fc1, fc2 per block
     q = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
@@ -65,7 +67,9 @@ def test_fidelity_reports_and_gates(vitb32_build):
         assert r["fidelity"]["outputs"]["logits"]["top1_agreement"] >= 0
         assert "onnxruntime" in r["fidelity"]["evaluator"]
         assert r["fidelity"]["images"] >= 16
-        assert not set(r["fidelity"]["eval_images"]) & {p.split("/")[-1].rsplit(".", 1)[0] for p in r["calibration_images"]}
+        assert not set(r["fidelity"]["eval_images"]) & {
+            p.split("/")[-1].rsplit(".", 1)[0] for p in r["calibration_images"]
+        }
     fp16 = _report(vitb32_build, "fp16")
     assert "EXTENDED" in fp16["fidelity"]["evaluator"]
     assert fp16["details"]["kept_fp32"]  # LayerNorm / Softmax at least
@@ -129,8 +133,10 @@ def test_unreadable_calibration_files_are_named_and_skipped(tmp_path, capsys):
     assert [f.name for f in used] == ["ok.jpg"] and pixels.shape == (1, 3, 224, 224)
     assert "broken.png" in capsys.readouterr().out
     (folder / "ok.jpg").unlink()
-    with pytest.raises(CalibrationError, match="broken.png"):
-        load_pixels(calibration_files(Calibration(images=str(tmp_path / "cal")), tmp_path), get_backbone("ViT-B-32"))
+    with pytest.raises(CalibrationError, match=r"broken\.png"):
+        load_pixels(
+            calibration_files(Calibration(images=str(tmp_path / "cal")), tmp_path), get_backbone("ViT-B-32")
+        )
 
 
 def test_calibration_sampling_is_deterministic(tmp_path):

@@ -45,7 +45,9 @@ def _reference_model(build):
 
     spec = load_models(build["config"])[0]
     loaded = create_backbone(spec.backbone, "random")
-    return ServingModel(loaded.encoder, build_head(HeadSpec.parse(spec.head), loaded, None)).eval(), loaded.entry
+    return ServingModel(
+        loaded.encoder, build_head(HeadSpec.parse(spec.head), loaded, None)
+    ).eval(), loaded.entry
 
 
 def _infer_ensemble(client, mod, images: list[bytes], model="vitb32", **kw):
@@ -60,9 +62,13 @@ def test_every_model_ready_and_configs_parse_back(vitb32_build, vitb32_server):
 
     repo = vitb32_build["repository"]
     names = sorted(p.parent.name for p in repo.glob("*/config.pbtxt"))
-    assert names == ["vitb32", "vitb32_cpu-int8_cpu", "vitb32_fp16_cpu", "vitb32_fp32_cpu", "vitb32_preprocess"] or (
-        "vitb32_int8_cpu" in names
-    )
+    assert names == [
+        "vitb32",
+        "vitb32_cpu-int8_cpu",
+        "vitb32_fp16_cpu",
+        "vitb32_fp32_cpu",
+        "vitb32_preprocess",
+    ] or ("vitb32_int8_cpu" in names)
     for name in names:
         cfg = read_config(repo / name / "config.pbtxt")
         assert cfg.name == name and cfg.max_batch_size == 8
@@ -110,8 +116,10 @@ def test_served_ensemble_matches_pytorch_on_real_photos(vitb32_build, vitb32_ser
     cases.append((photos[0][1], _exif_rotated(photos[0][1])))
     client = grpcclient.InferenceServerClient(vitb32_server.grpc_url)
     served = np.concatenate(
-        [_infer_ensemble(client, grpcclient, [b for _, b in cases[i : i + 8]]).as_numpy("embeddings")
-         for i in range(0, len(cases), 8)]
+        [
+            _infer_ensemble(client, grpcclient, [b for _, b in cases[i : i + 8]]).as_numpy("embeddings")
+            for i in range(0, len(cases), 8)
+        ]
     )
     decoded = [Image.open(io.BytesIO(b)).convert("RGB") if k % 2 else im for k, (im, b) in enumerate(cases)]
     decoded[-1] = photos[0][1]  # the upright image
@@ -269,9 +277,9 @@ def test_classification_extension_returns_labels(vitb32_server):
 def test_tensorrt_unavailable_path_still_builds_everything_else(vitb32_build, tmp_path, capsys):
     """kinds [cpu, tensorrt] without TensorRT: CPU models as before, TensorRT model dirs with their
     config, ONNX and build.sh, and one clear note saying engines were not built and how to build them."""
-    from vitserve.exporter.pipeline import build_all
-
     import yaml
+
+    from vitserve.exporter.pipeline import build_all
 
     doc = yaml.safe_load(vitb32_build["config"].read_text())
     doc["models"][0]["kinds"] = ["cpu", "tensorrt"]
@@ -286,10 +294,15 @@ def test_tensorrt_unavailable_path_still_builds_everything_else(vitb32_build, tm
         assert read_config(mdir / "config.pbtxt").platform == "tensorrt_plan"
         script = (mdir / "1" / "build.sh").read_text()
         assert "--stronglyTyped" in script and "--saveEngine=model.plan" in script
-        assert "--minShapes=pixel_values:1x3x224x224" in script and "--maxShapes=pixel_values:8x3x224x224" in script
+        assert (
+            "--minShapes=pixel_values:1x3x224x224" in script
+            and "--maxShapes=pixel_values:8x3x224x224" in script
+        )
         assert (mdir / "onnx" / "model.onnx").exists() and not (mdir / "1" / "model.plan").exists()
         assert str(mdir / "1" / "build.sh") in out
     assert (repo / "vitb32_fp32_cpu" / "1" / "model.onnx").exists()
-    assert read_config(repo / "vitb32" / "config.pbtxt").ensemble_scheduling.step[1].model_name.endswith("_cpu")
+    assert (
+        read_config(repo / "vitb32" / "config.pbtxt").ensemble_scheduling.step[1].model_name.endswith("_cpu")
+    )
     manifest = json.loads((repo / "vitserve-manifest.json").read_text())
     assert manifest["models"]["vitb32"]["engines"]["vitb32_fp16_tensorrt"]["built"] is False

@@ -33,10 +33,31 @@ def test_perf_analyzer_csv(tiny_server, tmp_path):
     cmd, env = perf_analyzer_command()
     report = tmp_path / "pa.csv"
     proc = subprocess.run(
-        [*cmd, "-m", "add_one", "-u", tiny_server.grpc_url, "-i", "grpc", "--shape", "INPUT0:4",
-         "--concurrency-range", "1:2", "--measurement-interval", "1000", "--stability-percentage", "1000",
-         "--max-trials", "3", "-f", str(report)],
-        env=env, capture_output=True, text=True, timeout=180,
+        [
+            *cmd,
+            "-m",
+            "add_one",
+            "-u",
+            tiny_server.grpc_url,
+            "-i",
+            "grpc",
+            "--shape",
+            "INPUT0:4",
+            "--concurrency-range",
+            "1:2",
+            "--measurement-interval",
+            "1000",
+            "--stability-percentage",
+            "1000",
+            "--max-trials",
+            "3",
+            "-f",
+            str(report),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = list(csv.DictReader(report.open()))

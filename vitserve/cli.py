@@ -11,7 +11,9 @@ from vitserve.errors import VitServeError
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="run the real tritonserver (CPU, from nvidia-pytriton) on a model repository")
+    p = sub.add_parser(
+        "serve", help="run the real tritonserver (CPU, from nvidia-pytriton) on a model repository"
+    )
     p.add_argument("--repository", default="model_repository")
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
@@ -28,7 +30,11 @@ def _serve(args: argparse.Namespace) -> int:
     from vitserve.server import TritonServer
 
     server = TritonServer(
-        args.repository, args.http_port, args.grpc_port, args.metrics_port, log_path=args.log,
+        args.repository,
+        args.http_port,
+        args.grpc_port,
+        args.metrics_port,
+        log_path=args.log,
         extra_args=args.extra,
     )
     server.start()
@@ -48,6 +54,23 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo", help="build the default model, serve it, classify the sample photos (make demo)"
+    )
+    p.add_argument("--config", default="models.yaml")
+    p.add_argument("--repository", default="model_repository")
+    p.add_argument("--artifacts", default="artifacts")
+    p.set_defaults(func=_demo)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from vitserve.demo import run_demo
+
+    run_demo(args.config, args.repository, args.artifacts)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitserve", description=__doc__)
     parser.add_argument("--version", action="version", version=f"vitserve {__version__}")
@@ -57,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_exporter_commands(sub)
     _add_serve(sub)
+    _add_demo(sub)
     try:
         from vitserve.client.cli import add_commands as add_client_commands
     except ImportError:  # the client folder may be absent in a trimmed install

@@ -80,7 +80,9 @@ def _check_port_free(port: int, what: str) -> None:
         try:
             s.bind(("0.0.0.0", port))
         except OSError as e:
-            raise ServerError(f"{what} port {port} is already in use ({e.strerror}); choose another port") from e
+            raise ServerError(
+                f"{what} port {port} is already in use ({e.strerror}); choose another port"
+            ) from e
 
 
 @dataclass
@@ -184,10 +186,12 @@ class TritonServer:
                     f"tritonserver exited with code {self.process.returncode} while starting; "
                     f"log {self.log_path}:\n{self.log_tail()}"
                 )
-            with contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError):
-                with urllib.request.urlopen(url, timeout=2) as r:
-                    if r.status == 200:
-                        return
+            with (
+                contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError),
+                urllib.request.urlopen(url, timeout=2) as r,
+            ):
+                if r.status == 200:
+                    return
             time.sleep(0.25)
         raise ServerError(
             f"tritonserver was not ready after {self.startup_timeout_s:.0f} s; log {self.log_path}:\n"
@@ -210,10 +214,8 @@ class TritonServer:
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                pass
         with contextlib.suppress(ProcessLookupError):  # stubs that outlived the server
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -228,9 +230,13 @@ class TritonServer:
 
 def perf_analyzer_command() -> tuple[list[str], dict[str, str]]:
     """The real perf_analyzer (tritonclient 2.51 wheel) and the environment it needs to load."""
-    exe = shutil.which("perf_analyzer", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    exe = shutil.which(
+        "perf_analyzer", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    )
     if exe is None:
-        raise ServerError("perf_analyzer was not found; install `tritonclient[all]==2.51.0` (the serve extra)")
+        raise ServerError(
+            "perf_analyzer was not found; install `tritonclient[all]==2.51.0` (the serve extra)"
+        )
     env = dict(os.environ)
     spec = importlib.util.find_spec("nvidia")
     libdirs = []

@@ -42,14 +42,19 @@ class TritonPythonModel:
         try:
             arrays = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy() for r in requests]
             batch = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
-            results = self.session.run(self.outputs, {self.input_name: np.ascontiguousarray(batch, np.float32)})
+            results = self.session.run(
+                self.outputs, {self.input_name: np.ascontiguousarray(batch, np.float32)}
+            )
         except Exception as e:  # one response per request, never an exception out of execute()
             err = pb_utils.TritonError(f"onnxruntime failed: {type(e).__name__}: {e}")
             return [pb_utils.InferenceResponse(error=err) for _ in requests]
         responses, start = [], 0
         for a in arrays:
             stop = start + len(a)
-            tensors = [pb_utils.Tensor(n, np.ascontiguousarray(r[start:stop])) for n, r in zip(self.outputs, results)]
+            tensors = [
+                pb_utils.Tensor(n, np.ascontiguousarray(r[start:stop]))
+                for n, r in zip(self.outputs, results, strict=True)
+            ]
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
             start = stop
         return responses

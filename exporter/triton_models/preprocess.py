@@ -90,7 +90,7 @@ def transform(im: Image.Image, cfg: dict) -> np.ndarray:
         if (new_w, new_h) != (w, h):
             im = im.resize((new_w, new_h), interp)
         w, h = im.size
-        top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+        top, left = round((h - size) / 2.0), round((w - size) / 2.0)
         im = im.crop((left, top, left + size, top + size))
     x = np.asarray(im, dtype=np.float32) / np.float32(255.0)
     mean = np.asarray(cfg["mean"], dtype=np.float32)
@@ -126,11 +126,15 @@ class TritonPythonModel:
                 responses.append(pb_utils.InferenceResponse(output_tensors=[out]))
             except ImageError as e:
                 responses.append(
-                    pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG))
+                    pb_utils.InferenceResponse(
+                        error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG)
+                    )
                 )
             except Exception as e:  # a bug here must still fail only this request
                 self.logger.log_error(f"preprocess: unexpected {type(e).__name__}: {e}")
                 responses.append(
-                    pb_utils.InferenceResponse(error=pb_utils.TritonError(f"preprocess failed: {type(e).__name__}: {e}"))
+                    pb_utils.InferenceResponse(
+                        error=pb_utils.TritonError(f"preprocess failed: {type(e).__name__}: {e}")
+                    )
                 )
         return responses

@@ -1,0 +1,428 @@
+"""Benchmarks of the build stages and of CPU serving, written to perf/results/ (never asserted in tests).
+
+    python -m vitserve.perf.bench_pipeline export     # export wall time + peak RSS per backbone
+    python -m vitserve.perf.bench_pipeline precision  # FP16/INT8 build time, RSS, fidelity, ORT speed
+    python -m vitserve.perf.bench_pipeline serving    # served vs in-process, FP32 vs CPU INT8
+    python -m vitserve.perf.bench_pipeline preprocess # server-side JPEG preprocessing, images/s per core
+
+Every model here has RANDOM-INIT weights (these machines are offline): speeds are those of the real
+architectures; fidelity numbers are those of untrained models and say nothing about accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RESULTS = Path(__file__).parent / "results"
+NOTE = "RANDOM-INIT weights (offline machine): speeds are the real architectures'; fidelity is of untrained models."
+
+
+def _machine() -> dict[str, Any]:
+    return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+
+
+def _write(name: str, data: dict[str, Any], table: str, command: str) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    data = {"command": command, "note": NOTE, "machine": _machine(), **data}
+    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+    md = f"# {name}\n\nCommand: `{command}`\n\n{NOTE}\n\nMachine: {_machine()}\n\n{table}\n"
+    (RESULTS / f"{name}.md").write_text(md)
+    print(md)
+
+
+def _md_table(rows: list[dict[str, Any]], cols: list[str]) -> str:
+    def fmt(v):
+        return f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _run_child(cmd: list[str], timeout_s: float) -> tuple[int, float, float, str]:
+    """(returncode, wall seconds, peak RSS GiB of that child, output tail)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        return -9, time.perf_counter() - t0, float("nan"), out[-2000:]
+    wall = time.perf_counter() - t0
+    # The child reports its own peak (RUSAGE_CHILDREN would be the max over every child so far).
+    rss = [float(line.split("=", 1)[1]) for line in out.splitlines() if line.startswith("PEAK_RSS_GIB=")]
+    return proc.returncode, wall, rss[-1] if rss else float("nan"), out[-2000:]
+
+
+def bench_export(backbones: list[str], out_root: Path) -> None:
+    """One fresh process per backbone (so peak RSS is that export's): export with --random-init."""
+    rows = []
+    for name in backbones:
+        cmd = [
+            sys.executable,
+            "-m",
+            "vitserve.perf.bench_pipeline",
+            "_export_one",
+            name,
+            str(out_root / name),
+        ]
+        rc, wall, rss, tail = _run_child(cmd, 3600)
+        row: dict[str, Any] = {
+            "backbone": name,
+            "ok": rc == 0,
+            "wall_s_total": round(wall, 1),
+            "peak_rss_gib": round(rss, 2),
+        }
+        result = out_root / name / "result.json"
+        if rc == 0 and result.exists():
+            row |= json.loads(result.read_text())
+        else:
+            row["error"] = tail[-500:]
+        rows.append(row)
+        print(row, flush=True)
+    cols = [
+        "backbone",
+        "ok",
+        "export_s",
+        "parity_s",
+        "wall_s_total",
+        "peak_rss_gib",
+        "onnx_gib",
+        "min_cosine",
+    ]
+    _write("export", {"rows": rows}, _md_table(rows, cols), "python -m vitserve.perf.bench_pipeline export")
+
+
+def _export_one(name: str, out: str) -> None:
+    from vitserve.exporter.export import export_model
+
+    t0 = time.perf_counter()
+    m = export_model(name, out, weights="random")
+    size = sum(f["bytes"] for f in m["files"].values()) / 2**30
+    cos = min(v["cosine_min"] for c in m["parity"]["cases"].values() for v in c.values())
+    result = {
+        "export_s": m["export_seconds"],
+        "parity_s": round(time.perf_counter() - t0 - m["export_seconds"], 1),
+        "onnx_gib": round(size, 2),
+        "min_cosine": cos,
+        "external_data": m["external_data"],
+    }
+    (Path(out) / "result.json").write_text(json.dumps(result))
+
+
+def _ort_speed(path: Path, batch: int, optimization: str = "all", seconds: float = 10.0) -> float:
+    from vitserve.exporter import onnxrt
+
+    sess = onnxrt.cpu_session(path, optimization=optimization)
+    inp = sess.get_inputs()[0]
+    size = inp.shape[2] if isinstance(inp.shape[2], int) else 224
+    x = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
+    sess.run(None, {inp.name: x})  # warm-up
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        sess.run(None, {inp.name: x})
+        n += batch
+    return n / (time.perf_counter() - t0)
+
+
+def bench_precision(backbones: list[str], num_images: int, out_root: Path, cpu_int8: bool) -> None:
+    """Per backbone: FP32 export, then each variant in its own process (time + peak RSS), fidelity, speed."""
+    rows = []
+    precisions = ["fp16", "int8"] + (["cpu-int8"] if cpu_int8 else [])
+    for name in backbones:
+        fp32 = out_root / name / "fp32"
+        if not (fp32 / "model.onnx").exists():
+            rc, *_, tail = _run_child(
+                [sys.executable, "-m", "vitserve.perf.bench_pipeline", "_export_one", name, str(fp32)], 3600
+            )
+            if rc != 0:
+                rows.append({"backbone": name, "variant": "fp32", "error": tail[-300:]})
+                continue
+        for p in precisions:
+            cmd = [
+                sys.executable,
+                "-m",
+                "vitserve.perf.bench_pipeline",
+                "_variant_one",
+                name,
+                p,
+                str(num_images),
+                str(out_root / name),
+            ]
+            rc, wall, rss, tail = _run_child(cmd, 3600)
+            row: dict[str, Any] = {
+                "backbone": name,
+                "variant": p,
+                "calibration_images": num_images,
+                "wall_s": round(wall, 1),
+                "peak_rss_gib": round(rss, 2),
+            }
+            rep = out_root / name / p / "variant.json"
+            if rc == 0 and rep.exists():
+                r = json.loads(rep.read_text())
+                o = r["fidelity"]["outputs"]["embeddings"]
+                row |= {
+                    "build_s": r["build_seconds"],
+                    "emb_cos_min": o["cosine_min"],
+                    "emb_cos_mean": o["cosine_mean"],
+                    "emb_max_abs": o["max_abs_err"],
+                    "gate": r["gate"],
+                    "evaluator": r["fidelity"]["evaluator"],
+                }
+                if "logits" in r["fidelity"]["outputs"]:
+                    row |= {"top1": r["fidelity"]["outputs"]["logits"]["top1_agreement"]}
+            else:
+                row["error"] = tail[-300:]
+            rows.append(row)
+            print(row, flush=True)
+    speed_rows = []
+    for name in backbones:
+        for p in ["fp32", *precisions]:
+            path = out_root / name / p / "model.onnx"
+            if path.exists():
+                for batch in (1, 8):
+                    ips = _ort_speed(path, batch, "extended" if p == "fp16" else "all")
+                    speed_rows.append(
+                        {"backbone": name, "variant": p, "batch": batch, "images_per_s": round(ips, 2)}
+                    )
+                    print(speed_rows[-1], flush=True)
+    for r in speed_rows:
+        base = next(
+            s
+            for s in speed_rows
+            if s["backbone"] == r["backbone"] and s["variant"] == "fp32" and s["batch"] == r["batch"]
+        )
+        r["vs_fp32"] = round(r["images_per_s"] / base["images_per_s"], 2)
+    table = _md_table(
+        rows,
+        [
+            "backbone",
+            "variant",
+            "calibration_images",
+            "build_s",
+            "wall_s",
+            "peak_rss_gib",
+            "emb_cos_min",
+            "emb_cos_mean",
+            "top1",
+            "gate",
+        ],
+    )
+    table += "\n\nonnxruntime CPU speed (2 threads; FP16 at ORT_ENABLE_EXTENDED):\n\n"
+    table += _md_table(speed_rows, ["backbone", "variant", "batch", "images_per_s", "vs_fp32"])
+    _write(
+        f"precision_{'_'.join(backbones)}",
+        {"rows": rows, "speed": speed_rows},
+        table,
+        f"python -m vitserve.perf.bench_pipeline precision --backbones {' '.join(backbones)} --images {num_images}",
+    )
+
+
+def _variant_one(name: str, precision: str, num_images: str, root: str) -> None:
+    from vitserve.exporter.config import Calibration, ModelSpec, Precision
+    from vitserve.exporter.precision import make_variant
+
+    spec = ModelSpec(
+        name="bench",
+        backbone=name,
+        weights="random",
+        precisions=(Precision.FP32, Precision(precision)),
+        calibration=Calibration(num_images=int(num_images)),
+    )
+    make_variant(Precision(precision), Path(root) / "fp32", Path(root) / precision, spec)
+
+
+def bench_preprocess(seconds: float = 10.0) -> None:
+    """The preprocess model's own function on a 640x480 JPEG, one thread: images/s per core."""
+    from PIL import Image
+
+    from vitserve.exporter.backbones import get_backbone
+    from vitserve.exporter.samples import eval_photos
+    from vitserve.exporter.triton_models.preprocess import preprocess_bytes
+
+    rows = []
+    for name in ("ViT-B-32", "DINOv2-S"):
+        cfg = get_backbone(name).preprocess.as_dict() | {"max_pixels": 40_000_000}
+        im = eval_photos()[0][1].resize((640, 480), Image.Resampling.BICUBIC)
+        b = io.BytesIO()
+        im.save(b, format="JPEG", quality=90)
+        data = b.getvalue()
+        preprocess_bytes(data, cfg)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            preprocess_bytes(data, cfg)
+            n += 1
+        rows.append(
+            {
+                "backbone": name,
+                "input": "640x480 JPEG q90",
+                "output": f"3x{cfg['size']}x{cfg['size']}",
+                "images_per_s_per_core": round(n / (time.perf_counter() - t0), 1),
+            }
+        )
+    _write(
+        "preprocess",
+        {"rows": rows},
+        _md_table(rows, list(rows[0])),
+        "python -m vitserve.perf.bench_pipeline preprocess",
+    )
+
+
+def bench_serving(backbones: list[str], duration_s: float) -> None:
+    """FP32 vs CPU INT8, in-process vs served (real tritonserver, python backend + onnxruntime),
+    batch 1 and 8; served at concurrency 4 (batch 1, dynamic batching) and 2 (batch 8)."""
+    import yaml
+
+    from vitserve.exporter.pipeline import build_all
+    from vitserve.perf.harness import run_sweep
+    from vitserve.server import TritonServer
+
+    work = Path(tempfile.mkdtemp(prefix="vitserve-bench-"))
+    names = {b: b.lower().replace("-", "") for b in backbones}
+    models = [
+        {
+            "name": n,
+            "backbone": b,
+            "weights": "random",
+            "head": "none",
+            "precisions": ["fp32", "cpu-int8"],
+            "kinds": ["cpu"],
+            "profile": {"min": 1, "opt": 8, "max": 16},
+            "dynamic_batching": {"preferred_batch_sizes": [8, 16], "max_queue_delay_us": 5000},
+            "calibration": {"num_images": 16},
+        }
+        for b, n in names.items()
+    ]
+    (work / "models.yaml").write_text(yaml.safe_dump({"models": models}))
+    build_all(work / "models.yaml", work / "repo", work / "artifacts", random_init=True)
+    rows = []
+    for b, n in names.items():
+        for p in ("fp32", "cpu-int8"):
+            onnx = work / "artifacts" / n / p / "model.onnx"
+            for batch in (1, 8):
+                rows.append(
+                    {
+                        "backbone": b,
+                        "variant": p,
+                        "batch": batch,
+                        "in_process_images_per_s": round(_ort_speed(onnx, batch, seconds=duration_s), 2),
+                    }
+                )
+                print(rows[-1], flush=True)
+    with TritonServer(work / "repo", log_path=work / "server.log") as server:
+        for row in rows:
+            n = names[row["backbone"]]
+            model = f"{n}_{row['variant']}_cpu"
+            conc = 4 if row["batch"] == 1 else 2
+            res = run_sweep(
+                server.grpc_url,
+                model,
+                [conc],
+                [row["batch"]],
+                generator="perf_analyzer",
+                duration_s=duration_s,
+                progress=False,
+            )
+            pt = res.points[0]
+            row |= {
+                "served_concurrency": conc,
+                "served_images_per_s": round(pt.images_per_s, 2),
+                "served_p99_ms": round(pt.p99_us / 1000, 1),
+            }
+            row["served_over_in_process"] = round(
+                row["served_images_per_s"] / row["in_process_images_per_s"], 3
+            )
+            print(row, flush=True)
+    for row in rows:
+        base = next(
+            r
+            for r in rows
+            if r["backbone"] == row["backbone"] and r["variant"] == "fp32" and r["batch"] == row["batch"]
+        )
+        row["in_process_vs_fp32"] = round(row["in_process_images_per_s"] / base["in_process_images_per_s"], 2)
+        row["served_vs_fp32"] = round(row["served_images_per_s"] / base["served_images_per_s"], 2)
+    fidelity = {}
+    for b, n in names.items():
+        r = json.loads((work / "artifacts" / n / "cpu-int8" / "variant.json").read_text())
+        fidelity[b] = {
+            k: r["fidelity"]["outputs"]["embeddings"][k] for k in ("cosine_min", "cosine_mean")
+        } | {"gate": r["gate"]}
+    table = _md_table(
+        rows,
+        [
+            "backbone",
+            "variant",
+            "batch",
+            "in_process_images_per_s",
+            "in_process_vs_fp32",
+            "served_concurrency",
+            "served_images_per_s",
+            "served_vs_fp32",
+            "served_over_in_process",
+            "served_p99_ms",
+        ],
+    )
+    table += "\n\nCPU INT8 fidelity vs FP32 (32 held-out photo views):\n\n"
+    table += _md_table(
+        [{"backbone": k, **v} for k, v in fidelity.items()], ["backbone", "cosine_min", "cosine_mean", "gate"]
+    )
+    _write(
+        "serving_cpu",
+        {"rows": rows, "cpu_int8_fidelity": fidelity},
+        table,
+        f"python -m vitserve.perf.bench_pipeline serving --backbones {' '.join(backbones)} --duration-s {duration_s}",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] in ("_export_one", "_variant_one"):
+        import resource
+
+        (_export_one if argv[0] == "_export_one" else _variant_one)(*argv[1:])
+        print(f"PEAK_RSS_GIB={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.3f}")
+        return 0
+    p = argparse.ArgumentParser(prog="python -m vitserve.perf.bench_pipeline")
+    sub = p.add_subparsers(dest="what", required=True)
+    e = sub.add_parser("export")
+    e.add_argument(
+        "--backbones", nargs="+", default=["ViT-B-32", "ViT-B-16", "ViT-L-14", "EVA02-L-14", "DINOv2-L"]
+    )
+    e.add_argument("--work", default="artifacts/bench")
+    q = sub.add_parser("precision")
+    q.add_argument("--backbones", nargs="+", default=["ViT-B-16"])
+    q.add_argument("--images", type=int, default=64)
+    q.add_argument("--cpu-int8", action="store_true")
+    q.add_argument("--work", default="artifacts/bench")
+    s = sub.add_parser("serving")
+    s.add_argument("--backbones", nargs="+", default=["ViT-B-32", "ViT-B-16"])
+    s.add_argument("--duration-s", type=float, default=8.0)
+    sub.add_parser("preprocess")
+    args = p.parse_args(argv)
+    if args.what == "export":
+        bench_export(args.backbones, Path(args.work) / "export")
+    elif args.what == "precision":
+        bench_precision(args.backbones, args.images, Path(args.work) / "precision", args.cpu_int8)
+    elif args.what == "serving":
+        bench_serving(args.backbones, args.duration_s)
+    else:
+        bench_preprocess()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
