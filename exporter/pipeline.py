@@ -141,12 +141,43 @@ def engine_stage(record: dict[str, Any], repo: Path) -> dict[str, Any]:
             engines[name] = build_engine(
                 onnx, plan, "pixel_values", (3, size, size), settings, max_batch_size=spec.profile.max
             )
+            engines[name]["fidelity"] = verify_engine(plan, record, v.precision)
         else:
             from vitserve.exporter.engine import write_build_script
 
             write_build_script(plan.parent, onnx, plan, "pixel_values", (3, size, size), settings)
             engines[name] = {"built": False, "build_script": f"{name}/1/build.sh", "reason": reason}
     return engines
+
+
+def verify_engine(plan: Path, record: dict[str, Any], precision: Precision) -> dict[str, Any]:
+    """The engine against the FP32 ONNX (onnxruntime) on the held-out photos, with the variant's gate:
+    the same metrics as the precision stage's fidelity report, in batches within the profile."""
+    import numpy as np
+
+    from vitserve.exporter import onnxrt
+    from vitserve.exporter.backbones import get_backbone
+    from vitserve.exporter.compare import compare_outputs, concat_outputs
+    from vitserve.exporter.engine import run_engine
+    from vitserve.exporter.precision import check_gate, eval_pixels
+
+    spec = record["spec"]
+    _, pixels = eval_pixels(get_backbone(record["manifest"]["backbone"]))
+    ref = onnxrt.run(onnxrt.cpu_session(record["fp32_dir"] / ONNX_NAME), pixels)
+    step = spec.profile.max
+    chunks = [
+        run_engine(plan, np.ascontiguousarray(pixels[i : i + step])) for i in range(0, len(pixels), step)
+    ]
+    got = concat_outputs(chunks)
+    report = {
+        "evaluator": "TensorRT engine (run_engine) vs FP32 ONNX on onnxruntime CPU",
+        "images": len(pixels),
+        "outputs": compare_outputs(ref, {k: got[k].astype(np.float32) for k in ref}),
+    }
+    gate_precision = Precision.FP16 if precision is Precision.FP32 else precision
+    report["passed"], report["gate"] = check_gate(gate_precision, report, spec.gates)
+    print(f"[{spec.name}] engine {plan.parent.parent.name}: {report['gate']}")
+    return report
 
 
 def build_all(
