@@ -59,6 +59,8 @@ class Result:
     batch_size: int
     max_in_flight: int
     runs_s: list[float] = field(default_factory=list)
+    client_cpu_s: list[float] = field(default_factory=list)  # this process's CPU time per run
+    load_1min: list[float] = field(default_factory=list)  # the machine's load average after each run
     errors: int = 0
 
     @property
@@ -73,7 +75,10 @@ class Result:
             "max_in_flight": self.max_in_flight,
             "runs_s": [round(t, 4) for t in self.runs_s],
             "images_per_s_median": round(self.images_per_s, 2),
+            "images_per_s_best": round(self.images / min(self.runs_s), 2),
             "images_per_s_runs": [round(self.images / t, 2) for t in self.runs_s],
+            "client_cpu_s_runs": [round(t, 3) for t in self.client_cpu_s],
+            "load_1min_runs": [round(x, 2) for x in self.load_1min],
             "failed_images": self.errors,
         }
 
@@ -131,9 +136,11 @@ class Runner:
         self._embed(self.payload[:count], strict=True)
 
     def run(self) -> None:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         out = self._embed(self.payload)
         self.result.runs_s.append(time.perf_counter() - start)
+        self.result.client_cpu_s.append(time.process_time() - cpu)
+        self.result.load_1min.append(os.getloadavg()[0])
         self.result.errors = max(self.result.errors, len(out.errors))
 
     def close(self) -> None:
@@ -186,20 +193,28 @@ def write(results: list[Result], meta: dict, out_dir: Path) -> tuple[Path, Path]
         f"{results[0].max_in_flight} requests in flight, warm-up first, median of {meta['repeats']} runs "
         "taken round-robin across the configurations.",
         "",
-        "| configuration | protocol | client | shared memory | input | images/s (median) | runs (images/s) |",
-        "|---|---|---|---|---|---:|---|",
+        "| configuration | protocol | client | shared memory | input | images/s (median) | images/s (best) "
+        "| runs (images/s) "
+        "| client CPU s/run (median) | load avg after each run |",
+        "|---|---|---|---|---|---:|---:|---|---:|---|",
     ]
     for r in results:
         c = r.config
         runs = ", ".join(f"{r.images / t:.1f}" for t in r.runs_s)
+        load = ", ".join(f"{x:.1f}" for x in r.load_1min)
         lines.append(
-            f"| {c.name} | {c.protocol} | {c.mode} | {c.shared_memory} | {c.inputs} | {r.images_per_s:.1f} | {runs} |"
+            f"| {c.name} | {c.protocol} | {c.mode} | {c.shared_memory} | {c.inputs} | {r.images_per_s:.1f} "
+            f"| {r.images / min(r.runs_s):.1f} | {runs} "
+            f"| {statistics.median(r.client_cpu_s):.2f} | {load} |"
         )
     lines += [
         "",
         "Shared memory carries tensor inputs and the `embeddings` output; the ensemble's encoded-image input is "
         "BYTES and always travels over the network. The `tensor` rows send preprocessed CHW float32 straight "
-        "to the backbone the ensemble routes to, so they skip server-side JPEG decoding.",
+        "to the backbone the ensemble routes to, so they skip server-side JPEG decoding. The server and the "
+        "client share the machine's CPUs; a load average above their count means other work competed for "
+        "them during the run, and the server's compute, not the client, sets the pace (see client CPU s/run): "
+        "the best run is the one least disturbed.",
         "",
     ]
     for path, text in ((json_path, json.dumps(doc, indent=2) + "\n"), (md_path, "\n".join(lines))):
