@@ -185,7 +185,7 @@ def bench_precision(backbones: list[str], num_images: int, out_root: Path, cpu_i
                 if "logits" in r["fidelity"]["outputs"]:
                     row |= {"top1": r["fidelity"]["outputs"]["logits"]["top1_agreement"]}
             else:
-                row["error"] = tail[-300:]
+                row["error"] = f"exit code {rc}" + (" (killed: out of memory?)" if rc < 0 else "") + f": {tail[-300:]}"
             rows.append(row)
             print(row, flush=True)
     speed_rows = []
