@@ -22,6 +22,8 @@ from vitserve.errors import ClientError
 ImageLike = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray
 Images = ImageLike | Sequence[ImageLike]
 
+_PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
+
 
 @dataclass(frozen=True)
 class Item:
@@ -144,8 +146,13 @@ def encoded(item: Item) -> bytes:
         if isinstance(value, Image.Image)
         else Image.fromarray(value[..., 0] if value.ndim == 3 and value.shape[2] == 1 else value)
     )
+    if im.mode not in _PNG_MODES:  # CMYK, YCbCr, F, ...: the server would convert to RGB anyway
+        im = im.convert("RGB")
     buf = io.BytesIO()
-    im.save(buf, format="PNG", compress_level=1)  # lossless, and fast enough to keep up with the server
+    try:
+        im.save(buf, format="PNG", compress_level=1)  # lossless, and fast enough to keep up with the server
+    except (OSError, ValueError) as e:
+        raise ClientError(f"image {item.index} ({item.source}) could not be encoded as PNG: {e}") from e
     return buf.getvalue()
 
 
