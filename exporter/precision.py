@@ -36,7 +36,8 @@ from vitserve.exporter.export import ONNX_NAME, read_manifest, sha256_file
 log = logging.getLogger(__name__)
 
 FP16_KEEP_OP_TYPES = ["LayerNormalization", "Softmax", "ReduceL2"]
-AUTOCAST_BUDGET_BYTES = 3_000_000_000
+FP16_DATA_MAX = 512.0  # ModelOpt AutoCast's default: a margin below FP16's 65504 for what follows
+FP16_RANGE_IMAGES = 16
 VARIANT_REPORT = "variant.json"
 
 
@@ -183,17 +184,50 @@ class _Collect(logging.Handler):
             self.kept[name] = reason
 
 
+def activation_absmax(src: Path, calib: np.ndarray, work: Path) -> dict[str, float]:
+    """absmax of every float tensor of `src` over `calib`, one image at a time.
+
+    ModelOpt AutoCast's own range check keeps every intermediate tensor of every reference image in
+    memory (EVA02-L-14 on 8 images was OOM-killed at 21 GB here); streaming costs one image's worth.
+    """
+    import onnx
+    from polygraphy import constants
+    from polygraphy.backend.onnx import modify_outputs
+
+    from vitserve.exporter import onnxrt
+
+    model = modify_outputs(onnx.load(str(src)), outputs=constants.MARK_ALL)
+    marked = work / "all_outputs.onnx"
+    external = sum(t.ByteSize() for t in model.graph.initializer) >= 2**31 - 1
+    onnx.save_model(model, str(marked), save_as_external_data=external, location="all_outputs.onnx.data")
+    del model
+    session = onnxrt.cpu_session(marked, optimization="disabled")
+    names = [o.name for o in session.get_outputs()]
+    absmax: dict[str, float] = {"pixel_values": float(np.abs(calib).max())}
+    for i in range(len(calib)):
+        for name, value in zip(names, session.run(names, {"pixel_values": calib[i : i + 1]}), strict=True):
+            if np.issubdtype(value.dtype, np.floating) and value.size:
+                absmax[name] = max(absmax.get(name, 0.0), float(np.abs(value).max()))
+    return absmax
+
+
 def make_fp16(src: Path, dst: Path, calib: np.ndarray, work: Path) -> dict[str, Any]:
-    """AutoCast `src` to FP16 (I/O FP32) into `dst`; returns {kept_fp32: {node: reason}}."""
+    """AutoCast `src` to FP16 (I/O FP32) into `dst`, keeping in FP32 the rule-based op types and every
+    node whose activations on `calib` leave [-FP16_DATA_MAX, FP16_DATA_MAX]; returns the kept nodes."""
     import modelopt.onnx.autocast.nodeclassifier  # noqa: F401  (its import resets the logger's handlers)
     import onnx
     from modelopt.onnx.autocast import convert_to_mixed_precision
 
-    # AutoCast's range check keeps every intermediate tensor of its reference run in memory: EVA02-L-14
-    # on 8 images was OOM-killed at 21 GB here. Scale the number of images to the model's size.
-    count = int(min(8, max(1, AUTOCAST_BUDGET_BYTES // max(1, src.stat().st_size))))
-    data = work / "autocast_inputs.npz"
-    np.savez(data, pixel_values=calib[: min(len(calib), count)])
+    images = calib[:FP16_RANGE_IMAGES]
+    absmax = activation_absmax(src, images, work)
+    graph = onnx.load(str(src), load_external_data=False).graph
+    out_of_range = {}
+    for node in graph.node:
+        peak = max((absmax.get(t, 0.0) for t in [*node.input, *node.output]), default=0.0)
+        if peak > FP16_DATA_MAX and node.op_type not in FP16_KEEP_OP_TYPES:
+            out_of_range[node.name] = (
+                f"activations reach |x| = {peak:.4g} > {FP16_DATA_MAX:g} on the calibration images"
+            )
     collect = _Collect()
     mlog = logging.getLogger("modelopt.onnx.autocast")
     level = mlog.level
@@ -206,24 +240,26 @@ def make_fp16(src: Path, dst: Path, calib: np.ndarray, work: Path) -> dict[str, 
                 low_precision_type="fp16",
                 keep_io_types=True,
                 op_types_to_exclude=FP16_KEEP_OP_TYPES,
-                calibration_data=str(data),
+                nodes_to_exclude=[_exact(n) for n in out_of_range],
+                data_max=np.inf,  # the range check above replaces AutoCast's in-memory reference run
                 providers=["cpu"],
             )
     finally:
         mlog.removeHandler(collect)
         mlog.setLevel(level)
     onnx.save_model(model, str(dst))
-    op_type = {n.name: n.op_type for n in onnx.load(str(src), load_external_data=False).graph.node}
-    compute = {n: r for n, r in collect.kept.items() if op_type.get(n) not in SHAPE_OPS}
-    shape = sorted(n for n in collect.kept if op_type.get(n) in SHAPE_OPS)
+    op_type = {n.name: n.op_type for n in graph.node}
+    kept = {
+        n: ("LayerNorm/Softmax/L2-norm kept FP32 by rule" if r == "DisabledOpTypes" else r)
+        for n, r in collect.kept.items()
+        if op_type.get(n) not in SHAPE_OPS
+    }
+    kept.update(out_of_range)
     return {
-        "kept_fp32": compute,
-        "kept_fp32_shape_ops": len(shape),
+        "kept_fp32": kept,
         "kept_op_types": FP16_KEEP_OP_TYPES,
-        "data_max": 512,
-        "range_check_images": count,
-        "note": "DisabledOpTypes: LayerNorm/Softmax/L2-norm kept FP32 by rule; 'reference IO out of range': "
-        "activations beyond +-512 on the calibration images",
+        "data_max": FP16_DATA_MAX,
+        "range_check_images": len(images),
     }
 
 
