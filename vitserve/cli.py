@@ -19,6 +19,13 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
     p.add_argument("--log", default=None, help="server log file (default: a temp file, printed)")
+    p.add_argument(
+        "--supervise",
+        action="store_true",
+        help="restart the server when it dies and bring back a model whose python stub died (Triton 2.51 "
+        "keeps reporting such a model ready); with --model-control-mode=explicit only that model is reloaded",
+    )
+    p.add_argument("--poll-s", type=float, default=2.0, help="supervisor polling period (with --supervise)")
     p.add_argument("extra", nargs="*", help="extra tritonserver flags, after --")
     p.set_defaults(func=_serve)
 
@@ -39,10 +46,17 @@ def _serve(args: argparse.Namespace) -> int:
     )
     server.start()
     print(f"tritonserver ready: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}")
-    print(f"log: {server.log_path}   (Ctrl-C stops it)")
+    # flushed: whatever runs `vitserve serve` reads these lines through a pipe while it runs
+    print(f"log: {server.log_path}   (Ctrl-C stops it)", flush=True)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     try:
+        if args.supervise:
+            from vitserve.supervisor import Supervisor
+
+            print(f"supervising: polling every {args.poll_s:g} s", flush=True)
+            Supervisor(server, poll_s=args.poll_s).run(done)
+            return 0
         while not done.wait(1.0):
             if not server.is_running():
                 print(f"tritonserver exited; log {server.log_path}:\n{server.log_tail()}", file=sys.stderr)

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import itertools
+import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -25,10 +28,14 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from vitserve.errors import ServerError
 
 _PY_TAG = f"{sys.version_info.major}.{sys.version_info.minor}"
+_ERROR_LINE = re.compile(r"^E\d{4} |unrecognized option|invalid (argument|value)|^error:", re.IGNORECASE)
+# a CPU-only host logs these at every start (and at every ensemble load)
+_KNOWN_NOISE = ("NVML", "DCGM", "CudaDriverHelper", "CUDA driver version is insufficient")
 
 
 def _pytriton_root() -> Path:
@@ -77,6 +84,9 @@ def free_port() -> int:
 
 def _check_port_free(port: int, what: str) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As tritonserver itself binds: connections of a server that just died linger in TIME_WAIT for a
+        # minute and must not stop a restart on the same ports; a port someone listens on is still refused.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("0.0.0.0", port))
         except OSError as e:
@@ -103,6 +113,7 @@ class TritonServer:
     verbose: int = 0
     startup_timeout_s: float = 180.0
     process: subprocess.Popen | None = field(default=None, init=False, repr=False)
+    _started: bool = field(default=False, init=False, repr=False)
 
     @property
     def http_url(self) -> str:
@@ -164,12 +175,14 @@ class TritonServer:
         self.log_path = Path(self.log_path)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         cmd = self.command()
-        with open(self.log_path, "w") as log:
+        # a restart appends: the log of the run that died is what explains why
+        with open(self.log_path, "a" if self._started else "w") as log:
             log.write("# " + " ".join(cmd) + "\n")
             log.flush()
             self.process = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, env=self.environment(), start_new_session=True
             )
+        self._started = True
         try:
             self._wait_ready()
         except BaseException:
@@ -182,9 +195,11 @@ class TritonServer:
         url = f"http://127.0.0.1:{self.http_port}/v2/health/ready"
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                errors = "\n".join(self.log_errors())
                 raise ServerError(
                     f"tritonserver exited with code {self.process.returncode} while starting; "
-                    f"log {self.log_path}:\n{self.log_tail()}"
+                    + (f"errors:\n{errors}\n" if errors else "")
+                    + f"log {self.log_path}:\n{self.log_tail()}"
                 )
             with (
                 contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError),
@@ -203,13 +218,75 @@ class TritonServer:
             return ""
         return "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-lines:])
 
+    def log_errors(self, limit: int = 10) -> list[str]:
+        """Error lines of the log: Triton's `E<date>` records and the option parser's complaints, which a
+        refused flag prints above 200 lines of usage text that `log_tail` would show instead."""
+        if self.log_path is None or not Path(self.log_path).exists():
+            return []
+        lines = Path(self.log_path).read_text(errors="replace").splitlines()
+        found = [
+            line for line in lines if _ERROR_LINE.search(line) and not any(n in line for n in _KNOWN_NOISE)
+        ]
+        return found[:limit]
+
     def is_running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    @property
+    def explicit_model_control(self) -> bool:
+        """Started with `--model-control-mode=explicit`: models can be unloaded and loaded while it runs."""
+        args = self.extra_args
+        return "--model-control-mode=explicit" in args or any(
+            a == "--model-control-mode" and b == "explicit" for a, b in itertools.pairwise(args)
+        )
+
+    def api(self, method: str, path: str, timeout_s: float = 5.0) -> tuple[int, Any]:
+        """(HTTP status, parsed JSON body or None) of one call to the server's HTTP API, e.g.
+        `api("POST", "/v2/repository/index")`; status 0 when the server cannot be reached."""
+        body = b"{}" if method == "POST" else None
+        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=body, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout_s) as r:
+                data = r.read()
+                return r.status, json.loads(data) if data else None
+        except urllib.error.HTTPError as e:
+            return e.code, None
+        except (urllib.error.URLError, OSError, ValueError):
+            return 0, None
+
+    def _drain_ensembles(self, timeout_s: float) -> None:
+        """Unload the ensembles and wait until they are gone (explicit model control only).
+
+        On SIGTERM tritonserver 2.51 stops every model's scheduler at once: an ensemble request between two
+        steps is then refused ("Server is stopping, scheduler for model has stopped accepting new inference
+        requests") instead of finishing. An ensemble being unloaded finishes its requests in flight while
+        its steps still accept them; new requests get "unknown model" meanwhile."""
+        if not self.explicit_model_control:
+            return
+        status, index = self.api("POST", "/v2/repository/index")
+        if status != 200 or not isinstance(index, list):
+            return
+        ensembles = []
+        for name in sorted({m["name"] for m in index if m.get("state") == "READY"}):
+            status, cfg = self.api("GET", f"/v2/models/{name}/config")
+            if status == 200 and cfg and cfg.get("platform") == "ensemble":
+                self.api("POST", f"/v2/repository/models/{name}/unload")
+                ensembles.append(name)
+        deadline = time.monotonic() + timeout_s
+        while ensembles and time.monotonic() < deadline:
+            status, index = self.api("POST", "/v2/repository/index")
+            busy = {m["name"] for m in index or [] if m.get("state") in ("READY", "UNLOADING")}
+            if status != 200 or not busy & set(ensembles):
+                return
+            time.sleep(0.05)
+
     def stop(self, timeout_s: float = 30.0) -> int | None:
-        """SIGTERM the server (it drains in-flight requests), SIGKILL its process group after `timeout_s`."""
+        """Stop the server: drain the ensembles (explicit model control), SIGTERM (it finishes the requests
+        in its models' schedulers), SIGKILL its process group after `timeout_s`."""
         if self.process is None:
             return None
+        if self.process.poll() is None:
+            self._drain_ensembles(timeout_s)
         proc, self.process = self.process, None
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
