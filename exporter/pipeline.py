@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 from dataclasses import asdict
@@ -201,7 +202,8 @@ def build_all(
     artifacts, repository = Path(artifacts), Path(repository)
     records = [build_model(spec, artifacts, random_init) for spec in specs]
     repository.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{repository.name}.tmp-", dir=repository.parent))
+    _remove_stale_staging(repository)
+    staging = Path(tempfile.mkdtemp(prefix=f".{repository.name}.tmp-{os.getpid()}-", dir=repository.parent))
     staging.chmod(0o755)
     try:
         summary: dict[str, Any] = {"models": {}}
@@ -254,12 +256,38 @@ def build_all(
     return summary
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
 def _swap(staging: Path, repository: Path) -> None:
-    old = None
-    if repository.exists():
-        old = repository.parent / f".{repository.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        repository.rename(old)
+    """Put `staging` in place of `repository`: one atomic exchange, so that at every instant one whole
+    repository is at that path; two renames (with a short gap) where the exchange is unsupported."""
+    if not repository.exists():
+        staging.rename(repository)
+        return
+    if _exchange(staging, repository):
+        shutil.rmtree(staging, ignore_errors=True)  # now the old repository
+        return
+    old = repository.parent / f".{repository.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    repository.rename(old)
     staging.rename(repository)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_stale_staging(repository: Path) -> None:
+    """Staging folders of builds that were killed (their pid is gone) are removed."""
+    for stale in repository.parent.glob(f".{repository.name}.tmp-*"):
+        pid = stale.name.removeprefix(f".{repository.name}.tmp-").split("-", 1)[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists() and int(pid) != os.getpid():
+            shutil.rmtree(stale, ignore_errors=True)
