@@ -415,7 +415,12 @@ def variant_key(precision: Precision, fp32_sha: str, files: list[Path], settings
 
 
 def make_variant(
-    precision: Precision, fp32_dir: Path, out_dir: Path, spec: ModelSpec, cpu_int8_mode: str = "dynamic"
+    precision: Precision,
+    fp32_dir: Path,
+    out_dir: Path,
+    spec: ModelSpec,
+    cpu_int8_mode: str = "dynamic",
+    eval_count: int = 32,
 ) -> dict[str, Any]:
     """Make the `precision` variant of the FP32 export in `fp32_dir` into `out_dir`, score it against
     FP32 on held-out photos, apply the gate; returns the report (also `out_dir/variant.json`)."""
@@ -472,7 +477,7 @@ def make_variant(
         else:
             raise ConfigError(f"no variant to make for precision {precision.value}")
         build_s = time.perf_counter() - t0
-        names, pixels = eval_pixels(entry)
+        names, pixels = eval_pixels(entry, eval_count)
         fid = fidelity(fp32, dst, precision, pixels)
         fid["eval_images"] = names
         passed, gate = check_gate(precision, fid, spec.gates)

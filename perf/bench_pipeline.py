@@ -138,10 +138,11 @@ def _ort_speed(path: Path, batch: int, optimization: str = "all", seconds: float
     return n / (time.perf_counter() - t0)
 
 
-def bench_precision(backbones: list[str], num_images: int, out_root: Path, cpu_int8: bool) -> None:
+def bench_precision(
+    backbones: list[str], num_images: int, out_root: Path, precisions: list[str], eval_count: int
+) -> None:
     """Per backbone: FP32 export, then each variant in its own process (time + peak RSS), fidelity, speed."""
     rows = []
-    precisions = ["fp16", "int8"] + (["cpu-int8"] if cpu_int8 else [])
     for name in backbones:
         fp32 = out_root / name / "fp32"
         if not (fp32 / "model.onnx").exists():
@@ -161,6 +162,7 @@ def bench_precision(backbones: list[str], num_images: int, out_root: Path, cpu_i
                 p,
                 str(num_images),
                 str(out_root / name),
+                str(eval_count),
             ]
             rc, wall, rss, tail = _run_child(cmd, 3600)
             row: dict[str, Any] = {
@@ -185,7 +187,9 @@ def bench_precision(backbones: list[str], num_images: int, out_root: Path, cpu_i
                 if "logits" in r["fidelity"]["outputs"]:
                     row |= {"top1": r["fidelity"]["outputs"]["logits"]["top1_agreement"]}
             else:
-                row["error"] = f"exit code {rc}" + (" (killed: out of memory?)" if rc < 0 else "") + f": {tail[-300:]}"
+                row["error"] = (
+                    f"exit code {rc}" + (" (killed: out of memory?)" if rc < 0 else "") + f": {tail[-300:]}"
+                )
             rows.append(row)
             print(row, flush=True)
     speed_rows = []
@@ -224,14 +228,15 @@ def bench_precision(backbones: list[str], num_images: int, out_root: Path, cpu_i
     table += "\n\nonnxruntime CPU speed (2 threads; FP16 at ORT_ENABLE_EXTENDED):\n\n"
     table += _md_table(speed_rows, ["backbone", "variant", "batch", "images_per_s", "vs_fp32"])
     _write(
-        f"precision_{'_'.join(backbones)}",
+        f"precision_{'_'.join(backbones)}_{'_'.join(precisions)}",
         {"rows": rows, "speed": speed_rows},
         table,
-        f"python -m vitserve.perf.bench_pipeline precision --backbones {' '.join(backbones)} --images {num_images}",
+        f"python -m vitserve.perf.bench_pipeline precision --backbones {' '.join(backbones)} --images {num_images} "
+        f"--precisions {' '.join(precisions)} --eval-images {eval_count}",
     )
 
 
-def _variant_one(name: str, precision: str, num_images: str, root: str) -> None:
+def _variant_one(name: str, precision: str, num_images: str, root: str, eval_count: str = "32") -> None:
     from vitserve.exporter.config import Calibration, ModelSpec, Precision
     from vitserve.exporter.precision import make_variant
 
@@ -242,7 +247,9 @@ def _variant_one(name: str, precision: str, num_images: str, root: str) -> None:
         precisions=(Precision.FP32, Precision(precision)),
         calibration=Calibration(num_images=int(num_images)),
     )
-    make_variant(Precision(precision), Path(root) / "fp32", Path(root) / precision, spec)
+    make_variant(
+        Precision(precision), Path(root) / "fp32", Path(root) / precision, spec, eval_count=int(eval_count)
+    )
 
 
 def bench_preprocess(seconds: float = 10.0) -> None:
@@ -406,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     q = sub.add_parser("precision")
     q.add_argument("--backbones", nargs="+", default=["ViT-B-16"])
     q.add_argument("--images", type=int, default=64)
-    q.add_argument("--cpu-int8", action="store_true")
+    q.add_argument("--precisions", nargs="+", default=["fp16", "int8", "cpu-int8"])
+    q.add_argument("--eval-images", type=int, default=32, help="held-out photo views for the fidelity report")
     q.add_argument("--work", default="artifacts/bench")
     s = sub.add_parser("serving")
     s.add_argument("--backbones", nargs="+", default=["ViT-B-32", "ViT-B-16"])
@@ -416,7 +424,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.what == "export":
         bench_export(args.backbones, Path(args.work) / "export")
     elif args.what == "precision":
-        bench_precision(args.backbones, args.images, Path(args.work) / "precision", args.cpu_int8)
+        bench_precision(
+            args.backbones, args.images, Path(args.work) / "precision", args.precisions, args.eval_images
+        )
     elif args.what == "serving":
         bench_serving(args.backbones, args.duration_s)
     else:
