@@ -705,7 +705,10 @@ def test_killed_stub_under_load_requests_lost_then_restored(hardened_server):
         f"after the kill; supervisor: {supervisor.events}; errors: {kinds}"
     )
     assert [e["action"] for e in supervisor.events] == ["reloaded vitb32_preprocess"]
-    assert all(r[2] == "OK" for r in results[-4:]), results[-4:]
+    # the requests started last (results are in completion order: one sent before the heal can finish,
+    # with its error, after later ones) all succeeded
+    last_started = sorted(results)[-4:]
+    assert all(r[2] == "OK" for r in last_started), last_started
     assert all(r[3] for r in lost)
     assert all(r[1] > t_kill for r in lost)  # nothing failed before the fault
 
