@@ -38,7 +38,9 @@ def test_make_targets_in_readme_exist():
 
 
 def test_backbones_command_lists_the_registry():
-    out = subprocess.run([sys.executable, "-m", "vitserve.cli", "backbones"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "vitserve.cli", "backbones"], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0
     for name in ("ViT-B-32", "EVA02-E-14-plus", "NV-DINOv2", "DINOv2-g"):
         assert name in out.stdout
