@@ -351,26 +351,22 @@ def fidelity(fp32: Path, variant: Path, precision: Precision, pixels: np.ndarray
 
 
 def check_gate(precision: Precision, report: dict[str, Any], gates: Gates) -> tuple[bool, str]:
+    """(passed, "PASS|FAIL: metric value >= threshold, ...") with `<` on each metric that failed."""
     emb = report["outputs"]["embeddings"]["cosine_mean"]
-    logits = report["outputs"].get("logits", {})
-    top1 = logits.get("top1_agreement")
-    if precision is Precision.FP16:
-        ok, text = (
-            emb >= gates.fp16_mean_cosine,
-            f"embeddings mean cosine {emb:.6f} >= {gates.fp16_mean_cosine}",
-        )
-    elif precision is Precision.CPU_INT8:
-        ok, text = (
-            emb >= gates.cpu_int8_mean_cosine,
-            f"embeddings mean cosine {emb:.6f} >= {gates.cpu_int8_mean_cosine}",
-        )
-    else:
-        ok = emb >= gates.int8_mean_cosine
-        text = f"embeddings mean cosine {emb:.6f} >= {gates.int8_mean_cosine}"
-        if top1 is not None:
-            ok = ok and top1 >= gates.int8_top1_agreement
-            text += f", top-1 agreement {top1:.3f} >= {gates.int8_top1_agreement}"
-    return bool(ok), ("PASS: " if ok else "FAIL: ") + text
+    top1 = report["outputs"].get("logits", {}).get("top1_agreement")
+    threshold = {
+        Precision.FP16: gates.fp16_mean_cosine,
+        Precision.CPU_INT8: gates.cpu_int8_mean_cosine,
+    }.get(precision, gates.int8_mean_cosine)
+    checks = [("embeddings mean cosine", emb, threshold, 6)]
+    if precision is Precision.INT8 and top1 is not None:
+        checks.append(("top-1 agreement", top1, gates.int8_top1_agreement, 3))
+    ok = all(value >= limit for _, value, limit, _ in checks)
+    text = ", ".join(
+        f"{name} {value:.{digits}f} {'>=' if value >= limit else '<'} {limit}"
+        for name, value, limit, digits in checks
+    )
+    return ok, ("PASS: " if ok else "FAIL: ") + text
 
 
 def fidelity_table(reports: dict[str, dict[str, Any]]) -> str:
