@@ -107,6 +107,10 @@ def build_model(spec: ModelSpec, artifacts: Path, random_init: bool = False) -> 
             print(
                 f"[{spec.name}] {precision.value} failed its fidelity gate and is NOT published: {report['gate']}"
             )
+    if fidelity:
+        from vitserve.exporter.precision import fidelity_table
+
+        print(f"[{spec.name}] fidelity vs FP32 on held-out photos:\n{fidelity_table(fidelity)}")
     variants = [
         Variant(p, k, onnx, data)
         for k in spec.kinds
@@ -214,7 +218,6 @@ def build_all(
             written = write_model(
                 staging,
                 spec,
-                rec["fp32_dir"],
                 rec["manifest"],
                 rec["variants"],
                 labels if labels.exists() else None,

@@ -499,14 +499,3 @@ def make_variant(
         (tmp / VARIANT_REPORT).write_text(json.dumps(report, indent=2) + "\n")
     print(f"[{spec.name}] {precision.value}: {gate} ({fid['evaluator']}, {len(pixels)} held-out photos)")
     return report
-
-
-def make_variants(fp32_dir: str | Path, spec: ModelSpec, out_root: str | Path) -> dict[str, dict[str, Any]]:
-    """All non-FP32 precisions of `spec`, with the fidelity table printed."""
-    reports = {}
-    for p in spec.precisions:
-        if p is not Precision.FP32:
-            reports[p.value] = make_variant(p, Path(fp32_dir), Path(out_root) / p.value, spec)
-    if reports:
-        print(fidelity_table(reports))
-    return reports

@@ -182,7 +182,6 @@ def serving_variant(spec: ModelSpec, published: list[Variant]) -> Variant:
 def write_model(
     repo: Path,
     spec: ModelSpec,
-    export_dir: Path,
     manifest: dict[str, Any],
     variants: list[Variant],
     labels: Path | None,
