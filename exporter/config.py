@@ -176,6 +176,7 @@ class ModelSpec:
     gates: Gates = field(default_factory=Gates)
     force: bool = False  # publish variants that fail their gate
     max_image_pixels: int = 40_000_000  # preprocess refuses larger images (decompression bombs)
+    cpu_int8_mode: str = "dynamic"  # dynamic | static (QDQ, calibrated on the calibration images)
 
     def __post_init__(self) -> None:
         if not self.name or not all(c.isalnum() or c in "_-" for c in self.name):
@@ -184,6 +185,10 @@ class ModelSpec:
             raise ConfigError(f"model {self.name}: instances={self.instances} must be >= 1")
         if Precision.FP32 not in self.precisions:
             raise ConfigError(f"model {self.name}: precisions must include 'fp32' (the reference)")
+        if self.cpu_int8_mode not in ("dynamic", "static"):
+            raise ConfigError(
+                f"model {self.name}: cpu_int8_mode {self.cpu_int8_mode!r}: expected 'dynamic' or 'static'"
+            )
         if Precision.CPU_INT8 in self.precisions and Kind.CPU not in self.kinds:
             # cpu-int8 is only ever published to the kinds that serve it; with none configured, refuse.
             check_kind_serves(self.kinds[0], Precision.CPU_INT8)

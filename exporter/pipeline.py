@@ -95,7 +95,7 @@ def build_model(spec: ModelSpec, artifacts: Path, random_init: bool = False) -> 
     for precision in spec.precisions:
         if precision is Precision.FP32:
             continue
-        report = make_variant(precision, fp32_dir, model_dir / precision.value, spec)
+        report = make_variant(precision, fp32_dir, model_dir / precision.value, spec, spec.cpu_int8_mode)
         fidelity[precision.value] = report
         if report["passed"] or spec.force:
             if not report["passed"]:

@@ -146,3 +146,20 @@ def test_calibration_sampling_is_deterministic(tmp_path):
     first = calibration_files(cal, tmp_path)
     assert first == calibration_files(cal, tmp_path) and len(first) == 5
     assert first != calibration_files(replace(cal, seed=4), tmp_path)
+
+
+def test_model_config_refusals_name_the_value():
+    from vitserve.errors import ConfigError
+    from vitserve.exporter.config import ModelSpec
+
+    base = {"name": "m", "backbone": "ViT-B-32"}
+    with pytest.raises(ConfigError, match="'fast'"):
+        ModelSpec.from_dict(base | {"precisions": ["fp32", "cpu-int8"], "cpu_int8_mode": "fast"})
+    with pytest.raises(ConfigError, match="served by: cpu"):
+        ModelSpec.from_dict(base | {"precisions": ["fp32", "cpu-int8"], "kinds": ["tensorrt"]})
+    with pytest.raises(ConfigError, match="min=4 opt=2 max=8"):
+        ModelSpec.from_dict(base | {"profile": {"min": 4, "opt": 2, "max": 8}})
+    spec = ModelSpec.from_dict(
+        base | {"precisions": ["fp32", "cpu-int8"], "kinds": ["cpu", "tensorrt"], "cpu_int8_mode": "static"}
+    )
+    assert spec.cpu_int8_mode == "static"
