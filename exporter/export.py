@@ -98,16 +98,21 @@ def atomic_directory(out_dir: Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def photo_batch(entry, count: int | None = None) -> tuple[list[str], np.ndarray]:
-    """The held-out photographs through the backbone's own transform, as (names, N x 3 x H x W)."""
+def to_pixels(entry, images: list) -> tuple[list[str], np.ndarray]:
+    """(name, PIL image) pairs through the backbone's own transform, as (names, N x 3 x H x W)."""
     import torch
 
     from vitserve.exporter.backbones import torch_transform
-    from vitserve.exporter.samples import eval_photos
 
     tf = torch_transform(entry)
-    photos = eval_photos()[:count]
-    return [n for n, _ in photos], torch.stack([tf(im) for _, im in photos]).numpy()
+    return [n for n, _ in images], torch.stack([tf(im) for _, im in images]).numpy()
+
+
+def photo_batch(entry, count: int | None = None) -> tuple[list[str], np.ndarray]:
+    """The held-out photographs through the backbone's own transform."""
+    from vitserve.exporter.samples import eval_photos
+
+    return to_pixels(entry, eval_photos()[:count])
 
 
 def _torch_run(model, x: np.ndarray, batch: int) -> dict[str, np.ndarray]:

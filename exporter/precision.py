@@ -96,14 +96,10 @@ def load_pixels(files: list[Path], entry, what: str = "calibration") -> tuple[li
 
 def eval_pixels(entry, count: int = 32) -> tuple[list[str], np.ndarray]:
     """Views of the held-out photographs (never used for calibration) through the backbone's transform."""
-    import torch
-
-    from vitserve.exporter.backbones import torch_transform
+    from vitserve.exporter.export import to_pixels
     from vitserve.exporter.samples import eval_views
 
-    tf = torch_transform(entry)
-    views = eval_views(count)
-    return [n for n, _ in views], torch.stack([tf(im) for _, im in views]).numpy()
+    return to_pixels(entry, eval_views(count))
 
 
 # ----------------------------------------------------------------------------------------- graphs

@@ -66,6 +66,20 @@ def _variant(p: PointResult, result: SweepResult) -> str:
     return name or p.model
 
 
+def _finish(plt, fig, ax, path: Path, xlabel: str, ylabel: str, title: str, legend: bool) -> str:
+    """Label, lay out, save (atomically) and close one plot."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    saved = _save(fig, path)
+    plt.close(fig)
+    return saved
+
+
 def _plot(result: SweepResult, out_dir: Path) -> list[str]:
     import matplotlib
 
@@ -87,15 +101,8 @@ def _plot(result: SweepResult, out_dir: Path) -> list[str]:
         for p in pts:
             ax.annotate(f"c{p.concurrency}", (p.p99_us / 1e3, p.images_per_s), fontsize=7,
                         textcoords="offset points", xytext=(3, 3))  # fmt: skip
-    ax.set_xlabel("p99 latency (ms)")
-    ax.set_ylabel("throughput (images/s)")
-    ax.set_title("Throughput vs p99 latency (labels: concurrency)")
-    ax.grid(alpha=0.3)
-    if series:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    written.append(_save(fig, out_dir / PLOT_THROUGHPUT))
-    plt.close(fig)
+    written.append(_finish(plt, fig, ax, out_dir / PLOT_THROUGHPUT, "p99 latency (ms)", "throughput (images/s)",
+                           "Throughput vs p99 latency (labels: concurrency)", bool(series)))  # fmt: skip
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, ((variant, b), pts) in enumerate(series.items()):
@@ -106,15 +113,8 @@ def _plot(result: SweepResult, out_dir: Path) -> list[str]:
         ax.plot(
             xs, [p.p99_us / 1e3 for p in pts], marker="^", ls="--", color=color, label=f"{variant} b{b} p99"
         )
-    ax.set_xlabel("concurrency (requests in flight)")
-    ax.set_ylabel("latency (ms)")
-    ax.set_title("Client latency vs concurrency")
-    ax.grid(alpha=0.3)
-    if series:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    written.append(_save(fig, out_dir / PLOT_LATENCY))
-    plt.close(fig)
+    written.append(_finish(plt, fig, ax, out_dir / PLOT_LATENCY, "concurrency (requests in flight)", "latency (ms)",
+                           "Client latency vs concurrency", bool(series)))  # fmt: skip
     return written
 
 
