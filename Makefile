@@ -12,8 +12,10 @@ HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 
 .PHONY: setup perf-deps test test-slow lint format engines serve demo perf clean
+.PHONY: image engines-gpu gpu-check
+.PHONY: cluster-deps cluster-demo
 
-setup: $(STAMP) perf-deps
+setup: $(STAMP) perf-deps cluster-deps
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -56,15 +58,47 @@ demo: setup
 	$(BIN)/vitserve demo --config $(CONFIG) --repository $(REPO)
 
 # Latency/throughput sweep of the running server (make serve) for the default model: perf_analyzer and
-# the built-in generator, with the in-process baseline; report in perf/results/$(PERF_MODEL)/.
+# the built-in generator, each model against its own ONNX in-process; report in perf/results/$(PERF_MODEL)/.
 PERF_MODEL ?= vitb32
 PERF_IMAGES ?= artifacts/perf_images
 perf: setup
 	$(BIN)/python -c "from vitserve.exporter.samples import write_eval_images as w; w('$(PERF_IMAGES)')"
-	$(BIN)/vitserve perf --url localhost:$(GRPC_PORT) --model $(PERF_MODEL) --model $(PERF_MODEL)_fp32_cpu \
-	  --model $(PERF_MODEL)_cpu-int8_cpu --concurrency 1,2,4 --batch 1,8 --generator both --duration-s 5 \
-	  --max-total-s 900 --images $(PERF_IMAGES) --onnx $(REPO)/$(PERF_MODEL)_fp32_cpu/1/model.onnx \
+	$(BIN)/vitserve perf --url localhost:$(GRPC_PORT) --model $(PERF_MODEL) \
+	  $$($(BIN)/python -m vitserve.exporter.repository --published-backbones $(PERF_MODEL) $(REPO) | sed 's/^/--model /') \
+	  --concurrency 1,2,4 --batch 1,8 --generator both --duration-s 5 \
+	  --max-total-s 900 --images $(PERF_IMAGES) --repository $(REPO) \
 	  --out perf/results/$(PERF_MODEL)
+
+# The GPU path (a GPU host with Docker + the NVIDIA container toolkit). The NGC release and its TensorRT
+# come from exporter/gpu_release.py only; DRY_RUN=1 prints every docker/trtexec/perf_analyzer command.
+GPU_CONFIG ?= models.gpu.yaml
+GPU_CHECK = $(BIN)/python -m vitserve.perf.gpu_check $(if $(DRY_RUN),--dry-run)
+# The serving image: nvcr.io/nvidia/tritonserver:<release>-py3 + vitserve + the release's TensorRT.
+image: setup
+	$(GPU_CHECK) image
+# Build + verify every TensorRT plan of $(REPO) inside that image on this host's GPU (after make engines).
+engines-gpu: setup
+	$(GPU_CHECK) engines-gpu --config $(GPU_CONFIG) --repository $(REPO)
+# Image, engines, verification, perf_analyzer sweep -> perf/results/gpu-<gpu name>/report.md.
+gpu-check: setup
+	$(GPU_CHECK) all --config $(GPU_CONFIG) --repository $(REPO) $(if $(RANDOM_INIT),--random-init)
+
+# Scale out (deploy/, README "Scale out"): the cluster rehearsal needs Debian's nginx-light and prometheus.
+CLUSTER_DEBS = nginx-light prometheus
+cluster-deps:
+	@missing=""; \
+	{ command -v nginx >/dev/null || [ -x /usr/sbin/nginx ]; } || missing="$$missing nginx-light"; \
+	{ command -v prometheus >/dev/null && command -v promtool >/dev/null; } || missing="$$missing prometheus"; \
+	if [ -z "$$missing" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q --no-install-recommends $$missing >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $$missing >/dev/null; }; \
+	else echo "NOTE: the cluster rehearsal needs Debian's$$missing: run 'sudo apt-get install$$missing'"; fi
+
+# moto S3 + 3 tritonserver replicas loading from s3:// + nginx + prometheus on 127.0.0.1; SIGKILL one replica
+# and terminate another under load; prints the table (builds the default model first if needed).
+cluster-demo: setup
+	$(BIN)/vitserve cluster-demo --config $(CONFIG) --repository $(REPO)
 
 clean:
 	rm -rf artifacts $(REPO)/*/ .pytest_cache

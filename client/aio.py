@@ -9,6 +9,9 @@ float32 arrays go to a backbone model (`backbone=`, or the one the ensemble rout
 requests of `batch_size`, at most `max_in_flight` outstanding, reassembled in order. Triton fails a whole
 request when one of its images is bad, so a request refused for its input is re-sent image by image and
 only the bad images are reported, by index (or raised, with `strict=True`).
+
+The connection and what its errors mean are in `transport.py`, the request slots and their shared memory
+in `slots.py`, the checks of the user's images in `images.py`; this module batches, splits and reassembles.
 """
 
 from __future__ import annotations
@@ -39,95 +42,21 @@ from vitserve.client.schema import (
     parse_model,
 )
 from vitserve.client.shm import SharedMemory
-from vitserve.errors import ClientError, missing_extra
+from vitserve.client.slots import SlotPool
+from vitserve.client.transport import (
+    INPUT,
+    RETRY,
+    TIMEOUT,
+    Transport,
+    error_kind,
+    error_text,
+    server_answered,
+)
+from vitserve.errors import ClientError
 
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 5.0
-UNREGISTER_WAIT_S = 5.0
-
-# What an exception from tritonclient means for the request: try again, give up, or blame the input.
-RETRY, TIMEOUT, INPUT, NOT_FOUND, OTHER = "retry", "timeout", "input", "not_found", "other"
-_STATUS_KIND = {
-    "StatusCode.UNAVAILABLE": RETRY,
-    "503": RETRY,
-    "StatusCode.DEADLINE_EXCEEDED": TIMEOUT,
-    "504": TIMEOUT,
-    "StatusCode.INVALID_ARGUMENT": INPUT,
-    "400": INPUT,
-    "StatusCode.NOT_FOUND": NOT_FOUND,
-    "404": NOT_FOUND,
-}
-
-
-def error_kind(e: BaseException) -> str:
-    """RETRY (server unreachable), TIMEOUT, INPUT (the request's data was refused), NOT_FOUND or OTHER."""
-    from tritonclient.utils import InferenceServerException
-
-    if isinstance(e, InferenceServerException):
-        return _STATUS_KIND.get(str(e.status()), OTHER)
-    if isinstance(e, TimeoutError):  # asyncio's and aiohttp's timeouts; checked before OSError, its base
-        return TIMEOUT
-    if isinstance(e, OSError):
-        return RETRY
-    try:
-        import aiohttp
-    except ImportError:
-        return OTHER
-    return RETRY if isinstance(e, aiohttp.ClientConnectionError) else OTHER
-
-
-def error_text(e: BaseException) -> str:
-    from tritonclient.utils import InferenceServerException
-
-    if isinstance(e, InferenceServerException):
-        return e.message() or str(e)
-    return str(e) or type(e).__name__
-
-
-class _Transport:
-    """One tritonclient aio client, with a deadline on every call."""
-
-    def __init__(self, config: ClientConfig) -> None:
-        self.grpc = config.protocol is Protocol.GRPC
-        self.timeout_s = config.timeout_s
-        try:
-            if self.grpc:
-                import tritonclient.grpc as module
-                import tritonclient.grpc.aio as aio
-
-                self.client = aio.InferenceServerClient(
-                    config.url,
-                    channel_args=[
-                        ("grpc.max_send_message_length", module.MAX_GRPC_MESSAGE_SIZE),
-                        ("grpc.max_receive_message_length", module.MAX_GRPC_MESSAGE_SIZE),
-                        # a restarted server is noticed within a second, not after gRPC's 2-minute backoff
-                        ("grpc.max_reconnect_backoff_ms", 1000),
-                    ],
-                )
-            else:
-                import tritonclient.http as module
-                import tritonclient.http.aio as aio
-
-                self.client = aio.InferenceServerClient(
-                    config.url, conn_limit=max(8, 2 * config.max_in_flight), conn_timeout=config.timeout_s
-                )
-        except (ImportError, RuntimeError) as e:  # tritonclient.http.aio raises RuntimeError without aiohttp
-            raise missing_extra(f"tritonclient[{config.protocol.value}]", "client") from e
-        self.module = module
-        self.loop = asyncio.get_running_loop()
-
-    async def call(self, method: str, *args, timeout_s: float | None = None, as_json: bool = False, **kwargs):
-        timeout_s = timeout_s or self.timeout_s
-        if self.grpc:
-            kwargs["client_timeout"] = timeout_s
-            if as_json:
-                kwargs["as_json"] = True
-        # the protocol's own deadline ends the call; this one is the backstop for anything it misses
-        return await asyncio.wait_for(getattr(self.client, method)(*args, **kwargs), timeout_s + 1.0)
-
-    async def close(self) -> None:
-        await self.client.close()
 
 
 @dataclass
@@ -138,8 +67,7 @@ class _Target:
     batch_size: int
     pixel_shape: tuple[int, ...] | None  # (3, H, W) for a backbone, None for the ensemble
     embed_dim: int | None
-    slots: asyncio.Queue
-    shared_memory: SharedMemory
+    slots: SlotPool
 
 
 class AsyncVitClient:
@@ -177,11 +105,11 @@ class AsyncVitClient:
             shared_memory=shared_memory,
             cuda_device=cuda_device,
         )
-        self._transport: _Transport | None = None
-        self._targets: dict[bool, _Target] = {}
+        self._transport: Transport | None = None
+        self._targets: dict[tuple[bool, str | None], _Target] = {}
         self._lock: asyncio.Lock | None = None
         self._regions: list[shm.Region] = []  # made here, destroyed in close() (or by the finalizer)
-        self._registered: list[shm.Region] = []  # known to the server, unregistered in close()
+        self._pools: list[SlotPool] = []
         self._finalizer = weakref.finalize(self, shm.destroy_all, self._regions)
         self._closed = False
 
@@ -194,11 +122,11 @@ class AsyncVitClient:
 
     # -- connection ---------------------------------------------------------------------------------------
 
-    def _conn(self) -> _Transport:
+    def _conn(self) -> Transport:
         if self._closed:
             raise ClientError("the client is closed; make a new one")
         if self._transport is None:
-            self._transport = _Transport(self.config)
+            self._transport = Transport(self.config)
             self._lock = asyncio.Lock()
         elif self._transport.loop is not asyncio.get_running_loop():
             raise ClientError(
@@ -291,13 +219,21 @@ class AsyncVitClient:
             ) from e
         return parse_model(metadata, config)
 
-    async def _target(self, tensor: bool) -> _Target:
-        """The checked model for encoded images (`tensor` False) or for tensors, made on first use."""
+    async def _target(self, tensor: bool, head: str | None = None) -> _Target:
+        """The checked model for encoded images (`tensor` False) or for tensors, made on first use; with
+        `head`, the ensemble MODEL_HEAD of a model whose heads share one backbone."""
         self._conn()
         async with self._lock:
-            if tensor in self._targets:
-                return self._targets[tensor]
-            if tensor and self.config.backbone:
+            if (tensor, head) in self._targets:
+                return self._targets[(tensor, head)]
+            if head is not None:
+                if tensor:
+                    raise ClientError(
+                        f"head={head!r} takes encoded images (the ensemble {self.config.model}_{head}); "
+                        "tensors go to the backbone, which has no head"
+                    )
+                info = await self._head_info(head)
+            elif tensor and self.config.backbone:
                 info = await self._model_info(self.config.backbone)
             else:
                 info = await self._model_info(self.config.model)
@@ -322,10 +258,22 @@ class AsyncVitClient:
                 )
                 batch_size = info.max_batch_size
             embed_dim = info.output_dim(EMBEDDINGS) if EMBEDDINGS in info.outputs else None
-            slots, kind = await self._make_slots(info, batch_size, pixel_shape, embed_dim)
-            target = _Target(info, batch_size, pixel_shape, embed_dim, slots, kind)
-            self._targets[tensor] = target
+            slots = await self._make_slots(info, batch_size, pixel_shape, embed_dim)
+            target = _Target(info, batch_size, pixel_shape, embed_dim, slots)
+            self._targets[(tensor, head)] = target
             return target
+
+    async def _heads(self) -> list[str]:
+        """The heads of the model (its ensemble's `HEAD_probs` outputs), [] for a single-head model."""
+        info = await self._model_info(self.config.model)
+        return sorted(n.removesuffix("_" + PROBS) for n in info.outputs if n.endswith("_" + PROBS))
+
+    async def _head_info(self, head: str) -> ModelInfo:
+        heads = await self._heads()
+        if head not in heads:
+            have = f"its heads are: {', '.join(heads)}" if heads else "it has a single head (omit head=)"
+            raise ClientError(f"model {self.config.model!r} has no head {head!r}; {have}")
+        return await self._model_info(f"{self.config.model}_{head}")
 
     async def model_info(self, tensor: bool = False) -> ModelInfo:
         """What the server says about the model encoded images (or, `tensor=True`, tensors) are sent to."""
@@ -335,7 +283,7 @@ class AsyncVitClient:
 
     async def _make_slots(
         self, info: ModelInfo, batch_size: int, pixel_shape: tuple[int, ...] | None, embed_dim: int | None
-    ) -> tuple[asyncio.Queue, SharedMemory]:
+    ) -> SlotPool:
         kind = self.config.shared_memory
         if kind is not SharedMemory.NONE and not shm.is_local(self.config.url):
             warnings.warn(
@@ -355,85 +303,29 @@ class AsyncVitClient:
             sizes[PIXELS] = batch_size * math.prod(pixel_shape) * 4
         if embed_dim is not None:  # classification strings cannot go through shared memory; embeddings can
             sizes[EMBEDDINGS] = batch_size * embed_dim * 4
-        slots: list[shm.Slot] = []
-        if kind is not SharedMemory.NONE and sizes:
-            made: list[shm.Region] = []
-            try:
-                for _ in range(self.config.max_in_flight):
-                    slot = shm.Slot()
-                    for tensor, size in sizes.items():
-                        region = shm.create(kind, shm.new_name(), size, self.config.cuda_device)
-                        made.append(region)
-                        self._regions.append(region)
-                        await self._register(region)
-                        slot.regions[tensor] = region
-                    slots.append(slot)
-            except Exception as e:
-                await self._release(made)
-                if error_kind(e) in (RETRY, TIMEOUT):
-                    raise self._error(e, "registering shared memory") from e
-                warnings.warn(
-                    f"{kind.value} shared memory could not be set up for model {info.name} ({error_text(e)}); "
-                    "sending tensors over the network",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                slots, kind = [], SharedMemory.NONE
-        if not slots:
-            kind = SharedMemory.NONE
-            slots = [shm.Slot() for _ in range(self.config.max_in_flight)]
-        queue: asyncio.Queue = asyncio.Queue()
-        for slot in slots:
-            queue.put_nowait(slot)
-        return queue, kind
 
-    async def _register(self, region: shm.Region) -> None:
-        if region.kind is SharedMemory.CUDA:
-            await self._call(
-                "register_cuda_shared_memory",
-                region.name,
-                region.raw_handle(),
-                region.device_id,
-                region.byte_size,
+        def pool(kind: SharedMemory) -> SlotPool:
+            return SlotPool(
+                kind, sizes, self.config.max_in_flight, self._call, self._regions,
+                device_id=self.config.cuda_device, timeout_s=self.config.timeout_s, where=self._where(),
+            )  # fmt: skip
+
+        slots = pool(kind)
+        try:
+            await slots.fill()
+        except Exception as e:
+            if error_kind(e) in (RETRY, TIMEOUT):
+                raise self._error(e, "registering shared memory") from e
+            warnings.warn(
+                f"{kind.value} shared memory could not be set up for model {info.name} ({error_text(e)}); "
+                "sending tensors over the network",
+                RuntimeWarning,
+                stacklevel=2,
             )
-        else:
-            await self._call("register_system_shared_memory", region.name, region.key, region.byte_size)
-        self._registered.append(region)
-
-    async def _unregister(self, method: str, name: str) -> None:
-        # Triton lets go of an output region a moment after the response has been sent, and refuses to
-        # unregister it until then ("currently in use"): wait for it, briefly.
-        deadline = time.monotonic() + min(self.config.timeout_s, UNREGISTER_WAIT_S)
-        while True:
-            try:
-                await self._transport.call(method, name, timeout_s=min(self.config.timeout_s, 5.0))
-                return
-            except Exception as e:
-                if "in use" in error_text(e) and time.monotonic() < deadline:
-                    await asyncio.sleep(0.05)
-                    continue
-                log.warning(
-                    "could not unregister shared-memory region %s from %s: %s",
-                    name,
-                    self._where(),
-                    error_text(e),
-                )
-                return
-
-    async def _release(self, regions: list[shm.Region]) -> None:
-        """Unregister (best effort: the server may be gone) and destroy `regions`."""
-        for region in list(regions):
-            if region in self._registered:
-                self._registered.remove(region)
-                method = (
-                    "unregister_cuda_shared_memory"
-                    if region.kind is SharedMemory.CUDA
-                    else "unregister_system_shared_memory"
-                )
-                await self._unregister(method, region.name)
-            if region in self._regions:
-                self._regions.remove(region)
-            shm.destroy_all([region])
+            slots = pool(SharedMemory.NONE)
+            await slots.fill()
+        self._pools.append(slots)
+        return slots
 
     # -- requests -----------------------------------------------------------------------------------------
 
@@ -485,13 +377,44 @@ class AsyncVitClient:
         return list(emb)
 
     async def _infer(self, target: _Target, items: list[Item], top_k: int) -> list:
-        slot = await target.slots.get()
-        try:
-            inputs, outputs = await asyncio.to_thread(self._request, target, items, top_k, slot)
-            result = await self._call("infer", target.info.name, inputs, outputs=outputs)
-            return self._rows(target, result, len(items), top_k, slot)
-        finally:
-            target.slots.put_nowait(slot)
+        """One request, retried with exponential backoff while the server is unreachable. Its slot goes
+        back to the pool once the server has answered; otherwise (timeout, cancellation, lost connection)
+        it is retired, and a retry takes another (see slots.py)."""
+        for attempt in range(self.config.retries + 1):
+            slot = await target.slots.acquire()
+            answered = True  # until the request is sent
+            try:
+                # a worker thread encodes the images and writes the slot's input region; a cancelled call
+                # still waits for it, so that the slot is never handed on while being written
+                prepare = asyncio.ensure_future(asyncio.to_thread(self._request, target, items, top_k, slot))
+                try:
+                    inputs, outputs = await asyncio.shield(prepare)
+                except asyncio.CancelledError:
+                    await asyncio.wait([prepare])
+                    raise
+                answered = False
+                try:
+                    result = await self._conn().call("infer", target.info.name, inputs, outputs=outputs)
+                except Exception as e:
+                    answered = server_answered(e)
+                    raise
+                answered = True
+                return self._rows(target, result, len(items), top_k, slot)
+            except Exception as e:
+                if error_kind(e) != RETRY or attempt == self.config.retries:
+                    raise
+                delay = min(self.config.backoff_s * 2**attempt, MAX_BACKOFF_S)
+                log.debug(
+                    "%s: infer failed (%s); retry %d in %.2f s",
+                    self._where(),
+                    error_text(e),
+                    attempt + 1,
+                    delay,
+                )
+            finally:
+                target.slots.release(slot, answered)
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
 
     async def _run_chunk(
         self, target: _Target, items: list[Item], top_k: int
@@ -558,13 +481,22 @@ class AsyncVitClient:
             raise ClientError(failure_message(errors, {it.index: it.source for it in batch.items}))
         return EmbedResult(out, errors)
 
-    async def classify(self, images: Images, top_k: int = 5, *, strict: bool = False) -> ClassifyResult:
+    async def classify(
+        self, images: Images, top_k: int = 5, *, strict: bool = False, head: str | None = None
+    ) -> ClassifyResult:
         """The `top_k` (label, score) pairs of each image, best first, from the model's `probs` output and
-        its label file (Triton's classification extension). Failures as in `embed`."""
+        its label file (Triton's classification extension). `head`: which head of a model whose heads share
+        one backbone (models.yaml `heads:`). Failures as in `embed`."""
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ClientError(f"top_k {top_k!r} must be an integer >= 1")
         batch = images_mod.prepare(images)
-        target = await self._target(batch.tensor)
+        target = await self._target(batch.tensor, head)
+        if head is None and PROBS not in target.info.outputs:
+            heads = await self._heads()
+            if heads:
+                raise ClientError(
+                    f"model {self.config.model!r} has several heads: pass head= one of {', '.join(heads)}"
+                )
         classes = target.info.output_dim(PROBS)
         if PROBS not in target.info.labelled:
             log.warning(
@@ -583,7 +515,8 @@ class AsyncVitClient:
             return
         try:
             if self._transport is not None:
-                await self._release(list(self._regions))
+                for pool in self._pools:
+                    await pool.close()
                 await self._transport.close()
         finally:
             self._closed = True

@@ -33,6 +33,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("classify", help="top-k labels and scores of images from a deployed model")
     _common(p)
     p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--head", default=None, help="which head, for a model with several (models.yaml `heads:`)")
     p.set_defaults(func=_classify)
     p = sub.add_parser("embed", help="embeddings of images from a deployed model, saved as .npy")
     _common(p)
@@ -64,7 +65,7 @@ def _report_errors(args: argparse.Namespace, errors: dict[int, str]) -> int:
 
 def _classify(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        result = client.classify(args.images, top_k=args.top_k, strict=args.strict)
+        result = client.classify(args.images, top_k=args.top_k, strict=args.strict, head=args.head)
     for path, top in zip(args.images, result.predictions, strict=True):
         if top is None:
             continue

@@ -3,6 +3,12 @@
 Everything that can be refused without the server is refused here, before any request is sent: a path
 that does not exist or is not an image, an array of the wrong dtype or rank, a mix of encoded images and
 preprocessed tensors. Bytes are sent as they are; the server decodes them and reports a bad one by index.
+
+Orientation is the same whatever the input type: files and bytes keep their EXIF orientation, and a PIL
+image re-encoded as PNG carries its EXIF orientation along, so the server turns all of them upright the same
+way (or, with `exif_transpose` off in the model, none of them). An array has no orientation: its pixels are
+taken as they are meant to be seen (apply `PIL.ImageOps.exif_transpose` before `np.asarray` when it comes
+from a photo with an EXIF orientation).
 """
 
 from __future__ import annotations
@@ -23,6 +29,16 @@ ImageLike = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | n
 Images = ImageLike | Sequence[ImageLike]
 
 _PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
+ORIENTATION = 0x0112  # the EXIF tag
+
+
+def orientation(im: Image.Image) -> int:
+    """The EXIF orientation of a PIL image (1, upright, when it has none or it cannot be read)."""
+    try:
+        value = int(im.getexif().get(ORIENTATION, 1))
+    except Exception:  # a malformed EXIF block: the server could not read it either
+        return 1
+    return value if 1 <= value <= 8 else 1
 
 
 @dataclass(frozen=True)
@@ -132,7 +148,8 @@ def _check_array(i: int, a: np.ndarray) -> tuple[Item, bool]:
 
 
 def encoded(item: Item) -> bytes:
-    """The bytes sent to the ensemble for `item`: the file's bytes, or a PNG of an in-memory image."""
+    """The bytes sent to the ensemble for `item`: the file's bytes, or a PNG of an in-memory image (with
+    the PIL image's EXIF orientation, so that the server treats it as it treats the photo's own bytes)."""
     value = item.value
     if isinstance(value, Path):
         try:
@@ -146,11 +163,16 @@ def encoded(item: Item) -> bytes:
         if isinstance(value, Image.Image)
         else Image.fromarray(value[..., 0] if value.ndim == 3 and value.shape[2] == 1 else value)
     )
+    exif = None
+    if isinstance(value, Image.Image) and (turn := orientation(value)) != 1:
+        exif = Image.Exif()
+        exif[ORIENTATION] = turn
     if im.mode not in _PNG_MODES:  # CMYK, YCbCr, F, ...: the server would convert to RGB anyway
         im = im.convert("RGB")
     buf = io.BytesIO()
     try:
-        im.save(buf, format="PNG", compress_level=1)  # lossless, and fast enough to keep up with the server
+        # lossless, and fast enough to keep up with the server
+        im.save(buf, format="PNG", compress_level=1, **({"exif": exif} if exif else {}))
     except (OSError, ValueError) as e:
         raise ClientError(f"image {item.index} ({item.source}) could not be encoded as PNG: {e}") from e
     return buf.getvalue()

@@ -100,9 +100,11 @@ class VitClient:
         """See AsyncVitClient.embed."""
         return self._run(self._async.embed(images, strict=strict))
 
-    def classify(self, images: Images, top_k: int = 5, *, strict: bool = False) -> ClassifyResult:
+    def classify(
+        self, images: Images, top_k: int = 5, *, strict: bool = False, head: str | None = None
+    ) -> ClassifyResult:
         """See AsyncVitClient.classify."""
-        return self._run(self._async.classify(images, top_k, strict=strict))
+        return self._run(self._async.classify(images, top_k, strict=strict, head=head))
 
     def model_info(self, tensor: bool = False) -> ModelInfo:
         """See AsyncVitClient.model_info."""

@@ -2,13 +2,19 @@
 
 Sources: open_clip (CLIP ViTs and the timm EVA02 towers inside open_clip), timm (Meta's DINOv2) and TAO
 (NVIDIA's NV-DINOv2: a timm VisionTransformer with a SwiGLU MLP, built here from its published shape).
-Each entry knows its input size and eval preprocessing exactly as open_clip / timm define it.
+Each entry knows its input size and eval preprocessing as open_clip / timm resolve it for the default
+weights; `library_preprocess` asks the library itself (for any pretrained tag) and a test checks every
+entry against it. The architecture follows the weights actually loaded (`clip_architecture`): QuickGELU and
+the preprocessing come from the chosen pretrained tag, or from the checkpoint's `open_clip_config.json`.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
+import json
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +33,14 @@ RANDOM_INIT_SEED = 0
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Eval preprocessing: resize (shortest edge to `resize_size`, or squash), center crop, normalize."""
+    """Eval preprocessing: resize (shortest edge to `resize_size`, or squash), center crop, normalize.
+
+    `rgb` is where the library converts to RGB: "after_crop" (open_clip's eval transform) or "on_decode"
+    (timm, whose loader converts before its transform); it changes palette, RGBA, LA and CMYK results.
+    `exif_transpose` and `scale_16bit` are vitserve's two deliberate differences from the libraries
+    (upright by EXIF orientation; 16-bit greyscale scaled to 8 bits, where Pillow clips it): both on by
+    default, off for pixel-exact library behaviour.
+    """
 
     size: int
     resize_size: int
@@ -35,6 +48,17 @@ class Preprocess:
     mean: tuple[float, float, float] = OPENAI_MEAN
     std: tuple[float, float, float] = OPENAI_STD
     resize_mode: str = "shortest"  # shortest | squash
+    rgb: str = "after_crop"  # after_crop | on_decode
+    exif_transpose: bool = True
+    scale_16bit: bool = True
+
+    def __post_init__(self) -> None:
+        if self.resize_mode not in ("shortest", "squash"):
+            raise ConfigError(f"resize_mode {self.resize_mode!r}: vitserve serves 'shortest' or 'squash'")
+        if self.rgb not in ("after_crop", "on_decode"):
+            raise ConfigError(f"rgb {self.rgb!r}: must be 'after_crop' (open_clip) or 'on_decode' (timm)")
+        if self.interpolation not in ("bicubic", "bilinear", "nearest", "lanczos"):
+            raise ConfigError(f"interpolation {self.interpolation!r}: bicubic, bilinear, nearest or lanczos")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -51,6 +75,8 @@ class BackboneEntry:
     family: str  # clip | eva02-clip | dinov2 | nv-dinov2
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
     fast: bool = False  # small enough for the fast test tier
+    # TAO entries: the timm model whose pretrained data config defines the eval preprocessing.
+    data_config_model: str | None = None
 
     @property
     def image_size(self) -> int:
@@ -68,7 +94,7 @@ def _clip(
 
 
 def _dinov2(name: str, arch: str, dim: int, fast: bool = False) -> BackboneEntry:
-    pre = Preprocess(518, 518, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    pre = Preprocess(518, 518, mean=IMAGENET_MEAN, std=IMAGENET_STD, rgb="on_decode")
     return BackboneEntry(name, "timm", arch, "lvd142m", dim, pre, "dinov2", fast=fast)
 
 
@@ -91,7 +117,7 @@ def _nv_dinov2_kwargs(
     )
 
 
-_NV_PRE = Preprocess(518, 518, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+_NV_PRE = Preprocess(518, 518, mean=IMAGENET_MEAN, std=IMAGENET_STD, rgb="on_decode")
 
 REGISTRY: dict[str, BackboneEntry] = {
     e.name: e
@@ -115,6 +141,7 @@ REGISTRY: dict[str, BackboneEntry] = {
             _NV_PRE,
             "nv-dinov2",
             _nv_dinov2_kwargs(1024, 24, 16, 5472),
+            data_config_model="vit_large_patch14_dinov2.lvd142m",
         ),
         BackboneEntry(
             "NV-DINOv2-g",
@@ -125,6 +152,7 @@ REGISTRY: dict[str, BackboneEntry] = {
             _NV_PRE,
             "nv-dinov2",
             _nv_dinov2_kwargs(1536, 40, 24, 8192, reg_tokens=4),
+            data_config_model="vit_giant_patch14_reg4_dinov2.lvd142m",
         ),
         _dinov2("DINOv2-S", "vit_small_patch14_dinov2", 384, fast=True),
         _dinov2("DINOv2-B", "vit_base_patch14_dinov2", 768),
@@ -187,6 +215,13 @@ class LoadedBackbone:
     clip_model: Any = None
     tokenizer: Callable | None = None
     checkpoint_report: dict[str, Any] = field(default_factory=dict)
+    # The preprocessing and architecture choices of the weights actually loaded (see clip_architecture).
+    preprocess: Preprocess | None = None
+    architecture: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.preprocess is None:
+            self.preprocess = self.entry.preprocess
 
 
 def _download_error(entry: BackboneEntry, tag: str, err: Exception) -> ExportError:
@@ -277,10 +312,32 @@ def _timm_module(entry: BackboneEntry, pretrained_tag: str | None):
     return timm.create_model(name, pretrained=pretrained_tag is not None, num_classes=0)
 
 
+def _check_tag(entry: BackboneEntry, tag: str) -> None:
+    """Refuse a pretrained tag the library does not know (before any download), listing the known ones."""
+    if entry.source == "open_clip":
+        import open_clip
+
+        tags = open_clip.list_pretrained_tags_by_model(entry.model_id)
+    elif entry.source == "timm":
+        import timm
+
+        tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{entry.model_id}.*")]
+    else:
+        tags = []
+    if tag not in tags:
+        raise ConfigError(
+            f"pretrained tag {tag!r} is not a tag of {entry.name} ({entry.model_id}); "
+            f"known tags: {', '.join(tags) or '(none: pass --weights FILE)'}"
+        )
+
+
 def create_backbone(name: str, weights: str | Weights | None = None, device: str = "cpu") -> LoadedBackbone:
-    """Build backbone `name` with `weights` ("pretrained[:TAG]", a checkpoint path, or "random")."""
+    """Build backbone `name` with `weights` ("pretrained[:TAG]", a checkpoint path, or "random"); the
+    architecture and preprocessing follow those weights (see `clip_architecture`)."""
     entry = get_backbone(name)
     w = weights if isinstance(weights, Weights) else Weights.parse(weights, entry)
+    if w.kind == "pretrained":
+        _check_tag(entry, w.value)
     if w.kind == "random":
         log.warning(
             "%s: RANDOM-INIT WEIGHTS - the exported model is untrained (outputs are meaningless)", name
@@ -291,6 +348,8 @@ def create_backbone(name: str, weights: str | Weights | None = None, device: str
     if entry.source == "open_clip":
         return _create_open_clip(entry, w, device)
     report: dict[str, Any] = {}
+    if w.kind == "file":
+        _check_timm_checkpoint_config(entry, w.value)
     try:
         model = _timm_module(entry, w.value if w.kind == "pretrained" else None)
     except Exception as e:
@@ -300,39 +359,169 @@ def create_backbone(name: str, weights: str | Weights | None = None, device: str
     if w.kind == "file":
         report = load_timm_checkpoint(model, w.value)
     model = model.eval().to(device)
-    return LoadedBackbone(entry, model, w, checkpoint_report=report)
+    tag = w.value if w.kind == "pretrained" else None
+    return LoadedBackbone(
+        entry,
+        model,
+        w,
+        checkpoint_report=report,
+        preprocess=library_preprocess(entry, tag),
+        architecture={"source": f"timm {entry.model_id}" + (f".{tag}" if tag else "")},
+    )
+
+
+OPEN_CLIP_CONFIG = "open_clip_config.json"  # what open_clip writes next to HF-hub weights
+TIMM_CONFIG = "config.json"  # what timm writes next to HF-hub weights
+
+
+def _sidecar_config(path: str, name: str) -> tuple[dict[str, Any] | None, Path]:
+    cfg_path = Path(path).parent / name
+    if not cfg_path.is_file():
+        return None, cfg_path
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as e:
+        raise ExportError(
+            f"{cfg_path} (next to checkpoint {path}) is not readable JSON ({e}); fix or remove it"
+        ) from e
+    if not isinstance(cfg, dict):
+        raise ExportError(f"{cfg_path} (next to checkpoint {path}) is not a JSON object")
+    return cfg, cfg_path
+
+
+def _check_timm_checkpoint_config(entry: BackboneEntry, path: str) -> None:
+    """A timm HF-hub `config.json` next to the checkpoint must name this architecture."""
+    if entry.source != "timm":
+        return
+    cfg, cfg_path = _sidecar_config(path, TIMM_CONFIG)
+    arch = (cfg or {}).get("architecture")
+    if arch and arch.partition(".")[0] != entry.model_id:
+        raise ExportError(
+            f"checkpoint {path}: its {cfg_path.name} says architecture {arch!r}, but --backbone "
+            f"{entry.name} is {entry.model_id!r}; choose the backbone the checkpoint was trained as "
+            "(`vitserve backbones`)"
+        )
+
+
+def _differences(ours: dict[str, Any], theirs: dict[str, Any], prefix: str = "") -> list[str]:
+    """Keys both configs set to different values (nested), as 'key: checkpoint X vs backbone Y'."""
+
+    def norm(v):
+        return [norm(x) for x in v] if isinstance(v, list | tuple) else v
+
+    out = []
+    for key in sorted(set(ours) & set(theirs)):
+        a, b = ours[key], theirs[key]
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif norm(a) != norm(b):
+            out.append(f"{prefix}{key}: checkpoint {b!r} vs backbone {a!r}")
+    return out
+
+
+def clip_architecture(entry: BackboneEntry, w: Weights) -> dict[str, Any]:
+    """QuickGELU and preprocessing for open_clip backbone `entry` loaded with weights `w`.
+
+    - `pretrained:TAG`: open_clip's pretrained cfg of TAG (ViT-B-32 `openai` and `laion400m_e31` are
+      QuickGELU, `laion2b_s34b_b79k` is not; ViT-L-14 `laion2b_s32b_b82k` normalizes with 0.5/0.5).
+    - a checkpoint FILE: its checkpoint config, which is the `open_clip_config.json` open_clip writes next
+      to HF-hub weights (`model_cfg` incl. `quick_gelu`, and `preprocess_cfg`). A config describing
+      another architecture (embed_dim, vision_cfg, text_cfg) is an ExportError naming both. A bare state
+      dict carries no config, and QuickGELU cannot be told from the weights (the tensors are the same):
+      then the registry's default tag decides, with a warning, and the manifest says so.
+    - random init: the registry's default tag.
+
+    Returns {"quick_gelu", "source", "preprocess" (a Preprocess)}.
+    """
+    import open_clip
+
+    if w.kind == "pretrained":
+        pcfg = open_clip.get_pretrained_cfg(entry.model_id, w.value)
+        return {
+            "quick_gelu": bool(pcfg.get("quick_gelu", False)),
+            "source": f"open_clip pretrained cfg of tag {w.value}",
+            "preprocess": library_preprocess(entry, w.value),
+        }
+    if w.kind == "file":
+        cfg, cfg_path = _sidecar_config(w.value, OPEN_CLIP_CONFIG)
+        if cfg is not None:
+            model_cfg = cfg.get("model_cfg")
+            if not isinstance(model_cfg, dict):
+                raise ExportError(
+                    f"{cfg_path} (next to checkpoint {w.value}) has no 'model_cfg' object; "
+                    "is it open_clip's config? Fix or remove it"
+                )
+            ours = open_clip.get_model_config(entry.model_id)
+            diffs = _differences({k: ours[k] for k in ("embed_dim", "vision_cfg", "text_cfg")}, model_cfg)
+            if diffs:
+                raise ExportError(
+                    f"checkpoint {w.value}: its {cfg_path.name} describes another architecture than "
+                    f"--backbone {entry.name} ({'; '.join(diffs)}); choose the backbone the checkpoint "
+                    "was trained as (`vitserve backbones`)"
+                )
+            return {
+                "quick_gelu": bool(model_cfg.get("quick_gelu", False)),
+                "source": str(cfg_path),
+                "preprocess": _open_clip_preprocess(entry, cfg.get("preprocess_cfg") or {}),
+            }
+        arch = clip_architecture(entry, Weights("random"))
+        log.warning(
+            "checkpoint %s carries no %s: QuickGELU cannot be told from weights, using %s's default "
+            "tag %s (quick_gelu=%s). Put open_clip's %s next to the checkpoint if it was trained otherwise",
+            w.value,
+            OPEN_CLIP_CONFIG,
+            entry.name,
+            entry.pretrained,
+            arch["quick_gelu"],
+            OPEN_CLIP_CONFIG,
+        )
+        arch["source"] = f"{arch['source']} (checkpoint has no {OPEN_CLIP_CONFIG}: not detectable)"
+        return arch
+    pcfg = open_clip.get_pretrained_cfg(entry.model_id, entry.pretrained) if entry.pretrained else {}
+    return {
+        "quick_gelu": bool(pcfg.get("quick_gelu", False)),
+        "source": f"registry default tag {entry.pretrained}",
+        "preprocess": library_preprocess(entry, entry.pretrained),
+    }
+
+
+def _quick_gelu_in(module) -> bool | None:
+    """Whether open_clip's own transformer blocks use QuickGELU (None: timm tower, no such choice)."""
+    from open_clip.transformer import QuickGELU, ResidualAttentionBlock
+
+    blocks = [m for m in module.modules() if isinstance(m, ResidualAttentionBlock)]
+    if not blocks:
+        return None
+    return isinstance(blocks[0].mlp.gelu, QuickGELU)
 
 
 def _create_open_clip(entry: BackboneEntry, w: Weights, device: str) -> LoadedBackbone:
     import open_clip
     from torch import nn
 
-    tag = entry.pretrained
-    quick_gelu = (
-        bool(open_clip.get_pretrained_cfg(entry.model_id, tag).get("quick_gelu", False)) if tag else False
-    )
-    kwargs = dict(force_quick_gelu=quick_gelu, device=device)
+    if w.kind == "file" and not Path(w.value).is_file():
+        raise ExportError(f"checkpoint {w.value} does not exist; pass an existing file to --weights")
+    arch = clip_architecture(entry, w)
+    kwargs = dict(force_quick_gelu=arch["quick_gelu"], device=device)
     try:
-        if w.kind == "pretrained":
-            model = open_clip.create_model(
-                entry.model_id, pretrained=w.value, require_pretrained=True, **kwargs
-            )
-        elif w.kind == "file":
-            if not Path(w.value).is_file():
-                raise ExportError(f"checkpoint {w.value} does not exist; pass an existing file to --weights")
+        if w.kind in ("pretrained", "file"):
             model = open_clip.create_model(
                 entry.model_id, pretrained=w.value, require_pretrained=True, **kwargs
             )
         else:
             model = open_clip.create_model(entry.model_id, pretrained=None, **kwargs)
-    except ExportError:
-        raise
     except Exception as e:
         if w.kind == "pretrained":
             raise _download_error(entry, w.value, e) from e
         raise ExportError(
             f"checkpoint {w.value} could not be loaded into {entry.name}: {type(e).__name__}: {e}"
         ) from e
+    built = _quick_gelu_in(model.visual)
+    if built is not None and built != arch["quick_gelu"]:
+        raise ExportError(
+            f"{entry.name}: built with quick_gelu={built} but the weights ({arch['source']}) need "
+            f"quick_gelu={arch['quick_gelu']}; this is a vitserve bug, please report it"
+        )
 
     class ClipImageEncoder(nn.Module):
         def __init__(self, visual):
@@ -345,7 +534,13 @@ def _create_open_clip(entry: BackboneEntry, w: Weights, device: str) -> LoadedBa
     model.eval()
     tokenizer = open_clip.get_tokenizer(entry.model_id)
     return LoadedBackbone(
-        entry, ClipImageEncoder(model.visual).eval(), w, clip_model=model, tokenizer=tokenizer
+        entry,
+        ClipImageEncoder(model.visual).eval(),
+        w,
+        clip_model=model,
+        tokenizer=tokenizer,
+        preprocess=arch["preprocess"],
+        architecture={"quick_gelu": built, "source": arch["source"]},
     )
 
 
@@ -387,27 +582,138 @@ def backbone_table() -> list[dict[str, Any]]:
     ]
 
 
-def torch_transform(entry: BackboneEntry):
-    """The backbone's own eval transform (PIL image -> normalized tensor), as open_clip / timm build it."""
-    p = entry.preprocess
+# ------------------------------------------------------------------------ the libraries' own preprocessing
+
+
+def _open_clip_preprocess(entry: BackboneEntry, overlay: dict[str, Any]) -> Preprocess:
+    """open_clip's PreprocessCfg defaults, merged with `overlay` (a tag's pretrained cfg or a checkpoint's
+    preprocess_cfg), with the size of the model's vision tower, as open_clip's factory resolves it."""
+    import open_clip
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    cfg = merge_preprocess_dict(PreprocessCfg(), overlay)
+    size = open_clip.get_model_config(entry.model_id)["vision_cfg"]["image_size"]
+    if isinstance(size, list | tuple):
+        if len(set(size)) != 1:
+            raise ConfigError(f"{entry.name}: non-square input {size} is not supported")
+        size = size[0]
+    return Preprocess(
+        int(size),
+        int(size),
+        cfg["interpolation"],
+        tuple(float(v) for v in cfg["mean"]),
+        tuple(float(v) for v in cfg["std"]),
+        cfg["resize_mode"],
+        rgb="after_crop",
+    )
+
+
+def _timm_data_model(entry: BackboneEntry, tag: str | None) -> str:
+    if entry.data_config_model:
+        return entry.data_config_model
+    tag = tag or entry.pretrained
+    return f"{entry.model_id}.{tag}" if tag else entry.model_id
+
+
+@functools.cache
+def _timm_data_config(model_name: str) -> tuple[tuple[str, Any], ...]:
+    import timm.data
+    import timm.models
+
+    pcfg = timm.models.get_pretrained_cfg(model_name)
+    if pcfg is None:
+        raise ConfigError(f"timm has no pretrained config for {model_name!r}")
+    return tuple(timm.data.resolve_data_config(pretrained_cfg=pcfg.to_dict()).items())
+
+
+def timm_model_data_config(model_name: str) -> dict[str, Any]:
+    """`timm.data.resolve_model_data_config` of `model_name` built on the meta device (no weights)."""
+    import timm
+    import timm.data
+    import torch
+
+    with torch.device("meta"):
+        model = timm.create_model(model_name, pretrained=False, num_classes=0)
+    return timm.data.resolve_model_data_config(model)
+
+
+def library_data_config(entry: BackboneEntry, tag: str | None = None) -> dict[str, Any]:
+    """timm's resolved data config for a timm/TAO entry (TAO: the timm DINOv2 of its shape), from the
+    model's pretrained cfg: what `resolve_model_data_config` returns for the model (a test checks that),
+    without building it."""
+    return dict(_timm_data_config(_timm_data_model(entry, tag)))
+
+
+def library_preprocess(entry: BackboneEntry, tag: str | None = None) -> Preprocess:
+    """The eval preprocessing open_clip / timm resolve for `entry` with pretrained `tag` (default: the
+    registry's), read from the libraries' own configs (no weights, no download)."""
     if entry.source == "open_clip":
         import open_clip
 
-        return open_clip.image_transform(
-            p.size,
-            is_train=False,
-            mean=p.mean,
-            std=p.std,
-            interpolation=p.interpolation,
-            resize_mode=p.resize_mode,
+        tag = tag or entry.pretrained
+        return _open_clip_preprocess(entry, open_clip.get_pretrained_cfg(entry.model_id, tag) if tag else {})
+    dc = library_data_config(entry, tag)
+    _, h, w = dc["input_size"]
+    crop_mode = dc.get("crop_mode") or "center"
+    if h != w or crop_mode not in ("center", "squash") or (crop_mode == "squash" and dc["crop_pct"] != 1):
+        raise ConfigError(
+            f"{entry.name}: timm data config {dc} (non-square input, border crop, or squash with "
+            "crop_pct != 1) is not served by vitserve's preprocess model"
         )
-    import timm.data
-
-    return timm.data.create_transform(
-        input_size=(3, p.size, p.size),
-        interpolation=p.interpolation,
-        mean=p.mean,
-        std=p.std,
-        crop_pct=p.size / p.resize_size,
-        crop_mode="center" if p.resize_mode == "shortest" else "squash",
+    return Preprocess(
+        int(h),
+        math.floor(h / dc["crop_pct"]),
+        dc["interpolation"],
+        tuple(float(v) for v in dc["mean"]),
+        tuple(float(v) for v in dc["std"]),
+        "shortest" if crop_mode == "center" else "squash",
+        rgb="on_decode",
     )
+
+
+class _ConvertRGB:
+    """timm's loader step (`ImageDataset`: `img.convert("RGB")`), which runs before timm's transform."""
+
+    def __call__(self, im):
+        return im.convert("RGB")
+
+    def __repr__(self) -> str:
+        return "ConvertRGB()"
+
+
+def library_transform(entry: BackboneEntry, tag: str | None = None):
+    """The library's own eval transform for `entry` (PIL image as decoded -> normalized tensor):
+    `open_clip.transform.image_transform_v2` with the preprocess cfg open_clip resolves for `tag` (Resize,
+    CenterCrop, then RGB), or `timm.data.create_transform` of `timm.data.resolve_model_data_config`
+    after timm's loader's RGB conversion. The reference for parity and fidelity, never the registry."""
+    if entry.source == "open_clip":
+        import open_clip
+        from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
+
+        tag = tag or entry.pretrained
+        cfg = merge_preprocess_dict(
+            PreprocessCfg(), open_clip.get_pretrained_cfg(entry.model_id, tag) if tag else {}
+        )
+        cfg["size"] = open_clip.get_model_config(entry.model_id)["vision_cfg"]["image_size"]
+        return image_transform_v2(PreprocessCfg(**cfg), is_train=False)
+    import timm.data
+    from torchvision.transforms import Compose
+
+    return Compose([_ConvertRGB(), timm.data.create_transform(**library_data_config(entry, tag))])
+
+
+def prepare_image(im, pre: Preprocess):
+    """`im` with vitserve's deliberate differences applied as `pre` sets them (EXIF orientation, 16-bit
+    scaling), ready for `library_transform`: what the served path feeds its resize."""
+    from PIL import ImageOps
+
+    from vitserve.exporter.triton_models.preprocess import scale_to_8bit
+
+    if pre.exif_transpose:
+        im = ImageOps.exif_transpose(im)
+    return scale_to_8bit(im) if pre.scale_16bit else im
+
+
+def torch_transform(entry: BackboneEntry):
+    """The backbone's own eval transform (PIL image -> normalized tensor): `library_transform`."""
+    return library_transform(entry)

@@ -6,7 +6,7 @@ Every value is validated in `__post_init__` and a refusal names the value, the f
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,9 @@ class Kind(enum.StrEnum):
     ONNXRUNTIME = "onnxruntime"  # onnxruntime_onnx backend (GPU hosts / NGC container)
     CPU = "cpu"  # python backend running onnxruntime on the CPU (pip tritonserver)
 
+
+# How NAME_preprocess is served (ModelSpec.preprocess).
+PREPROCESS_MODES = ("dali", "pillow", "fast")
 
 # Which precisions each serving kind can run.
 KIND_PRECISIONS: dict[Kind, tuple[Precision, ...]] = {
@@ -147,6 +150,132 @@ class Calibration:
             raise ConfigError(f"calibration num_images={self.num_images}: must be >= 1")
 
 
+HEAD_NAME_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789-"
+RESERVED_HEAD_NAMES = ("preprocess", "heads")
+
+
+@dataclass(frozen=True)
+class NamedHead:
+    """One head of a model whose heads share one backbone (models.yaml `heads:`): Triton serves it as the
+    ensemble `MODEL_NAME` (its logits/probs) and as `NAME_logits`/`NAME_probs` of the ensemble `MODEL`."""
+
+    name: str
+    head: str  # linear:FILE | mlp:FILE | zeroshot
+    labels: str | tuple[str, ...] | None = None  # a file, or the class names inline
+
+    def check(self, model: str) -> None:
+        """Refuse a bad head name or head, naming the model and the head."""
+        what = f"model {model} head {self.name!r}"
+        if (
+            not self.name
+            or self.name[0] not in HEAD_NAME_CHARS[:26]
+            or any(c not in HEAD_NAME_CHARS for c in self.name)
+        ):
+            raise ConfigError(
+                f"{what}: a head name starts with a lowercase letter and has only a-z, 0-9 and '-' "
+                "(it becomes the Triton model MODEL_NAME and the outputs NAME_logits, NAME_probs)"
+            )
+        if self.name in RESERVED_HEAD_NAMES:
+            raise ConfigError(f"{what}: {self.name!r} is reserved (MODEL_{self.name} is another model)")
+        kind, _, file = str(self.head).partition(":")
+        if kind not in ("linear", "mlp", "zeroshot"):
+            raise ConfigError(f"{what}: {self.head!r} must be linear:FILE, mlp:FILE or zeroshot")
+        if kind != "zeroshot" and not file:
+            raise ConfigError(f"{what}: a {kind} head needs its weights, e.g. {kind}:{self.name}.pt")
+        if kind == "zeroshot" and (file or not self.labels):
+            raise ConfigError(
+                f"{what}: a zeroshot head takes no file and needs labels, e.g. "
+                f"{self.name}: {{head: zeroshot, labels: [cat, dog]}}"
+            )
+
+    @classmethod
+    def parse(cls, model: str, heads: Any) -> tuple[NamedHead, ...]:
+        """From {name: "linear:FILE" | {head: ..., labels: FILE | [names]}} (models.yaml), or a list of
+        {name, head, labels} (the repository manifest)."""
+        if isinstance(heads, dict):
+            items = []
+            for name, value in heads.items():
+                if isinstance(value, str):
+                    value = {"head": value}
+                if not isinstance(value, dict):
+                    raise ConfigError(
+                        f"model {model} head {name!r}: expected linear:FILE | mlp:FILE | zeroshot, or "
+                        f"{{head: ..., labels: ...}}, got {value!r}"
+                    )
+                items.append({"name": str(name), **value})
+        elif isinstance(heads, list | tuple):
+            items = [
+                h if isinstance(h, dict) else {"name": h.name, "head": h.head, "labels": h.labels}
+                for h in heads
+            ]
+        else:
+            raise ConfigError(f"model {model} heads: expected a mapping name -> head, got {heads!r}")
+        out = []
+        for item in items:
+            unknown = set(item) - {"name", "head", "labels"}
+            if unknown:
+                raise ConfigError(
+                    f"model {model} head {item.get('name')!r}: unknown keys {sorted(unknown)} (known: head, labels)"
+                )
+            if "head" not in item:
+                raise ConfigError(f"model {model} head {item.get('name')!r}: missing `head:`")
+            labels = item.get("labels")
+            if isinstance(labels, list | tuple):
+                labels = tuple(str(x) for x in labels)
+            out.append(cls(str(item["name"]), str(item["head"]), labels))
+        return tuple(out)
+
+
+@dataclass(frozen=True)
+class Tuned:
+    """Serving settings chosen by `vitserve tune` for one host and latency budget (models.yaml `tuned:`).
+
+    Each key it sets wins over the model's own field when the repository is written (`ModelSpec.serving`);
+    `host`, `p99_budget_ms`, `report` and `tuned_at` say where and for what the choice was measured.
+    """
+
+    precision: Precision | None = None  # the CPU backbone variant the ensemble routes to
+    instances: int | None = None
+    cpu_threads: int | None = None
+    cpu_spinning: bool | None = None
+    dynamic_batching: DynamicBatching | None = None
+    preprocess_instances: int | None = None
+    host: str | None = None
+    p99_budget_ms: float | None = None
+    report: str | None = None
+    tuned_at: str | None = None
+
+    def __post_init__(self) -> None:
+        for f in ("instances", "cpu_threads", "preprocess_instances"):
+            v = getattr(self, f)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ConfigError(f"tuned {f}={v!r}: must be an integer >= 1")
+        if self.cpu_spinning is not None and not isinstance(self.cpu_spinning, bool):
+            raise ConfigError(f"tuned cpu_spinning={self.cpu_spinning!r}: must be true or false")
+        if self.precision is not None:
+            check_kind_serves(Kind.CPU, self.precision)
+
+    @classmethod
+    def parse(cls, data: Any, what: str) -> Tuned:
+        if isinstance(data, Tuned):
+            return data
+        if not isinstance(data, dict):
+            raise ConfigError(f"{what}: expected a mapping, got {data!r}")
+        data = dict(data)
+        if data.get("precision") is not None:
+            data["precision"] = _enum(Precision, data["precision"], f"{what} precision")
+        if data.get("dynamic_batching") is not None:
+            data["dynamic_batching"] = _build(
+                DynamicBatching, data["dynamic_batching"], f"{what} dynamic_batching"
+            )
+        return _build(cls, data, what)
+
+    def overrides(self) -> dict[str, Any]:
+        """The ModelSpec fields this section sets (None values left out)."""
+        keys = ("instances", "cpu_threads", "cpu_spinning", "dynamic_batching", "preprocess_instances")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+
 def _build(cls, data: dict[str, Any] | None, what: str):
     data = dict(data or {})
     names = {f.name for f in fields(cls)}
@@ -167,6 +296,8 @@ class ModelSpec:
     weights: str = "pretrained"  # "pretrained" | "pretrained:TAG" | a checkpoint path | "random"
     head: str = "none"  # none | zeroshot | linear:FILE | mlp:FILE
     labels: str | tuple[str, ...] | None = None  # a file, or the class names inline
+    # Several heads on one backbone (exporter/multihead.py), instead of `head`/`labels`.
+    heads: tuple[NamedHead, ...] = ()
     precisions: tuple[Precision, ...] = (Precision.FP32,)
     kinds: tuple[Kind, ...] = (Kind.CPU,)
     profile: BatchProfile = field(default_factory=BatchProfile)
@@ -177,14 +308,55 @@ class ModelSpec:
     force: bool = False  # publish variants that fail their gate
     max_image_pixels: int = 40_000_000  # preprocess refuses larger images (decompression bombs)
     cpu_int8_mode: str = "dynamic"  # dynamic | static (QDQ, calibrated on the calibration images)
+    # What the CPU kind serves of the precisions built. FP16 on onnxruntime's CPU runs at ~0.15x FP32 and the
+    # TensorRT Q/DQ model runs slower than FP32 there: they are built (for the fidelity report and the GPU
+    # kinds) but loaded on a CPU only when listed here.
+    cpu_precisions: tuple[Precision, ...] = (Precision.FP32, Precision.CPU_INT8)
+    # onnxruntime intra-op threads of each CPU backbone instance; None: decided when the model loads, from the
+    # cores the server may use (affinity, cgroup quota) divided among its instances and the repository's
+    # served CPU backbones.
+    cpu_threads: int | None = None
+    # onnxruntime's `session.intra_op.allow_spinning` for CPU backbones: None keeps onnxruntime's default (on:
+    # idle intra-op threads spin, which steals cores from other instances and the preprocess model).
+    cpu_spinning: bool | None = None
+    # settings measured by `vitserve tune` on a serving host; they win over the fields above (`serving()`)
+    tuned: Tuned | None = None
+    # GPU kinds (tensorrt, onnxruntime): instances of each backbone model (default: `instances`).
+    backbone_instances: int | None = None
+    # onnxruntime kind: run it through onnxruntime's TensorRT execution accelerator in FP16 (opt-in: the
+    # accelerator builds its engines when the model loads, minutes for a ViT-L).
+    onnxruntime_trt_fp16: bool = False
+    # NAME_preprocess: dali (Triton's DALI backend: nvJPEG + GPU resize; GPU kinds) | pillow (python backend,
+    # Pillow's exact numerics) | fast (pillow, large JPEGs decoded at reduced DCT scale: faster, not exact).
+    # None: dali when the first kind is a GPU kind, pillow for the CPU kind.
+    preprocess: str | None = None
+    # instances of NAME_preprocess; None: the cores the backbone leaves (at least 1), see repository.py
+    preprocess_instances: int | None = None
 
     def __post_init__(self) -> None:
         if not self.name or not all(c.isalnum() or c in "_-" for c in self.name):
             raise ConfigError(f"model name {self.name!r}: use letters, digits, '_' and '-' only")
         if self.instances < 1:
             raise ConfigError(f"model {self.name}: instances={self.instances} must be >= 1")
+        bi = self.backbone_instances
+        if bi is not None and (not isinstance(bi, int) or isinstance(bi, bool) or bi < 1):
+            raise ConfigError(f"model {self.name}: backbone_instances={bi!r} must be an integer >= 1")
+        if not isinstance(self.onnxruntime_trt_fp16, bool):
+            raise ConfigError(
+                f"model {self.name}: onnxruntime_trt_fp16={self.onnxruntime_trt_fp16!r} must be true or false"
+            )
+        if self.cpu_threads is not None and (
+            not isinstance(self.cpu_threads, int)
+            or isinstance(self.cpu_threads, bool)
+            or self.cpu_threads < 1
+        ):
+            raise ConfigError(f"model {self.name}: cpu_threads={self.cpu_threads!r} must be an integer >= 1")
+        if self.cpu_spinning is not None and not isinstance(self.cpu_spinning, bool):
+            raise ConfigError(f"model {self.name}: cpu_spinning={self.cpu_spinning!r} must be true or false")
         if Precision.FP32 not in self.precisions:
             raise ConfigError(f"model {self.name}: precisions must include 'fp32' (the reference)")
+        self._check_preprocess()
+        self._check_heads()
         if self.cpu_int8_mode not in ("dynamic", "static"):
             raise ConfigError(
                 f"model {self.name}: cpu_int8_mode {self.cpu_int8_mode!r}: expected 'dynamic' or 'static'"
@@ -192,6 +364,45 @@ class ModelSpec:
         if Precision.CPU_INT8 in self.precisions and Kind.CPU not in self.kinds:
             # cpu-int8 is only ever published to the kinds that serve it; with none configured, refuse.
             check_kind_serves(self.kinds[0], Precision.CPU_INT8)
+
+    def _check_heads(self) -> None:
+        if not self.heads:
+            return
+        if self.head != "none" or self.labels is not None:
+            raise ConfigError(
+                f"model {self.name}: `head`/`labels` and `heads` are exclusive; with several heads, give each "
+                "its labels under `heads:`"
+            )
+        names = [h.name for h in self.heads]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"model {self.name}: duplicate head names {dupes}")
+        for h in self.heads:
+            h.check(self.name)
+
+    def serving(self) -> ModelSpec:
+        """This spec with its `tuned:` settings applied (itself when it has none): what the repository
+        writes into config.pbtxt."""
+        if self.tuned is None:
+            return self
+        return replace(self, **self.tuned.overrides())
+
+    def _check_preprocess(self) -> None:
+        if self.preprocess is None:  # frozen: the default is resolved once, here
+            gpu_first = bool(self.kinds) and self.kinds[0] != Kind.CPU
+            object.__setattr__(self, "preprocess", "dali" if gpu_first else "pillow")
+        if self.preprocess not in PREPROCESS_MODES:
+            raise ConfigError(
+                f"model {self.name}: preprocess {self.preprocess!r}: expected one of {', '.join(PREPROCESS_MODES)}"
+            )
+        if self.preprocess == "dali" and (not self.kinds or self.kinds[0] == Kind.CPU):
+            raise ConfigError(
+                f"model {self.name}: preprocess 'dali' needs Triton's DALI backend and a GPU, but the first "
+                "kind is 'cpu' (the pip tritonserver has the python backend only); use 'pillow' or 'fast'"
+            )
+        pi = self.preprocess_instances
+        if pi is not None and (not isinstance(pi, int) or isinstance(pi, bool) or pi < 1):
+            raise ConfigError(f"model {self.name}: preprocess_instances={pi!r} must be an integer >= 1")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
@@ -208,16 +419,40 @@ class ModelSpec:
             data["precisions"] = tuple(
                 _enum(Precision, p, f"model {name} precision") for p in data["precisions"]
             )
+        if "cpu_precisions" in data:
+            data["cpu_precisions"] = tuple(
+                _enum(Precision, p, f"model {name} cpu_precisions") for p in data["cpu_precisions"]
+            )
         if "kinds" in data:
             data["kinds"] = tuple(_enum(Kind, k, f"model {name} kind") for k in data["kinds"])
         if "profile" in data:
             data["profile"] = BatchProfile.parse(data["profile"])
+        if data.get("heads"):
+            data["heads"] = NamedHead.parse(name, data["heads"])
+        else:
+            data.pop("heads", None)
         data["dynamic_batching"] = _build(
             DynamicBatching, data.get("dynamic_batching"), f"model {name} dynamic_batching"
         )
         data["calibration"] = _build(Calibration, data.get("calibration"), f"model {name} calibration")
         data["gates"] = _build(Gates, data.get("gates"), f"model {name} gates")
+        if data.get("tuned") is not None:
+            data["tuned"] = Tuned.parse(data["tuned"], f"model {name} tuned")
         return cls(**data)
+
+
+def _resolve_head(folder: Path, value: Any) -> Any:
+    """A `heads:` entry with its weights and labels files resolved against models.yaml's folder."""
+    value = {"head": value} if isinstance(value, str) else value
+    if not isinstance(value, dict):
+        return value  # refused by NamedHead.parse, with the model's name
+    value = dict(value)
+    kind, sep, file = str(value.get("head", "")).partition(":")
+    if sep and file:
+        value["head"] = f"{kind}:{(folder / file).resolve()}"
+    if isinstance(value.get("labels"), str):
+        value["labels"] = str((folder / value["labels"]).resolve())
+    return value
 
 
 def load_models(path: str | Path) -> list[ModelSpec]:
@@ -248,6 +483,8 @@ def load_models(path: str | Path) -> list[ModelSpec]:
         weights = entry.get("weights", "pretrained")
         if weights not in ("pretrained", "random") and not weights.startswith("pretrained:"):
             entry["weights"] = str((path.parent / weights).resolve())
+        if isinstance(entry.get("heads"), dict):
+            entry["heads"] = {n: _resolve_head(path.parent, h) for n, h in entry["heads"].items()}
         if entry.get("calibration", {}).get("images"):
             entry["calibration"] = {
                 **entry["calibration"],
@@ -258,4 +495,8 @@ def load_models(path: str | Path) -> list[ModelSpec]:
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
         raise ConfigError(f"model config {path}: duplicate model names {sorted(dupes)}")
+    # a head's ensemble MODEL_HEAD must not be another model of the repository
+    clash = sorted({f"{s.name}_{h.name}" for s in specs for h in s.heads} & set(names))
+    if clash:
+        raise ConfigError(f"model config {path}: {clash} is both a model and a head's ensemble; rename one")
     return specs

@@ -20,15 +20,24 @@ Which TensorRT each Triton image carries (checked 2026-11-27): triton-inference-
 10.13.3.9 in 25.11-26.02 and 10.14.1.48 in 26.03-26.07. For the plain `<yy.mm>-py3` image it points to
 NVIDIA's Frameworks Support Matrix, which we could not read; no Triton release we could read names
 TensorRT 11. So check inside the image (trtexec prints its version first, `[TensorRT v110100]`) and
-compare it with the `tensorrt_version` recorded by `build_engine`.
+compare it with the `tensorrt_version` recorded by `build_engine`. The release vitserve serves from,
+and its TensorRT, are named in one place: `vitserve.exporter.gpu_release`. `check_repository` (the
+`vitserve check-engines` command, run by the serving image before tritonserver) refuses plans whose
+recorded TensorRT version or compute capability do not match the host.
+
+Plans and the timing cache live under artifacts/ (`plan_cache_key`): an unchanged rebuild copies the
+plan instead of building it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shlex
+import shutil
+import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -39,6 +48,7 @@ import numpy as np
 
 from vitserve.errors import ConfigError, ExportError
 from vitserve.exporter.config import BatchProfile
+from vitserve.exporter.gpu_release import TENSORRT_VERSION, TRITON_IMAGE, version_tuple
 
 log = logging.getLogger(__name__)
 
@@ -220,10 +230,11 @@ def write_build_script(
     script = f"""#!/usr/bin/env bash
 # Builds the TensorRT plan {shlex.quote(_flag_value(cmd, "--saveEngine="))} (written by vitserve.exporter.engine).
 #
-# Run it INSIDE the NGC Triton container (nvcr.io/nvidia/tritonserver:<yy.mm>-py3) whose TensorRT matches
-# the server that will load the plan, on the GPU model it will run on: a plan only loads in the TensorRT
-# version that built it and, unless built with a hardware compatibility level, on the same GPU
-# architecture. trtexec prints its TensorRT version on its first line.
+# Run it INSIDE the NGC Triton container that will serve the plan ({TRITON_IMAGE}, TensorRT
+# {TENSORRT_VERSION}; `make engines-gpu` does this for every plan, with caching and verification), on the
+# GPU model it will run on: a plan only loads in the TensorRT version that built it and, unless built
+# with a hardware compatibility level, on the same GPU architecture. trtexec prints its TensorRT version
+# on its first line.
 #
 # Input {input_name}: batch min={p.min} opt={p.opt} max={p.max}, {chw[0]}x{chw[1]}x{chw[2]}. The network is
 # strongly typed: FP16/INT8 come from the ONNX (AutoCast / Q/DQ), not from trtexec flags.
@@ -247,14 +258,16 @@ mkdir -p {" ".join(shlex.quote(os.path.dirname(o) or ".") for o in outputs)}
 
 
 def _gpu() -> tuple[str | None, str | None]:
-    """(GPU name, compute capability "9.0") of device 0, or (None, None) when no GPU is visible."""
+    """(GPU name, compute capability "9.0") of device 0, or (None, None) when no GPU is visible.
+
+    Asks torch, then cuda-python, then `nvidia-smi` (the serving image has neither Python package).
+    """
     try:
         import torch
 
         if torch.cuda.is_available():
             major, minor = torch.cuda.get_device_capability(0)
             return torch.cuda.get_device_name(0), f"{major}.{minor}"
-        return None, None
     except ImportError:
         pass
     try:
@@ -266,7 +279,50 @@ def _gpu() -> tuple[str | None, str | None]:
             return name, f"{prop.major}.{prop.minor}"
     except ImportError:
         pass
-    return None, None
+    return _nvidia_smi_gpu()
+
+
+def _nvidia_smi_gpu() -> tuple[str | None, str | None]:
+    if shutil.which("nvidia-smi") is None:
+        return None, None
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader", "-i", "0"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None, None
+    name, _, cap = out.stdout.strip().partition(",")
+    if out.returncode != 0 or not name:
+        return None, None
+    return name.strip(), (cap.strip() or None)
+
+
+def tensorrt_version() -> str | None:
+    """The TensorRT version on this host: that of the libnvinfer the dynamic loader finds (what Triton's
+    TensorRT backend loads), else the `tensorrt` Python package's; None when there is neither.
+
+    libnvinfer's getInferLibVersion() is MAJOR*10000 + MINOR*100 + PATCH from TensorRT 10 on
+    (MAJOR*1000 + MINOR*100 + PATCH before), so it gives "10.13.3" without the build number.
+    """
+    import ctypes
+
+    for lib in ("libnvinfer.so.11", "libnvinfer.so.10", "libnvinfer.so"):
+        try:
+            n = int(ctypes.CDLL(lib).getInferLibVersion())
+        except (OSError, AttributeError):
+            continue
+        if n >= 100000:
+            return f"{n // 10000}.{n // 100 % 100}.{n % 100}"
+        return f"{n // 1000}.{n // 100 % 10}.{n % 100}"
+    try:
+        import tensorrt as trt
+
+        return trt.__version__
+    except (ImportError, OSError, RuntimeError):
+        return None
 
 
 def tensorrt_unavailable_reason() -> str | None:
@@ -294,16 +350,10 @@ def engine_metadata(settings: EngineSettings) -> dict[str, Any]:
 
     Unknown fields (no TensorRT, no GPU) are None. `build_engine` adds build time and the plan's sha256.
     """
-    try:
-        import tensorrt as trt
-
-        trt_version = trt.__version__
-    except ImportError:
-        trt_version = None
     gpu_name, capability = _gpu()
     p = settings.profile
     return {
-        "tensorrt_version": trt_version,
+        "tensorrt_version": tensorrt_version(),
         "gpu_name": gpu_name,
         "compute_capability": capability,
         "profile": {"min": p.min, "opt": p.opt, "max": p.max},
@@ -314,24 +364,49 @@ def engine_metadata(settings: EngineSettings) -> dict[str, Any]:
     }
 
 
+_LOGGER = None  # TensorRT keeps the first ILogger it is given for the whole process: make exactly one
+
+
 def _logger(trt):
-    class Logger(trt.ILogger):
-        """Forwards TensorRT messages to logging and keeps the errors for the exception message."""
+    """The process's one TensorRT logger, its error list emptied for the call about to use it."""
+    global _LOGGER
+    if _LOGGER is None:
 
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
+        class Logger(trt.ILogger):
+            """Forwards TensorRT messages to logging and keeps the errors for the exception message."""
 
-        def log(self, severity, msg) -> None:
-            if severity in (trt.ILogger.INTERNAL_ERROR, trt.ILogger.ERROR):
-                self.errors.append(msg)
-                log.error("TensorRT: %s", msg)
-            elif severity == trt.ILogger.WARNING:
-                log.warning("TensorRT: %s", msg)
-            else:
-                log.debug("TensorRT: %s", msg)
+            def __init__(self) -> None:
+                trt.ILogger.__init__(self)
+                self.errors: list[str] = []
 
-    return Logger()
+            def log(self, severity, msg) -> None:
+                if severity in (trt.ILogger.INTERNAL_ERROR, trt.ILogger.ERROR):
+                    self.errors.append(msg)
+                    log.error("TensorRT: %s", msg)
+                elif severity == trt.ILogger.WARNING:
+                    log.warning("TensorRT: %s", msg)
+                else:
+                    log.debug("TensorRT: %s", msg)
+
+        _LOGGER = Logger()
+    _LOGGER.errors.clear()
+    return _LOGGER
+
+
+def strongly_typed_flags(trt) -> int:
+    """Network creation flags for a strongly typed network; refuses a TensorRT without them.
+
+    A weakly typed network would let TensorRT choose precisions itself and ignore the FP16/INT8 decided
+    in the ONNX (no FP16/INT8 builder flags are set), so there is no fallback to it.
+    """
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    if flag is None:
+        raise ExportError(
+            f"TensorRT {getattr(trt, '__version__', '?')} cannot build strongly typed networks "
+            "(NetworkDefinitionCreationFlag.STRONGLY_TYPED, TensorRT 9.1 and later); the FP16/INT8 "
+            f"variants need them. Build inside {TRITON_IMAGE} (TensorRT {TENSORRT_VERSION}): make engines-gpu"
+        )
+    return 1 << int(flag)
 
 
 def build_engine(
@@ -342,6 +417,7 @@ def build_engine(
     settings: EngineSettings,
     *,
     max_batch_size: int | None = None,
+    write_script: bool = True,
 ) -> dict[str, Any]:
     """Build a strongly typed TensorRT plan from `onnx_path` and write it to `plan_path`; return its metadata.
 
@@ -356,7 +432,9 @@ def build_engine(
         check_profile(settings.profile, max_batch_size)
     if not onnx_path.is_file():
         raise ExportError(f"ONNX model {onnx_path} does not exist; run the export stage first")
-    script = write_build_script(plan_path.parent, onnx_path, plan_path, input_name, chw, settings)
+    script = plan_path.parent / "build.sh"
+    if write_script:
+        write_build_script(plan_path.parent, onnx_path, plan_path, input_name, chw, settings)
 
     reason = tensorrt_unavailable_reason()
     if reason is not None:
@@ -367,8 +445,7 @@ def build_engine(
 
     logger = _logger(trt)
     builder = trt.Builder(logger)
-    strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-    network = builder.create_network(0 if strongly_typed is None else 1 << int(strongly_typed))
+    network = builder.create_network(strongly_typed_flags(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)] or logger.errors
@@ -438,11 +515,12 @@ def run_engine(
 ) -> dict[str, np.ndarray]:
     """Run a plan once on the GPU (for verification): `pixel_values` [N, C, H, W] -> {output name: array}.
 
-    Uses TensorRT's name-based I/O (set_input_shape, set_tensor_address, execute_async_v3) with torch CUDA
-    tensors as buffers. `version_compatible=True` lets TensorRT run the lean runtime embedded in such plans.
+    Deserializes with the process's logger, checks the batch against the plan's profile, then runs it with
+    Polygraphy's TrtRunner (device buffers through libcudart, no torch: the serving image has none).
+    `version_compatible=True` lets TensorRT run the lean runtime embedded in such plans.
     """
     trt = _tensorrt()
-    import torch
+    from polygraphy.backend.trt import TrtRunner
 
     plan_path = Path(plan_path)
     logger = _logger(trt)
@@ -456,32 +534,267 @@ def run_engine(
             f"TensorRT could not load {plan_path} ({detail}); plans only load with the TensorRT version and "
             "GPU architecture that built them"
         )
-    context = engine.create_execution_context()
     names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
     inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
     if len(inputs) != 1:
         raise ExportError(f"{plan_path} has inputs {inputs}; run_engine feeds exactly one")
-
-    def torch_dtype(name: str) -> torch.dtype:
-        return torch.from_numpy(np.empty(0, dtype=trt.nptype(engine.get_tensor_dtype(name)))).dtype
-
     name = inputs[0]
-    x = torch.from_numpy(np.ascontiguousarray(pixel_values)).to(device="cuda", dtype=torch_dtype(name))
-    if not context.set_input_shape(name, tuple(x.shape)):
-        lo, _, hi = (tuple(s) for s in engine.get_tensor_profile_shape(name, 0))
-        raise ExportError(
-            f"{plan_path}: input {name} shape {tuple(x.shape)} is outside the profile {lo}..{hi}"
+    lo, _, hi = (tuple(s) for s in engine.get_tensor_profile_shape(name, 0))
+    shape = tuple(pixel_values.shape)
+    if len(shape) != len(lo) or any(not a <= d <= b for d, a, b in zip(shape, lo, hi, strict=True)):
+        raise ExportError(f"{plan_path}: input {name} shape {shape} is outside the profile {lo}..{hi}")
+    dtype = trt.nptype(engine.get_tensor_dtype(name))
+    feed = {name: np.ascontiguousarray(pixel_values, dtype=dtype)}
+    try:
+        with TrtRunner(engine) as runner:
+            # copies: the runner reuses its host buffers
+            return {n: np.array(v, copy=True) for n, v in runner.infer(feed_dict=feed).items()}
+    except Exception as e:  # Polygraphy reports TensorRT's failures as its own exception types
+        detail = "; ".join(logger.errors) or str(e)
+        raise ExportError(f"TensorRT failed to run {plan_path}: {detail}") from e
+
+
+# ----------------------------------------------------------------------------------------- provenance
+
+
+def host_provenance() -> dict[str, Any]:
+    """What a plan must match on this host: TensorRT version, GPU name and compute capability."""
+    gpu_name, capability = _gpu()
+    return {"tensorrt_version": tensorrt_version(), "gpu_name": gpu_name, "compute_capability": capability}
+
+
+def _capability(value: Any) -> tuple[int, int] | None:
+    try:
+        major, minor = str(value).split(".")
+        return int(major), int(minor)
+    except (TypeError, ValueError):
+        return None
+
+
+def provenance_problems(name: str, recorded: dict[str, Any], host: dict[str, Any]) -> list[str]:
+    """Why the plan of Triton model `name`, built as `recorded` (its manifest entry), will not load on
+    `host` (`host_provenance()`); empty when it will.
+
+    TensorRT: the same major.minor.patch, or with `version_compatible` the same major and a host that is
+    not older. GPU: the same compute capability, or with hardware compatibility "ampere+" any 8.0 or newer.
+    Each message names both sides and how to rebuild.
+    """
+    rebuild = (
+        f"rebuild it on this host: `make engines-gpu` (builds inside {TRITON_IMAGE}, TensorRT "
+        f"{TENSORRT_VERSION}), or run {name}/1/build.sh inside the serving container"
+    )
+    built_trt, host_trt = recorded.get("tensorrt_version"), host.get("tensorrt_version")
+    built_cc, host_cc = recorded.get("compute_capability"), host.get("compute_capability")
+    problems = []
+    if not built_trt or not built_cc:
+        problems.append(
+            f"{name}: the manifest records no TensorRT version / compute capability for its plan "
+            f"(tensorrt_version={built_trt!r}, compute_capability={built_cc!r}), so it cannot be checked; {rebuild}"
         )
-    context.set_tensor_address(name, x.data_ptr())
-    outputs = {}
-    for n in names:
-        if n != name:
-            outputs[n] = torch.empty(tuple(context.get_tensor_shape(n)), dtype=torch_dtype(n), device="cuda")
-            context.set_tensor_address(n, outputs[n].data_ptr())
-    # Its own stream (TensorRT warns about extra syncs on the default one), ordered after the copy of x.
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    if not context.execute_async_v3(stream.cuda_stream):
-        raise ExportError(f"TensorRT failed to run {plan_path}: {'; '.join(logger.errors)}")
-    stream.synchronize()
-    return {n: t.cpu().numpy() for n, t in outputs.items()}
+        return problems
+    if not host_trt:
+        problems.append(f"{name}: no TensorRT found on this host (plan built with TensorRT {built_trt})")
+    else:
+        try:
+            b, h = version_tuple(built_trt), version_tuple(host_trt)
+        except ValueError as e:
+            problems.append(f"{name}: {e}")
+        else:
+            ok = (b[0] == h[0] and h >= b) if recorded.get("version_compatible") else b == h
+            if not ok:
+                problems.append(
+                    f"{name}: plan built with TensorRT {built_trt}, this host has TensorRT {host_trt} "
+                    f"(a plan only loads in the TensorRT that built it); {rebuild}"
+                )
+    b_cc, h_cc = _capability(built_cc), _capability(host_cc)
+    if h_cc is None:
+        problems.append(f"{name}: no GPU visible on this host (plan built for compute capability {built_cc})")
+    elif b_cc is None:
+        problems.append(f"{name}: recorded compute capability {built_cc!r} is not like '9.0'; {rebuild}")
+    else:
+        ok = h_cc >= (8, 0) if recorded.get("hardware_compatibility") == "ampere+" else b_cc == h_cc
+        if not ok:
+            problems.append(
+                f"{name}: plan built for compute capability {built_cc} ({recorded.get('gpu_name')}), this "
+                f"host's GPU has {host_cc} ({host.get('gpu_name')}); {rebuild}"
+            )
+    return problems
+
+
+def check_repository(repository: str | Path, host: dict[str, Any] | None = None) -> list[str]:
+    """Every TensorRT plan of a vitserve repository against `host` (default: this host's provenance).
+
+    Reads `vitserve-manifest.json`: a plan with no manifest entry, whose bytes differ from the recorded
+    sha256, or whose TensorRT version / compute capability do not match is a problem. Returns the list
+    of problems (empty: every plan will load).
+    """
+    repository = Path(repository)
+    manifest_path = repository / "vitserve-manifest.json"
+    plans = sorted(repository.glob("*/1/model.plan"))
+    if not plans:
+        return []
+    if not manifest_path.is_file():
+        return [f"{repository}: has TensorRT plans but no vitserve-manifest.json to check them against"]
+    records: dict[str, dict[str, Any]] = {}
+    for model in json.loads(manifest_path.read_text()).get("models", {}).values():
+        records.update(model.get("engines") or {})
+    host = host_provenance() if host is None else host
+    problems = []
+    for plan in plans:
+        name = plan.parent.parent.name
+        rec = records.get(name)
+        if not rec or not rec.get("built", True):
+            problems.append(
+                f"{name}: {plan} is not recorded in {manifest_path}; rebuild with `make engines-gpu`"
+            )
+            continue
+        sha = rec.get("plan_sha256")
+        if sha and sha != _sha256(plan):
+            problems.append(
+                f"{name}: {plan} is not the plan recorded in the manifest (sha256 differs); rebuild with "
+                "`make engines-gpu`"
+            )
+            continue
+        problems += provenance_problems(name, rec, host)
+    return problems
+
+
+# ----------------------------------------------------------------------------------------- plan cache
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def onnx_digest(onnx_path: str | Path) -> str:
+    """sha256 of an ONNX model and, when it has one, its external-data file(s) next to it."""
+    onnx_path = Path(onnx_path)
+    h = hashlib.sha256(_sha256(onnx_path).encode())
+    for extra in sorted(onnx_path.parent.glob(onnx_path.name + ".data*")):
+        h.update(extra.name.encode() + _sha256(extra).encode())
+    return h.hexdigest()
+
+
+def plan_cache_key(
+    onnx_sha256: str,
+    tensorrt_version: str,
+    compute_capability: str,
+    settings: EngineSettings,
+    input_name: str,
+    chw: tuple[int, int, int],
+) -> str:
+    """What decides a plan's bytes: the ONNX, the TensorRT version and GPU architecture that build it, the
+    profile, the builder optimization level and the other build options (not the timing cache path)."""
+    p = settings.profile
+    parts = {
+        "onnx": onnx_sha256,
+        "tensorrt": tensorrt_version,
+        "compute_capability": compute_capability,
+        "profile": [p.min, p.opt, p.max],
+        "builder_optimization_level": settings.builder_optimization_level,
+        "hardware_compatibility": settings.hardware_compatibility,
+        "version_compatible": settings.version_compatible,
+        "workspace_mb": settings.workspace_mb,
+        "input": [input_name, *chw],
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def timing_cache_path(cache_dir: str | Path, tensorrt_version: str, compute_capability: str) -> Path:
+    """The timing cache shared by every build with one TensorRT version on one GPU architecture."""
+    return Path(cache_dir) / "timing" / f"trt{tensorrt_version}-sm{compute_capability}.cache"
+
+
+def cached_plan(cache_dir: str | Path, key: str, plan_path: str | Path) -> dict[str, Any] | None:
+    """Copy the cached plan of `key` to `plan_path` and return its metadata (with `cached: True`), or None
+    when there is none or its bytes no longer match the recorded sha256."""
+    entry = Path(cache_dir) / key
+    plan, meta_file = entry / "model.plan", entry / "meta.json"
+    if not (plan.is_file() and meta_file.is_file()):
+        return None
+    meta = json.loads(meta_file.read_text())
+    if meta.get("plan_sha256") != _sha256(plan):
+        log.warning("plan cache %s is damaged (sha256 differs); rebuilding", entry)
+        return None
+    plan_path = Path(plan_path)
+    plan_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=plan_path.parent, prefix=f".{plan_path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        shutil.copyfile(plan, tmp)
+        os.replace(tmp, plan_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return {**meta, "cached": True}
+
+
+def store_plan(cache_dir: str | Path, key: str, plan_path: str | Path, meta: dict[str, Any]) -> Path:
+    """Keep a built plan and its metadata under `cache_dir/key` (written whole, then renamed)."""
+    entry = Path(cache_dir) / key
+    tmp = Path(tempfile.mkdtemp(dir=Path(cache_dir), prefix=f".{key}.tmp-"))
+    try:
+        shutil.copyfile(plan_path, tmp / "model.plan")
+        (tmp / "meta.json").write_text(json.dumps({**meta, "cache_key": key}, indent=2, default=str) + "\n")
+        shutil.rmtree(entry, ignore_errors=True)
+        os.replace(tmp, entry)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return entry
+
+
+def build_engine_cached(
+    onnx_path: str | Path,
+    plan_path: str | Path,
+    input_name: str,
+    chw: tuple[int, int, int],
+    settings: EngineSettings,
+    cache_dir: str | Path,
+    *,
+    max_batch_size: int | None = None,
+) -> dict[str, Any]:
+    """`build_engine`, with plans and the timing cache kept in `cache_dir` (under artifacts/).
+
+    Writes build.sh next to the plan (with `settings` as given). Then, when a plan for the same
+    `plan_cache_key` is cached, copies it (seconds) instead of building; otherwise builds with the shared
+    timing cache of this TensorRT version and GPU and stores the plan. Without TensorRT it raises
+    ExportError like `build_engine`.
+    """
+    onnx_path, plan_path, cache_dir = Path(onnx_path), Path(plan_path), Path(cache_dir)
+    write_build_script(plan_path.parent, onnx_path, plan_path, input_name, chw, settings)
+    reason = tensorrt_unavailable_reason()
+    if reason is not None or not onnx_path.is_file():
+        return build_engine(
+            onnx_path, plan_path, input_name, chw, settings, max_batch_size=max_batch_size, write_script=False
+        )
+    host = host_provenance()
+    key = plan_cache_key(
+        onnx_digest(onnx_path),
+        str(host["tensorrt_version"]),
+        str(host["compute_capability"]),
+        settings,
+        input_name,
+        chw,
+    )
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    hit = cached_plan(cache_dir, key, plan_path)
+    if hit is not None:
+        log.info("%s: plan unchanged (key %s), copied from %s", plan_path, key, cache_dir)
+        return hit
+    timing = timing_cache_path(cache_dir, host["tensorrt_version"], host["compute_capability"])
+    meta = build_engine(
+        onnx_path,
+        plan_path,
+        input_name,
+        chw,
+        replace(settings, timing_cache=timing),
+        max_batch_size=max_batch_size,
+        write_script=False,
+    )
+    meta["timing_cache"] = str(timing)
+    store_plan(cache_dir, key, plan_path, meta)
+    return {**meta, "cache_key": key, "cached": False}

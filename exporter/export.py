@@ -99,17 +99,20 @@ def atomic_directory(out_dir: Path):
 
 
 def to_pixels(entry, images: list) -> tuple[list[str], np.ndarray]:
-    """(name, PIL image) pairs through the backbone's own transform, as (names, N x 3 x H x W)."""
+    """(name, PIL image) pairs through the library's own eval transform (open_clip / timm, not the
+    registry's numbers), after vitserve's EXIF/16-bit handling, as (names, N x 3 x H x W)."""
     import torch
 
-    from vitserve.exporter.backbones import torch_transform
+    from vitserve.exporter.backbones import library_transform, prepare_image
 
-    tf = torch_transform(entry)
-    return [n for n, _ in images], torch.stack([tf(im) for _, im in images]).numpy()
+    tf = library_transform(entry)
+    return [n for n, _ in images], torch.stack(
+        [tf(prepare_image(im, entry.preprocess)) for _, im in images]
+    ).numpy()
 
 
 def photo_batch(entry, count: int | None = None) -> tuple[list[str], np.ndarray]:
-    """The held-out photographs through the backbone's own transform."""
+    """The held-out photographs through the library's own eval transform."""
     from vitserve.exporter.samples import eval_photos
 
     return to_pixels(entry, eval_photos()[:count])
@@ -224,11 +227,13 @@ def export_model(
     head: str | None = "none",
     labels: str | Path | None = None,
     options: ExportOptions | None = None,
+    features: bool = False,
 ) -> dict[str, Any]:
     """Export `backbone` (+ `head`) to `out_dir/model.onnx` with a verified manifest; returns the manifest.
 
     `weights`: "pretrained[:TAG]" (downloads through open_clip/timm), a checkpoint path, or "random"
-    (untrained; loudly labelled). `head`: none | zeroshot | linear:FILE | mlp:FILE.
+    (untrained; loudly labelled). `head`: none | zeroshot | linear:FILE | mlp:FILE. `features`: also output
+    the pooled `features` (no head): the backbone that models.yaml `heads:` share (exporter/multihead.py).
     """
     import torch
 
@@ -244,7 +249,7 @@ def export_model(
     t0 = time.perf_counter()
     loaded = create_backbone(backbone, weights)
     head_module = build_head(spec, loaded, label_names)
-    model = ServingModel(loaded.encoder, head_module).eval()
+    model = ServingModel(loaded.encoder, head_module, features=features).eval()
     num_classes = None
     if head_module is not None:
         with torch.no_grad():
@@ -286,7 +291,9 @@ def export_model(
             },
             "outputs": model.output_names,
             "feature_dim": entry.feature_dim,
-            "preprocess": entry.preprocess.as_dict(),
+            # The preprocessing of the weights actually loaded (a tag or checkpoint config can change it).
+            "preprocess": loaded.preprocess.as_dict(),
+            "architecture": loaded.architecture,
             "opset": options.opset,
             "simplified": options.simplify,
             "external_data": (tmp / EXTERNAL_DATA_NAME).exists(),

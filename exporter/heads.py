@@ -189,20 +189,30 @@ def zeroshot_head(
 
 
 class ServingModel(nn.Module):
-    """What is exported: pixel_values -> embeddings (L2-normalized) [+ logits, probs (softmax)]."""
+    """What is exported: pixel_values -> embeddings (L2-normalized) [+ logits, probs (softmax)].
 
-    def __init__(self, encoder: nn.Module, head: nn.Module | None):
+    `features=True` (a backbone shared by several heads, exporter/multihead.py): embeddings and the pooled
+    `features` the heads consume, no head."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Module | None, features: bool = False):
         super().__init__()
+        if features and head is not None:
+            raise ExportError("a backbone that outputs features for separate heads has no head of its own")
         self.encoder = encoder
         self.head = head
+        self.features = features
 
     @property
     def output_names(self) -> list[str]:
+        if self.features:
+            return ["embeddings", "features"]
         return ["embeddings"] if self.head is None else ["embeddings", "logits", "probs"]
 
     def forward(self, pixel_values: torch.Tensor):
         features = self.encoder(pixel_values)
         embeddings = F.normalize(features, dim=-1)
+        if self.features:
+            return embeddings, features
         if self.head is None:
             return embeddings
         logits = self.head(features)

@@ -1,4 +1,12 @@
-"""onnxruntime sessions on the CPU, set up the way vitserve evaluates and serves ONNX models."""
+"""onnxruntime sessions on the CPU, set up the way vitserve evaluates and serves ONNX models.
+
+Quantized graphs are scored in a way that does not depend on the CPU that scores them
+(`exact_session`): onnxruntime's int8 kernels saturate on x86 hosts without VNNI (u8s8 pairs overflow
+int16), so a score taken with them measures the host, not the model. Q/DQ graphs run as fake
+quantization in float (session config `session.disable_quant_qdq`), which is what TensorRT's INT8 with
+float accumulation computes; MatMulInteger graphs (onnxruntime's dynamic quantization) get their integer
+matmuls computed exactly in float64, which is what a VNNI host computes.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +14,17 @@ from pathlib import Path
 
 import numpy as np
 
+# One vocabulary for graph optimization levels, shared with triton_models/onnx_cpu.py (a self-contained
+# copy there: the Triton model cannot import vitserve).
+OPTIMIZATION_LEVELS = ("all", "extended", "basic", "disabled")
+QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
 
-def cpu_session(path: str | Path, threads: int | None = None, optimization: str = "all"):
-    """An onnxruntime CPU session. `optimization` is all | extended | basic | disabled.
 
-    AutoCast FP16 models must use `extended` or lower: with ORT_ENABLE_ALL, onnxruntime 1.24's CPU
-    provider has killed the process opening them (see ENVIRONMENT.md).
-    """
+def _options(threads: int | None, optimization: str):
     import onnxruntime as ort
 
+    if optimization not in OPTIMIZATION_LEVELS:
+        raise ValueError(f"optimization {optimization!r}: expected one of {OPTIMIZATION_LEVELS}")
     levels = {
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
@@ -26,7 +36,76 @@ def cpu_session(path: str | Path, threads: int | None = None, optimization: str 
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads
+    return so
+
+
+def cpu_session(path: str | Path, threads: int | None = None, optimization: str = "all"):
+    """An onnxruntime CPU session. `optimization` is all | extended | basic | disabled.
+
+    AutoCast FP16 models must use `extended` or lower: with ORT_ENABLE_ALL, onnxruntime 1.24's CPU
+    provider has killed the process opening them (see ENVIRONMENT.md).
+    """
+    import onnxruntime as ort
+
+    so = _options(threads, optimization)
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def exact_integer_matmuls(model):
+    """Rewrite every MatMulInteger of `model` (in place) into float64 arithmetic with the same int32
+    result: (A - a_zero) @ (B - b_zero), cast back to int32. Products of 8-bit values and their sums are
+    exact in float64, so the graph computes what a host without saturation (VNNI) computes."""
+    from onnx import TensorProto, helper
+
+    nodes = []
+    for n in model.graph.node:
+        if n.op_type != "MatMulInteger":
+            nodes.append(n)
+            continue
+        a, b = n.input[0], n.input[1]
+        zeros = list(n.input[2:4]) + [""] * (4 - len(n.input))
+        p = f"{n.name or n.output[0]}/exact"
+        ops, terms = [], []
+        for i, (x, z) in enumerate(((a, zeros[0]), (b, zeros[1]))):
+            xd = f"{p}/x{i}"
+            ops.append(helper.make_node("Cast", [x], [xd], to=TensorProto.DOUBLE, name=f"{p}/cast{i}"))
+            if z:
+                zd, xs = f"{p}/z{i}", f"{p}/xs{i}"
+                ops.append(helper.make_node("Cast", [z], [zd], to=TensorProto.DOUBLE, name=f"{p}/castz{i}"))
+                ops.append(helper.make_node("Sub", [xd, zd], [xs], name=f"{p}/sub{i}"))
+                xd = xs
+            terms.append(xd)
+        y = f"{p}/y"
+        ops.append(helper.make_node("MatMul", terms, [y], name=f"{p}/matmul"))
+        ops.append(helper.make_node("Cast", [y], [n.output[0]], to=TensorProto.INT32, name=f"{p}/cast_out"))
+        nodes.extend(ops)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
+
+
+def exact_session(path: str | Path, threads: int | None = None, optimization: str = "all"):
+    """A session that scores `path` independently of the host's int8 kernels (see the module doc).
+    Float models get a plain `cpu_session`. Returns (session, description of the evaluator)."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(path), load_external_data=False)
+    ops = {n.op_type for n in model.graph.node}
+    if "MatMulInteger" in ops:
+        # Dynamic-quantization models are small (int8 weights), so they are rewritten in memory.
+        model = onnx.load(str(path))
+        so = _options(threads, optimization)
+        session = ort.InferenceSession(
+            exact_integer_matmuls(model).SerializeToString(), so, providers=["CPUExecutionProvider"]
+        )
+        return session, "integer matmuls computed exactly (float64): what a host whose int8 kernels fit the flavour computes"
+    if ops & QDQ_OPS:
+        so = _options(threads, optimization)
+        so.add_session_config_entry("session.disable_quant_qdq", "1")
+        session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        return session, "Q/DQ run as fake quantization in float (session.disable_quant_qdq=1)"
+    return cpu_session(path, threads, optimization), "float graph"
 
 
 def run(session, pixel_values: np.ndarray, batch_size: int = 8) -> dict[str, np.ndarray]:

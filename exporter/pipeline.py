@@ -4,7 +4,9 @@ export (fp32 ONNX, parity-checked) -> precision variants (fp16 / int8 / cpu-int8
 engines (TensorRT plans where TensorRT exists, build.sh everywhere) -> repository.
 
 Unchanged inputs are not rebuilt: the export is keyed by a hash of what defines it, the quantized models
-by a hash of (model, images, settings). The repository is written next to the old one and swapped in
+by a hash of (model, images, settings), TensorRT plans (artifacts/engines) by (ONNX sha256, TensorRT
+version, compute capability, profile, builder options). A plan that fails verification against FP32 is
+withheld (unless `force`) and the ensemble routes to the best one that passed. The repository is written next to the old one and swapped in
 only when complete, so an interrupted build leaves the previous repository intact and loadable.
 """
 
@@ -20,10 +22,16 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from vitserve.errors import ExportError
+from vitserve.errors import ConfigError, ExportError
 from vitserve.exporter.config import Kind, ModelSpec, Precision, load_models
 from vitserve.exporter.export import EXTERNAL_DATA_NAME, LABELS_NAME, ONNX_NAME, export_model, read_manifest
-from vitserve.exporter.repository import REPOSITORY_MANIFEST, Variant, backbone_model_name, write_model
+from vitserve.exporter.repository import (
+    REPOSITORY_MANIFEST,
+    WARMUP_FILE,
+    Variant,
+    backbone_model_name,
+    write_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +53,8 @@ def export_key(spec: ModelSpec, weights: str, labels: Path | None) -> str:
         "head_sha": _file_digest(head_file),
         "labels_sha": _file_digest(str(labels) if labels else None),
     }
+    if spec.heads:  # a backbone shared by heads outputs features; the heads themselves are not in the key
+        parts["outputs"] = "embeddings+features"
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -72,7 +82,9 @@ def export_stage(spec: ModelSpec, model_dir: Path, random_init: bool) -> tuple[P
         if manifest.get("build_key") == key and (fp32 / ONNX_NAME).exists():
             log.info("%s: export unchanged (key %s), reusing %s", spec.name, key, fp32)
             return fp32, manifest
-    manifest = export_model(spec.backbone, fp32, weights=weights, head=spec.head, labels=labels)
+    manifest = export_model(
+        spec.backbone, fp32, weights=weights, head=spec.head, labels=labels, features=bool(spec.heads)
+    )
     print(f"[{spec.name}] export parity (PyTorch vs onnxruntime):\n{manifest.pop('parity_table')}")
     manifest["build_key"] = key
     from vitserve.exporter.export import write_manifest
@@ -92,6 +104,7 @@ def build_model(spec: ModelSpec, artifacts: Path, random_init: bool = False) -> 
         Precision.FP32: (fp32_dir / ONNX_NAME, ext if ext.exists() else None)
     }
     fidelity: dict[str, Any] = {}
+    cpu_int8_flavours: tuple[tuple[str, Path], ...] = ()
     for precision in spec.precisions:
         if precision is Precision.FP32:
             continue
@@ -102,7 +115,11 @@ def build_model(spec: ModelSpec, artifacts: Path, random_init: bool = False) -> 
                 print(
                     f"[{spec.name}] WARNING: {precision.value} failed its gate but is published (force: true)"
                 )
-            onnx_by_precision[precision] = (Path(report["onnx"]), None)
+            variant_onnx = Path(report["onnx"])
+            data = variant_onnx.with_name(variant_onnx.name + ".data")  # FP16 past 1 GiB (save_onnx)
+            onnx_by_precision[precision] = (variant_onnx, data if data.exists() else None)
+            if precision is Precision.CPU_INT8:
+                cpu_int8_flavours = _flavour_files(report, variant_onnx.parent)
         else:
             print(
                 f"[{spec.name}] {precision.value} failed its fidelity gate and is NOT published: {report['gate']}"
@@ -111,11 +128,23 @@ def build_model(spec: ModelSpec, artifacts: Path, random_init: bool = False) -> 
         from vitserve.exporter.precision import fidelity_table
 
         print(f"[{spec.name}] fidelity vs FP32 on held-out photos:\n{fidelity_table(fidelity)}")
+    heads, head_fidelity = {}, {}
+    if spec.heads:  # models.yaml `heads:` (exporter/multihead.py); a variant a head fails is not published
+        from vitserve.exporter import multihead
+
+        weights = "random" if random_init else spec.weights
+        heads = multihead.build_heads(spec, fp32_dir, manifest, model_dir, weights)
+        others = {p: o for p, (o, _) in onnx_by_precision.items() if p is not Precision.FP32}
+        head_fidelity = multihead.head_fidelity(spec, heads, fp32_dir, others, model_dir)
+        for p in multihead.gate_heads(spec, head_fidelity):
+            onnx_by_precision.pop(p)
+    # The CPU kind serves what is worth serving on a CPU (cpu_precisions: fp32 and cpu-int8 by default);
+    # the GPU kinds never serve cpu-int8.
     variants = [
-        Variant(p, k, onnx, data)
+        Variant(p, k, onnx, data, cpu_int8_flavours if p is Precision.CPU_INT8 else ())
         for k in spec.kinds
         for p, (onnx, data) in onnx_by_precision.items()
-        if p is not Precision.CPU_INT8 or k is Kind.CPU
+        if (p in spec.cpu_precisions if k is Kind.CPU else p is not Precision.CPU_INT8)
     ]
     return {
         "spec": spec,
@@ -123,66 +152,314 @@ def build_model(spec: ModelSpec, artifacts: Path, random_init: bool = False) -> 
         "manifest": manifest,
         "variants": variants,
         "fidelity": fidelity,
+        "heads": heads,
+        "head_fidelity": head_fidelity,
     }
 
 
-def engine_stage(record: dict[str, Any], repo: Path) -> dict[str, Any]:
-    """Build the TensorRT plans of a model's `tensorrt` variants (or their build.sh when TensorRT is
-    unavailable); returns engine metadata by Triton model name."""
-    from vitserve.exporter.engine import EngineSettings, build_engine, tensorrt_unavailable_reason
+def _flavour_files(report: dict[str, Any], folder: Path) -> tuple[tuple[str, Path], ...]:
+    """(flavour, file) of each published cpu-int8 flavour, plus ("probe", file) of the load-time probe."""
+    from vitserve.exporter.precision import PROBE_NAME
 
-    spec, manifest = record["spec"], record["manifest"]
-    size = manifest["input"]["shape"][2]
-    reason = tensorrt_unavailable_reason()
-    engines: dict[str, Any] = {}
-    for v in record["variants"]:
-        if v.kind is not Kind.TENSORRT:
-            continue
-        name = backbone_model_name(spec.name, v.precision, v.kind)
-        plan = repo / name / "1" / "model.plan"
-        settings = EngineSettings(profile=spec.profile, timing_cache=repo / name / "timing.cache")
-        onnx = repo / name / "onnx" / ONNX_NAME
-        if reason is None:
-            engines[name] = build_engine(
-                onnx, plan, "pixel_values", (3, size, size), settings, max_batch_size=spec.profile.max
-            )
-            engines[name]["fidelity"] = verify_engine(plan, record, v.precision)
-        else:
-            from vitserve.exporter.engine import write_build_script
-
-            write_build_script(plan.parent, onnx, plan, "pixel_values", (3, size, size), settings)
-            engines[name] = {"built": False, "build_script": f"{name}/1/build.sh", "reason": reason}
-    return engines
+    published = report.get("published_flavours") or list(report["flavours"])
+    files = tuple((k, folder / report["flavours"][k]["file"]) for k in published)
+    return (*files, ("probe", folder / PROBE_NAME))
 
 
-def verify_engine(plan: Path, record: dict[str, Any], precision: Precision) -> dict[str, Any]:
-    """The engine against the FP32 ONNX (onnxruntime) on the held-out photos, with the variant's gate:
-    the same metrics as the precision stage's fidelity report, in batches within the profile."""
+VERIFY_SET = "verify.npz"  # held-out photos as pixel_values + the FP32 outputs, in each *_tensorrt model
+
+
+def write_verify_set(record: dict[str, Any], model_dir: Path) -> Path:
+    """`model_dir/verify.npz`: the held-out photos through the backbone's transform (`pixels`) and the FP32
+    ONNX's outputs on them (`ref_<output>`), so plans can be verified where only TensorRT is installed (the
+    serving image). Reused while the FP32 export's sha256 is unchanged."""
     import numpy as np
 
     from vitserve.exporter import onnxrt
     from vitserve.exporter.backbones import get_backbone
+    from vitserve.exporter.precision import eval_pixels
+
+    manifest = record["manifest"]
+    fp32_sha = manifest["files"][ONNX_NAME]["sha256"]
+    path = model_dir / VERIFY_SET
+    if path.is_file():
+        with np.load(path) as old:
+            if str(old["fp32_sha256"]) == fp32_sha:
+                return path
+    names, pixels = eval_pixels(get_backbone(manifest["backbone"]))
+    ref = onnxrt.run(onnxrt.cpu_session(record["fp32_dir"] / ONNX_NAME), pixels)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    tmp = model_dir / f".{VERIFY_SET}.tmp-{os.getpid()}.npz"
+    np.savez(
+        tmp,
+        pixels=pixels.astype(np.float32),
+        fp32_sha256=np.array(fp32_sha),
+        names=np.array(names),
+        **{f"ref_{k}": v for k, v in ref.items()},
+    )
+    tmp.replace(path)
+    return path
+
+
+def write_warmup_input(verify: Path, model_dir: Path) -> Path:
+    """`model_dir/warmup/pixel_values.bin`: the first held-out photo, preprocessed (Triton's warmup
+    `input_data_file`; Triton repeats it over the warmup batch)."""
+    import numpy as np
+
+    with np.load(verify) as data:
+        photo = np.ascontiguousarray(data["pixels"][0], dtype="<f4")
+    path = model_dir / "warmup" / WARMUP_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(photo.tobytes())
+    return path
+
+
+def _input_chw(model_dir: Path) -> tuple[int, int, int]:
+    """(C, H, W) of a backbone model, from its config.pbtxt (H and W need not be equal)."""
+    from vitserve.exporter.repository import read_config
+
+    dims = tuple(int(d) for d in read_config(model_dir / "config.pbtxt").input[0].dims)
+    if len(dims) != 3:
+        raise ExportError(f"{model_dir}/config.pbtxt: input dims {list(dims)}, expected [C, H, W]")
+    return dims  # type: ignore[return-value]
+
+
+def engine_stage(record: dict[str, Any], repo: Path, artifacts: Path | None = None) -> dict[str, Any]:
+    """Build the TensorRT plans of a model's `tensorrt` variants (or their build.sh when TensorRT is
+    unavailable) and verify each against FP32; returns engine records by Triton model name.
+
+    Each `*_tensorrt` model gets `verify.npz` (held-out photos + FP32 outputs) so that the serving image
+    can build and verify its plans later (`vitserve build-engines`, `make engines-gpu`). Plans and the
+    timing cache are cached under `artifacts/engines`. Publication (`publish_engines`) is decided after.
+    """
+    spec = record["spec"]
+    names = [
+        backbone_model_name(spec.name, v.precision, v.kind)
+        for v in record["variants"]
+        if v.kind is Kind.TENSORRT
+    ]
+    if not names:
+        return {}
+    artifacts = Path(artifacts) if artifacts is not None else record["fp32_dir"].parent.parent
+    verify = write_verify_set(record, artifacts / spec.name)
+    for name in names:
+        shutil.copyfile(verify, repo / name / VERIFY_SET)
+    return build_model_engines(repo, spec, names, artifacts / "engines")
+
+
+def build_model_engines(repo: Path, spec: ModelSpec, names: list[str], cache_dir: Path) -> dict[str, Any]:
+    """Plans for the `*_tensorrt` models `names` of `repo` (from each one's onnx/model.onnx, input shape
+    from its config.pbtxt), verified against `verify.npz`; build.sh only, where TensorRT is unavailable."""
+    from vitserve.exporter.engine import (
+        EngineSettings,
+        build_engine_cached,
+        tensorrt_unavailable_reason,
+        write_build_script,
+    )
+
+    reason = tensorrt_unavailable_reason()
+    engines: dict[str, Any] = {}
+    for name in names:
+        mdir = repo / name
+        plan = mdir / "1" / "model.plan"
+        onnx = mdir / "onnx" / ONNX_NAME
+        chw = _input_chw(mdir)
+        # build.sh keeps its timing cache next to the model (it runs in the final repository);
+        # build_engine_cached uses the one under artifacts/.
+        settings = EngineSettings(profile=spec.profile, timing_cache=mdir / "timing.cache")
+        if reason is not None:
+            write_build_script(plan.parent, onnx, plan, "pixel_values", chw, settings)
+            engines[name] = {"built": False, "build_script": f"{name}/1/build.sh", "reason": reason}
+            continue
+        meta = build_engine_cached(
+            onnx, plan, "pixel_values", chw, settings, cache_dir, max_batch_size=spec.profile.max
+        )
+        precision = Precision(name.removeprefix(f"{spec.name}_").removesuffix(f"_{Kind.TENSORRT.value}"))
+        fidelity = meta.get("fidelity") if meta.get("cached") else None
+        if fidelity is None or fidelity.get("verify_sha256") != _sha(mdir / VERIFY_SET):
+            fidelity = verify_engine(plan, mdir / VERIFY_SET, precision, spec)
+            if meta.get("cache_key"):
+                _remember_fidelity(cache_dir / meta["cache_key"], fidelity)
+        fidelity["passed"], fidelity["gate"] = _engine_gate(precision, fidelity, spec)
+        engines[name] = {**meta, "built": True, "fidelity": fidelity}
+    return engines
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _remember_fidelity(entry: Path, fidelity: dict[str, Any]) -> None:
+    """Store a plan's verification next to it in the cache: an unchanged rebuild skips the GPU run."""
+    meta_file = entry / "meta.json"
+    if meta_file.is_file():
+        meta = json.loads(meta_file.read_text())
+        meta["fidelity"] = fidelity
+        tmp = meta_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        tmp.replace(meta_file)
+
+
+def _engine_gate(precision: Precision, report: dict[str, Any], spec: ModelSpec) -> tuple[bool, str]:
+    from vitserve.exporter.precision import check_gate
+
+    # An FP32 plan is held to the FP16 gate: TensorRT may run FP32 layers in TF32.
+    return check_gate(Precision.FP16 if precision is Precision.FP32 else precision, report, spec.gates)
+
+
+def verify_engine(plan: Path, verify: Path, precision: Precision, spec: ModelSpec) -> dict[str, Any]:
+    """The plan against the FP32 ONNX's outputs stored in `verify` (held-out photos), in batches within
+    the profile, with the variant's gate: the same metrics as the precision stage's fidelity report."""
+    import numpy as np
+
     from vitserve.exporter.compare import compare_outputs, concat_outputs
     from vitserve.exporter.engine import run_engine
-    from vitserve.exporter.precision import check_gate, eval_pixels
 
-    spec = record["spec"]
-    _, pixels = eval_pixels(get_backbone(record["manifest"]["backbone"]))
-    ref = onnxrt.run(onnxrt.cpu_session(record["fp32_dir"] / ONNX_NAME), pixels)
+    with np.load(verify) as data:
+        pixels = data["pixels"]
+        ref = {k.removeprefix("ref_"): data[k] for k in data.files if k.startswith("ref_")}
     step = spec.profile.max
     chunks = [
         run_engine(plan, np.ascontiguousarray(pixels[i : i + step])) for i in range(0, len(pixels), step)
     ]
     got = concat_outputs(chunks)
+    missing = sorted(set(ref) - set(got))
+    if missing:
+        raise ExportError(f"{plan} has no output(s) {missing}; its outputs are {sorted(got)}")
     report = {
-        "evaluator": "TensorRT engine (run_engine) vs FP32 ONNX on onnxruntime CPU",
+        "evaluator": "TensorRT engine (run_engine) vs FP32 ONNX outputs (onnxruntime CPU) in verify.npz",
         "images": len(pixels),
+        "verify_sha256": _sha(verify),
         "outputs": compare_outputs(ref, {k: got[k].astype(np.float32) for k in ref}),
     }
-    gate_precision = Precision.FP16 if precision is Precision.FP32 else precision
-    report["passed"], report["gate"] = check_gate(gate_precision, report, spec.gates)
+    report["passed"], report["gate"] = _engine_gate(precision, report, spec)
     print(f"[{spec.name}] engine {plan.parent.parent.name}: {report['gate']}")
     return report
+
+
+def engine_decisions(engines: dict[str, Any], force: bool) -> dict[str, str | None]:
+    """Triton model name -> None when its plan may be served, else why it is withheld.
+
+    A built plan is served only when its verification passed its gate (or with `force: true`). A plan
+    not built here (no TensorRT: build.sh written) is left to `make engines-gpu`, which decides again.
+    """
+    decisions: dict[str, str | None] = {}
+    for name, e in engines.items():
+        fid = e.get("fidelity") or {}
+        if e.get("built", True) and not fid.get("passed", False) and not force:
+            decisions[name] = fid.get("gate") or "not verified"
+        else:
+            decisions[name] = None
+    return decisions
+
+
+def publish_engines(
+    repo: Path, spec: ModelSpec, variants: list[Variant], engines: dict[str, Any]
+) -> tuple[list[Variant], str]:
+    """Withhold the plans that failed verification and route the ensemble to the best published variant.
+
+    A withheld model's folder leaves the repository (Triton never loads it), its record stays in
+    `engines` with `published: false` and the reason. Returns the published variants and the backbone the
+    ensemble `spec.name` now routes to.
+    """
+    from vitserve.exporter.repository import read_config, serving_variant, write_config
+
+    decisions = engine_decisions(engines, spec.force)
+    for name, reason in decisions.items():
+        engines[name]["published"] = reason is None
+        engines[name]["withheld"] = reason
+        if reason is not None:
+            print(f"[{spec.name}] {name}: plan failed verification and is NOT published ({reason})")
+            shutil.rmtree(repo / name, ignore_errors=True)
+        elif engines[name].get("built", True) and not engines[name]["fidelity"]["passed"]:
+            print(f"[{spec.name}] WARNING: {name} failed verification but is published (force: true)")
+    kept = [v for v in variants if decisions.get(backbone_model_name(spec.name, v.precision, v.kind)) is None]
+    try:
+        serve = serving_variant(spec, kept)
+    except ConfigError as e:
+        withheld = {n: r for n, r in decisions.items() if r}
+        raise ExportError(
+            f"model {spec.name}: every plan it could serve failed verification {withheld}"
+        ) from e
+    backbone = backbone_model_name(spec.name, serve.precision, serve.kind)
+    for ensemble in [spec.name, *(f"{spec.name}_{h.name}" for h in spec.heads)]:
+        ens = repo / ensemble / "config.pbtxt"
+        if not ens.is_file():  # a head's ensemble, before multihead.write_heads
+            continue
+        cfg = read_config(ens)
+        steps = [s for s in cfg.ensemble_scheduling.step if not s.model_name.endswith("_preprocess")]
+        if steps and steps[0].model_name != backbone:
+            print(f"[{ensemble}] ensemble routes to {backbone} (was {steps[0].model_name})")
+            steps[0].model_name = backbone
+            write_config(ens.parent, cfg)
+    return kept, backbone
+
+
+def engine_table(engines: dict[str, Any]) -> str:
+    """One row per plan: built or cached, fidelity vs FP32, gate, published or withheld."""
+    from vitserve.exporter.compare import format_table
+
+    rows = []
+    for name, e in engines.items():
+        emb = ((e.get("fidelity") or {}).get("outputs") or {}).get("embeddings", {})
+        rows.append(
+            {
+                "plan": name,
+                "built": ("cached" if e.get("cached") else "yes")
+                if e.get("built", True)
+                else "no (build.sh)",
+                "emb_cos_mean": emb.get("cosine_mean", "-"),
+                "emb_cos_min": emb.get("cosine_min", "-"),
+                "gate": ((e.get("fidelity") or {}).get("gate") or "-").split(":")[0],
+                "published": "pending"
+                if not e.get("built", True)
+                else ("yes" if e.get("published") else "WITHHELD"),
+            }
+        )
+    return format_table(rows, ["plan", "built", "emb_cos_mean", "emb_cos_min", "gate", "published"])
+
+
+def build_engines(repository: str | Path, cache_dir: str | Path) -> dict[str, Any]:
+    """`vitserve build-engines`: build, verify and publish the plans of a repository written by `make
+    engines`, in place, where TensorRT and a GPU are (the serving image: `make engines-gpu`).
+
+    Everything comes from the repository itself (its manifest, each `*_tensorrt` model's onnx/,
+    config.pbtxt and verify.npz), so the image needs neither torch nor the sample photos. Plans and the
+    timing cache are kept in `cache_dir`. The manifest records each plan's provenance and verdict.
+    """
+    from vitserve.exporter.engine import tensorrt_unavailable_reason
+
+    repository = Path(repository)
+    reason = tensorrt_unavailable_reason()
+    if reason is not None:
+        raise ExportError(
+            f"TensorRT not available: {reason}; run this in the serving image (make engines-gpu)"
+        )
+    manifest_path = repository / REPOSITORY_MANIFEST
+    if not manifest_path.is_file():
+        raise ExportError(
+            f"{repository} has no {REPOSITORY_MANIFEST}; write the repository first: make engines"
+        )
+    summary = json.loads(manifest_path.read_text())
+    for model, rec in summary["models"].items():
+        spec = ModelSpec.from_dict({**rec["config"], "name": model})
+        backbones = {n: t for n, t in rec["triton_models"].items() if t.get("role") == "backbone"}
+        variants = [Variant(Precision(t["precision"]), Kind(t["kind"]), Path()) for t in backbones.values()]
+        names = [n for n, t in backbones.items() if t["kind"] == Kind.TENSORRT.value]
+        engines = build_model_engines(repository, spec, names, Path(cache_dir))
+        _, serve = publish_engines(repository, spec, variants, engines)
+        print(f"[{model}] TensorRT plans:\n{engine_table(engines)}")
+        rec["engines"] = {**(rec.get("engines") or {}), **engines}
+        rec["triton_models"] = {
+            n: t
+            for n, t in rec["triton_models"].items()
+            if t.get("role") != "backbone" or n not in engines or engines[n]["published"]
+        }
+        rec["triton_models"][model] = {**rec["triton_models"].get(model, {}), "backbone": serve}
+    tmp = manifest_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    tmp.replace(manifest_path)
+    return summary
 
 
 def build_all(
@@ -221,8 +498,21 @@ def build_all(
                 rec["manifest"],
                 rec["variants"],
                 labels if labels.exists() else None,
+                cpu_share=sum(r["spec"].kinds[0] is Kind.CPU for r in records) or 1,
             )
-            engines = engine_stage(rec, staging)
+            engines = engine_stage(rec, staging, artifacts)
+            if engines:
+                rec["variants"], serve = publish_engines(staging, spec, rec["variants"], engines)
+                written = {n: w for n, w in written.items() if n not in engines or engines[n]["published"]}
+                written[spec.name] = {**written[spec.name], "backbone": serve}
+                print(f"[{spec.name}] TensorRT plans:\n{engine_table(engines)}")
+            if spec.heads:
+                from vitserve.exporter.multihead import head_summary, write_heads
+
+                serve = written[spec.name]["backbone"]
+                written |= write_heads(staging, spec, rec["heads"], serve, rec["manifest"]["feature_dim"])
+                heads_record = head_summary(rec["heads"], rec["head_fidelity"])
+            _write_warmup_inputs(staging, spec, rec, artifacts)
             engines_missing += [
                 f"{staging.name}/{e['build_script']}" for e in engines.values() if not e.get("built", True)
             ]
@@ -237,6 +527,8 @@ def build_all(
                 "triton_models": written,
                 "engines": engines,
             }
+            if spec.heads:
+                summary["models"][spec.name]["heads"] = heads_record
         (staging / REPOSITORY_MANIFEST).write_text(json.dumps(summary, indent=2, default=str) + "\n")
         readme = repository / "README.md"
         if readme.exists():
@@ -246,17 +538,34 @@ def build_all(
         shutil.rmtree(staging, ignore_errors=True)
     if engines_missing:
         from vitserve.exporter.engine import tensorrt_unavailable_reason
+        from vitserve.exporter.gpu_release import TRITON_IMAGE
 
         print(
             f"NOTE: TensorRT engines were NOT built ({tensorrt_unavailable_reason()}). The FP16/INT8 ONNX "
-            f"and a build.sh per engine are in the repository; run each inside the NGC Triton container on "
-            f"the target GPU: " + ", ".join(s.replace(staging.name, str(repository)) for s in engines_missing)
+            f"and a build.sh per engine are in the repository. On the GPU host: `make engines-gpu` builds, "
+            f"verifies and publishes them inside the serving image ({TRITON_IMAGE}); or run each build.sh "
+            f"inside that container on the target GPU: "
+            + ", ".join(s.replace(staging.name, str(repository)) for s in engines_missing)
         )
     print(
         f"repository {repository}: "
         + ", ".join(m for rec in summary["models"].values() for m in rec["triton_models"])
     )
     return summary
+
+
+def _write_warmup_inputs(repo: Path, spec: ModelSpec, record: dict[str, Any], artifacts: Path) -> None:
+    """A preprocessed real photo for the warmup of every GPU backbone model (see repository.backbone_config)."""
+    gpu = [
+        backbone_model_name(spec.name, v.precision, v.kind)
+        for v in record["variants"]
+        if v.kind in (Kind.TENSORRT, Kind.ONNXRUNTIME)
+    ]
+    gpu = [n for n in gpu if (repo / n).is_dir()]
+    if gpu:
+        verify = write_verify_set(record, artifacts / spec.name)
+        for name in gpu:
+            write_warmup_input(verify, repo / name)
 
 
 def _exchange(a: Path, b: Path) -> bool:

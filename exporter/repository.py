@@ -14,6 +14,7 @@ templates, and can be read back with `read_config`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -22,7 +23,9 @@ from typing import Any
 
 from vitserve.errors import ConfigError
 from vitserve.exporter.config import Kind, ModelSpec, Precision, check_kind_serves
+from vitserve.exporter.precision import PROBE_MIN_COSINE
 
+log = logging.getLogger(__name__)
 TRITON_MODELS = Path(__file__).parent / "triton_models"
 REPOSITORY_MANIFEST = "vitserve-manifest.json"
 IMAGE_INPUT = "image"
@@ -91,67 +94,153 @@ class Variant:
     kind: Kind
     onnx: Path  # the ONNX the variant is (or will be) built from
     external_data: Path | None = None
+    # CPU kind, cpu-int8: (flavour, file) per published flavour and ("probe", file); see onnx_cpu.py
+    flavours: tuple[tuple[str, Path], ...] = ()
 
 
-def backbone_config(name: str, spec: ModelSpec, manifest: dict[str, Any], variant: Variant):
-    """ModelConfig of a backbone model for `variant`."""
+WARMUP_FILE = "pixel_values.bin"  # warmup/ of each GPU backbone model: one preprocessed photo (pipeline)
+
+
+def backbone_config(
+    name: str, spec: ModelSpec, manifest: dict[str, Any], variant: Variant, cpu_share: int = 1
+):
+    """ModelConfig of a backbone model for `variant`.
+
+    GPU kinds get what a GPU deployment sets: `backbone_instances` instances, warmup at the profile's opt
+    batch with a real preprocessed photo (`warmup/pixel_values.bin`, written by the pipeline), CUDA graphs
+    for TensorRT (one graph per opt and preferred batch size), and, opted in with `onnxruntime_trt_fp16`,
+    onnxruntime's TensorRT execution accelerator in FP16.
+    """
     mc = _pb()
     check_kind_serves(variant.kind, variant.precision)
     cfg = mc.ModelConfig(name=name)
-    size = manifest["input"]["shape"][2]
+    _, _, height, width = manifest["input"]["shape"]
+    gpu = variant.kind is not Kind.CPU
     if variant.kind is Kind.CPU:
         cfg.backend = "python"
-        threads = max(1, (os.cpu_count() or 1) // spec.instances)
-        optimization = "extended" if variant.precision is Precision.FP16 else "all"  # see onnxrt.cpu_session
-        cfg.parameters["onnx_cpu"].string_value = json.dumps(
-            {"intra_op_threads": threads, "optimization": optimization}
-        )
+        # Threads are the serving host's, decided when the model loads (onnx_cpu.py), unless models.yaml
+        # sets cpu_threads; `share` is how many CPU backbones of this repository serve at once.
+        params: dict[str, Any] = {
+            "intra_op_threads": spec.cpu_threads or "auto",
+            "share": cpu_share,
+            # the INT8 Q/DQ graph is FP16 outside its quantized matmuls (make_int8): extended, like FP16
+            "optimization": "extended" if variant.precision in (Precision.FP16, Precision.INT8) else "all",
+        }
+        if spec.cpu_spinning is not None:
+            params["allow_spinning"] = spec.cpu_spinning
+        if variant.flavours:
+            params["flavours"] = {k: f.name for k, f in variant.flavours if k != "probe"}
+            params["probe"] = "probe.npz"
+            params["probe_min_cosine"] = PROBE_MIN_COSINE
+        cfg.parameters["onnx_cpu"].string_value = json.dumps(params)
     elif variant.kind is Kind.ONNXRUNTIME:
         cfg.platform = "onnxruntime_onnx"
         cfg.backend = "onnxruntime"
+        if spec.onnxruntime_trt_fp16:
+            acc = cfg.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+            acc.parameters["precision_mode"] = "FP16"
+            acc.parameters["max_workspace_size_bytes"] = str(4 << 30)
+            acc.parameters["trt_engine_cache_enable"] = "1"
+            acc.parameters["trt_engine_cache_path"] = "/tmp/vitserve-ort-trt-cache"
     else:
         cfg.platform = "tensorrt_plan"
         cfg.backend = "tensorrt"
-    _common(cfg, spec, gpu=variant.kind is not Kind.CPU)
-    cfg.input.add(name=PIXELS, data_type=mc.TYPE_FP32, dims=[3, size, size])
+        cfg.optimization.cuda.graphs = True
+        p = spec.profile
+        for batch in sorted({p.opt, *(b for b in spec.dynamic_batching.preferred_batch_sizes if b <= p.max)}):
+            graph = cfg.optimization.cuda.graph_spec.add(batch_size=batch)
+            graph.input[PIXELS].dim.extend([3, height, width])
+    _common(cfg, spec, gpu=gpu)
+    _mark_tuned(cfg, spec)
+    if gpu and spec.backbone_instances is not None:
+        cfg.instance_group[0].count = spec.backbone_instances
+    cfg.input.add(name=PIXELS, data_type=mc.TYPE_FP32, dims=[3, height, width])
     _add_outputs(cfg, manifest)
-    warm = cfg.model_warmup.add(name="zeros_batch1", batch_size=1)
+    if gpu:
+        warm = cfg.model_warmup.add(name=f"photo_batch{spec.profile.opt}", batch_size=spec.profile.opt)
+        warm.inputs[PIXELS].input_data_file = WARMUP_FILE
+    else:
+        warm = cfg.model_warmup.add(name="zeros_batch1", batch_size=1)
+        warm.inputs[PIXELS].zero_data = True
     warm.inputs[PIXELS].data_type = mc.TYPE_FP32
-    warm.inputs[PIXELS].dims.extend([3, size, size])
-    warm.inputs[PIXELS].zero_data = True
+    warm.inputs[PIXELS].dims.extend([3, height, width])
     return cfg
+
+
+def _mark_tuned(cfg, spec: ModelSpec) -> None:
+    """Say in config.pbtxt (parameter `vitserve_tuned`) that `vitserve tune` chose these settings, where."""
+    if spec.tuned is not None:
+        t = spec.tuned
+        cfg.parameters["vitserve_tuned"].string_value = json.dumps(
+            {"host": t.host, "p99_budget_ms": t.p99_budget_ms, "report": t.report, "tuned_at": t.tuned_at}
+        )
 
 
 def _add_outputs(cfg, manifest: dict[str, Any]) -> None:
     mc = _pb()
     cfg.output.add(name="embeddings", data_type=mc.TYPE_FP32, dims=[manifest["feature_dim"]])
+    if "features" in manifest["outputs"]:  # a backbone shared by several heads (multihead.py)
+        cfg.output.add(name="features", data_type=mc.TYPE_FP32, dims=[manifest["feature_dim"]])
     classes = manifest["head"]["num_classes"]
     if classes:
         cfg.output.add(name="logits", data_type=mc.TYPE_FP32, dims=[classes])
         cfg.output.add(name="probs", data_type=mc.TYPE_FP32, dims=[classes], label_filename="labels.txt")
 
 
+def preprocess_instances(spec: ModelSpec) -> int:
+    """Instances of NAME_preprocess: `preprocess_instances`, else the cores the backbone leaves, at least 1
+    (GPU first kind: every core; CPU kind: the backbone's onnxruntime threads take all cores unless
+    `cpu_threads` pins them). DALI runs one instance per GPU, its CPU threads set by `num_threads`."""
+    if spec.preprocess_instances is not None:
+        return spec.preprocess_instances
+    cores = os.cpu_count() or 1
+    if spec.kinds[0] != Kind.CPU:
+        return 1 if spec.preprocess == "dali" else cores
+    if spec.cpu_threads:
+        return max(1, cores - spec.instances * spec.cpu_threads)
+    return 1
+
+
+def _image_input(cfg, spec: ModelSpec) -> None:
+    """The encoded-image input: BYTES for the python model; for DALI, raw bytes as UINT8 [-1] (what Triton's
+    DALI backend takes), one image per batch row, of any length (ragged batching)."""
+    mc = _pb()
+    if spec.preprocess == "dali":
+        cfg.input.add(name=IMAGE_INPUT, data_type=mc.TYPE_UINT8, dims=[-1], allow_ragged_batch=True)
+    else:
+        cfg.input.add(name=IMAGE_INPUT, data_type=mc.TYPE_STRING, dims=[1])
+
+
 def preprocess_config(name: str, spec: ModelSpec, manifest: dict[str, Any]):
+    """NAME_preprocess: the python model (pillow / fast) or the DALI model (`model.dali`)."""
     mc = _pb()
     size = manifest["input"]["shape"][2]
-    cfg = mc.ModelConfig(name=name, backend="python")
-    _common(cfg, spec, gpu=False)
-    # No dynamic batching here: tritonserver 2.51 answers a batch holding one malformed BYTES request
-    # (a length prefix past its buffer) with that error for every request of the batch. Decoding is a
-    # per-image loop anyway; measured throughput was the same (tests/test_reliability.py).
-    cfg.ClearField("dynamic_batching")
-    cfg.input.add(name=IMAGE_INPUT, data_type=mc.TYPE_STRING, dims=[1])
+    if spec.preprocess == "dali":
+        cfg = mc.ModelConfig(name=name, backend="dali")
+        _common(cfg, spec, gpu=True)  # dynamic batching from models.yaml
+        cfg.instance_group[0].count = preprocess_instances(spec)
+        cfg.parameters["num_threads"].string_value = str(os.cpu_count() or 1)
+    else:
+        cfg = mc.ModelConfig(name=name, backend="python")
+        _common(cfg, spec, gpu=False)
+        cfg.instance_group[0].count = preprocess_instances(spec)
+        # No dynamic batching here: tritonserver 2.51's python backend checks each BYTES element's length
+        # prefix while it gathers a batch, and fails every request of the batch for one malformed request
+        # (a prefix past its buffer), before model.py runs; parallelism comes from the instances.
+        cfg.ClearField("dynamic_batching")
+        mode = "fast" if spec.preprocess == "fast" else "exact"
+        cfg.parameters["preprocess"].string_value = json.dumps(
+            {**manifest["preprocess"], "max_pixels": spec.max_image_pixels, "mode": mode}
+        )
+    _image_input(cfg, spec)
     cfg.output.add(name=PIXELS, data_type=mc.TYPE_FP32, dims=[3, size, size])
-    cfg.parameters["preprocess"].string_value = json.dumps(
-        {**manifest["preprocess"], "max_pixels": spec.max_image_pixels}
-    )
     return cfg
 
 
 def ensemble_config(name: str, spec: ModelSpec, manifest: dict[str, Any], backbone: str):
     mc = _pb()
     cfg = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=spec.profile.max)
-    cfg.input.add(name=IMAGE_INPUT, data_type=mc.TYPE_STRING, dims=[1])
+    _image_input(cfg, spec)
     _add_outputs(cfg, manifest)
     pre = cfg.ensemble_scheduling.step.add(model_name=f"{name}_preprocess", model_version=-1)
     pre.input_map[IMAGE_INPUT] = IMAGE_INPUT
@@ -160,13 +249,24 @@ def ensemble_config(name: str, spec: ModelSpec, manifest: dict[str, Any], backbo
     step.input_map[PIXELS] = PIXELS
     for out in cfg.output:
         step.output_map[out.name] = out.name
+    _mark_tuned(cfg, spec)
     return cfg
 
 
 def serving_variant(spec: ModelSpec, published: list[Variant]) -> Variant:
     """The variant the ensemble routes to: the first configured kind, its preferred published precision
-    (CPU: cpu-int8, then fp32; GPU: fp16, then fp32)."""
+    (CPU: cpu-int8, then fp32; GPU: fp16, then fp32). A `tuned:` precision comes first when it is published
+    for the CPU kind; when it is not (its gate failed in this build) the default order decides, with a warning."""
     kind = spec.kinds[0]
+    tuned = spec.tuned.precision if spec.tuned is not None else None
+    if tuned is not None and kind is Kind.CPU:
+        for v in published:
+            if v.kind is kind and v.precision is tuned:
+                return v
+        log.warning(
+            "model %s: tuned precision %s is not published in this build; routing by the default order",
+            spec.name, tuned.value,
+        )  # fmt: skip
     order = {
         Kind.CPU: (Precision.CPU_INT8, Precision.FP32),
         Kind.TENSORRT: (Precision.FP16, Precision.FP32, Precision.INT8),
@@ -185,23 +285,44 @@ def write_model(
     manifest: dict[str, Any],
     variants: list[Variant],
     labels: Path | None,
+    cpu_share: int = 1,
 ) -> dict[str, Any]:
     """Write one configured model (preprocess, backbone variants, ensemble) into `repo`; returns what
-    was written, by Triton model name."""
+    was written, by Triton model name. `cpu_share`: how many CPU backbones of the repository serve at once
+    (each ensemble routes to one), among which a CPU model divides the host's cores. The spec's `tuned:`
+    settings (`vitserve tune`) win over its own serving fields."""
+    if spec.tuned is not None and spec.tuned.host:
+        from vitserve.hostinfo import cpu_summary
+
+        if spec.tuned.host != cpu_summary():
+            log.warning(
+                "model %s: its tuned settings were measured on another host (%s; this one: %s): they serve "
+                "best where they were tuned; run `vitserve tune --model %s` on the serving host",
+                spec.name, spec.tuned.host, cpu_summary(), spec.name,
+            )  # fmt: skip
+    spec = spec.serving()
     written: dict[str, Any] = {}
     pre_name = f"{spec.name}_preprocess"
     pre_dir = repo / pre_name
     write_config(pre_dir, preprocess_config(pre_name, spec, manifest))
-    _link_or_copy(TRITON_MODELS / "preprocess.py", pre_dir / "1" / "model.py")
-    written[pre_name] = {"role": "preprocess"}
+    if spec.preprocess == "dali":
+        from vitserve.exporter import dali
+
+        dali.write_model_file(manifest["preprocess"], pre_dir / "1" / "model.dali", spec.profile.max)
+    else:
+        _link_or_copy(TRITON_MODELS / "preprocess.py", pre_dir / "1" / "model.py")
+    written[pre_name] = {"role": "preprocess", "preprocess": spec.preprocess}
     for v in variants:
         name = backbone_model_name(spec.name, v.precision, v.kind)
         mdir = repo / name
-        write_config(mdir, backbone_config(name, spec, manifest, v))
+        write_config(mdir, backbone_config(name, spec, manifest, v, cpu_share))
         if labels is not None:
             _link_or_copy(labels, mdir / "labels.txt")
         if v.kind is Kind.CPU:
             _link_or_copy(TRITON_MODELS / "onnx_cpu.py", mdir / "1" / "model.py")
+            for _, f in v.flavours:
+                if f.name != "model.onnx":
+                    _link_or_copy(f, mdir / "1" / f.name)
         if v.kind in (Kind.CPU, Kind.ONNXRUNTIME):
             _link_or_copy(v.onnx, mdir / "1" / "model.onnx")
             if v.external_data is not None:
@@ -222,3 +343,32 @@ def write_model(
         _link_or_copy(labels, ens_dir / "labels.txt")
     written[spec.name] = {"role": "ensemble", "backbone": serve_name}
     return written
+
+
+def published_backbones(repository: str | Path, model: str) -> list[str]:
+    """The backbone models of `model` that the repository at `repository` publishes (its manifest), the
+    one its ensemble routes to first."""
+    path = Path(repository) / REPOSITORY_MANIFEST
+    if not path.is_file():
+        raise ConfigError(f"{repository} has no {REPOSITORY_MANIFEST}; build it first: make engines")
+    models = json.loads(path.read_text())["models"]
+    if model not in models:
+        raise ConfigError(f"model {model!r} is not in {path} (models: {', '.join(models)})")
+    triton = models[model]["triton_models"]
+    backbones = [n for n, t in triton.items() if t.get("role") == "backbone"]
+    routed = triton.get(model, {}).get("backbone")
+    return sorted(backbones, key=lambda n: n != routed)
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description="Read a built repository's manifest (used by `make perf`).")
+    parser.add_argument("--published-backbones", metavar="MODEL", required=True)
+    parser.add_argument("repository")
+    a = parser.parse_args()
+    try:
+        print("\n".join(published_backbones(a.repository, a.published_backbones)))
+    except ConfigError as e:
+        sys.exit(f"error: {e}")

@@ -1,8 +1,10 @@
-"""In-process baseline: the served ONNX file run directly with onnxruntime's CPU provider.
+"""In-process baseline: a served model's own ONNX file run directly with onnxruntime's CPU provider.
 
-The same file the CPU backbone model loads (`{model}_fp32_cpu/1/model.onnx`), the same batch size and the
-same intra-op thread count, so that served images/s divided by these images/s is the serving efficiency:
-what Triton, gRPC, batching and (for the ensemble) decoding cost on top of the network itself.
+Each served model is measured against the file it runs itself (`{name}_{precision}_cpu/1/model.onnx`; for
+an ensemble, its backbone step's), at the same batch size and intra-op thread count, so that served images/s
+divided by these images/s is the serving efficiency: what Triton, gRPC, batching and (for the ensemble)
+decoding cost on top of the network itself. Comparing precisions (INT8 against FP32) is another number, the
+precision speed-up, reported on its own (`vitserve.perf.harness.precision_speedups`).
 """
 
 from __future__ import annotations
@@ -50,6 +52,20 @@ class BaselineResult:
     p50_us: float
     p99_us: float
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
+    error: str | None = None  # why it could not be measured (the numbers are then NaN)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.runs > 0
+
+    @classmethod
+    def failed(cls, onnx, batch_size: int, error: str, threads=None, optimization: str = "all"):
+        """A baseline that could not be measured, and why (kept, so that the report shows the failure)."""
+        nan = float("nan")
+        return cls(
+            str(onnx), batch_size, threads, optimization, "CPUExecutionProvider", 0, 0.0, nan, nan, nan,
+            error=error,
+        )  # fmt: skip
 
 
 def ort_settings_from_config(config: dict) -> dict[str, int | str]:

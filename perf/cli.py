@@ -54,7 +54,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--shape", type=_shape, action="append", default=[], help="NAME:D1,D2 for variable input dims"
     )
-    p.add_argument("--onnx", default=None, help="ONNX file to run in-process as the efficiency baseline")
+    p.add_argument("--repository", default=None,
+                   help="the local model repository: each model's own ONNX runs in-process as its baseline")  # fmt: skip
+    p.add_argument("--onnx", action="append", default=[], metavar="[MODEL=]PATH",
+                   help="a model's ONNX file for its in-process baseline (repeat; without MODEL=, the model "
+                   "whose folder holds the file)")  # fmt: skip
     p.add_argument("--baseline-threads", type=int, default=None,
                    help="baseline intra-op threads (default: the served model's setting, else onnxruntime's)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -75,8 +79,10 @@ def _command(args: argparse.Namespace, out: str) -> str:
         argv += ["--images", args.images]
     for name, dims in args.shape:
         argv += ["--shape", f"{name}:{','.join(map(str, dims))}"]
-    if args.onnx:
-        argv += ["--onnx", args.onnx]
+    if args.repository:
+        argv += ["--repository", args.repository]
+    for onnx in args.onnx:
+        argv += ["--onnx", onnx]
     if args.baseline_threads is not None:
         argv += ["--baseline-threads", str(args.baseline_threads)]
     return shlex.join(argv)
@@ -89,10 +95,16 @@ def _perf(args: argparse.Namespace) -> int:
     if len(shapes) != len(args.shape):
         raise ConfigError("--shape names an input twice")
     out = args.out or f"perf/results/{_dt.datetime.now(_dt.UTC).strftime('%Y%m%dT%H%M%SZ')}"
+    named = dict(o.split("=", 1) for o in args.onnx if "=" in o)
+    bare = [o for o in args.onnx if "=" not in o]
+    if bare and (named or len(bare) > 1):
+        raise ConfigError("give several --onnx files as MODEL=PATH each")
+    onnx = named or (bare[0] if bare else None)
     result = run_sweep(
         args.url, args.model, args.concurrency, args.batch, generator=args.generator,
         duration_s=args.duration_s, warmup_s=args.warmup_s, max_total_s=args.max_total_s, out_dir=out,
-        images=args.images, shapes=shapes or None, onnx=args.onnx, baseline_threads=args.baseline_threads,
+        images=args.images, shapes=shapes or None, onnx=onnx, repository=args.repository,
+        baseline_threads=args.baseline_threads,
         command=_command(args, out), progress=not args.no_progress,
     )  # fmt: skip
     for p in result.points:

@@ -1,13 +1,18 @@
 """Sweep served models over concurrency x batch size with perf_analyzer and/or the built-in generator.
 
-    result = run_sweep("localhost:8001", ["vitb32", "vitb32_fp32_cpu"], [1, 2, 4], [1, 8],
-                       generator="both", duration_s=5, max_total_s=600, out_dir="perf/results/run1",
-                       images="tests/data/images", onnx="model_repository/vitb32_fp32_cpu/1/model.onnx")
+    result = run_sweep("localhost:8001", ["vitb32", "vitb32_fp32_cpu", "vitb32_cpu-int8_cpu"], [1, 2, 4],
+                       [1, 8], generator="both", duration_s=5, max_total_s=600, out_dir="perf/results/run1",
+                       images="tests/data/images", repository="model_repository")
 
 Each point is measured the same way whichever generator runs it: `warmup_s` of closed-loop load at the
 point's concurrency, a snapshot of Triton's statistics, `duration_s` of measured load, a second snapshot.
 The sweep is bounded in points (models x batch sizes x concurrencies x generators) and in time: once
 `max_total_s` has passed no new point starts, the finished ones are kept and the result says so.
+
+Two ratios, never mixed: a point's `efficiency` is its images/s over the in-process images/s of the ONNX
+file that same model runs (serving overhead; each model has its own baseline), and the precision speed-up
+(`precision_speedups`) is an INT8/FP16 model's images/s over its FP32 sibling's, served and in-process.
+A point or baseline that fails is kept with its error, and reported as a failure.
 """
 
 from __future__ import annotations
@@ -116,7 +121,8 @@ class SweepResult:
     planned_points: int
     points: list[PointResult] = field(default_factory=list)
     baselines: list[BaselineResult] = field(default_factory=list)
-    baseline_settings: str | None = None
+    baseline_files: dict[str, str] = field(default_factory=dict)  # model -> the ONNX file it runs
+    baseline_settings: dict[str, str] = field(default_factory=dict)  # ONNX file -> onnxruntime settings
     truncated: bool = False
     note: str | None = None
     elapsed_s: float = 0.0
@@ -126,8 +132,14 @@ class SweepResult:
     out_dir: str | None = None
     files: dict[str, str] = field(default_factory=dict)
 
-    def baseline_for(self, batch_size: int) -> BaselineResult | None:
-        return next((b for b in self.baselines if b.batch_size == batch_size), None)
+    def baseline_for(self, model: str, batch_size: int) -> BaselineResult | None:
+        """The in-process baseline of the ONNX file `model` runs, at `batch_size` (None: not measured)."""
+        onnx = self.baseline_files.get(model)
+        return next((b for b in self.baselines if b.onnx == onnx and b.batch_size == batch_size), None)
+
+    @property
+    def failed_points(self) -> list[PointResult]:
+        return [p for p in self.points if not p.ok]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -148,6 +160,82 @@ def _positive_ints(values, what: str) -> list[int]:
     if not out:
         raise ConfigError(f"{what}: give at least one value")
     return out
+
+
+_VARIANT = re.compile(
+    r"^(?P<base>.+)_(?P<precision>cpu-int8|fp32|fp16|int8)_(?P<kind>cpu|onnxruntime|tensorrt)$"
+)
+
+
+def variant_of(model: str) -> tuple[str, str, str] | None:
+    """(name, precision, kind) of a vitserve backbone model `NAME_{precision}_{kind}`, else None."""
+    m = _VARIANT.match(model)
+    return (m["base"], m["precision"], m["kind"]) if m else None
+
+
+def precision_speedups(result: SweepResult) -> list[dict]:
+    """Each non-FP32 backbone model of the sweep against its FP32 sibling (same name and kind), when both
+    were swept: in-process images/s ratio per batch size (generator "in-process"), and served images/s
+    ratio per batch size, concurrency and generator. Only points that both succeeded are compared."""
+    rows = []
+    points = {(p.model, p.generator, p.batch_size, p.concurrency): p for p in result.points if p.ok}
+    for model in result.models:
+        variant = variant_of(model)
+        if variant is None or variant[1] == "fp32":
+            continue
+        fp32 = f"{variant[0]}_fp32_{variant[2]}"
+        if fp32 not in result.models:
+            continue
+        for b in result.batch_sizes:
+            mine, ref = result.baseline_for(model, b), result.baseline_for(fp32, b)
+            if mine is not None and ref is not None and mine.ok and ref.ok:
+                rows.append({"model": model, "fp32": fp32, "generator": "in-process", "batch_size": b,
+                             "concurrency": None, "speedup": mine.images_per_s / ref.images_per_s})  # fmt: skip
+            for c in result.concurrencies:
+                for gen in Generator(result.generator).generators():
+                    p, q = points.get((model, gen, b, c)), points.get((fp32, gen, b, c))
+                    if p is not None and q is not None:
+                        rows.append({"model": model, "fp32": fp32, "generator": gen, "batch_size": b,
+                                     "concurrency": c, "speedup": p.images_per_s / q.images_per_s})  # fmt: skip
+    return rows
+
+
+def _baseline_files(
+    specs: list[ModelSpec], onnx: str | Path | dict[str, str | Path] | None, repository: str | Path | None
+) -> dict[str, Path]:
+    """Which ONNX file each swept model runs: from `repository` (`REPO/NAME/1/model.onnx`, for an ensemble
+    its first step that has one), then `onnx`, a {model: file} mapping or one file, which belongs to the
+    models whose folder holds it (the backbone and the ensembles that route to it)."""
+    files: dict[str, Path] = {}
+    names = [s.name for s in specs]
+    if repository is not None:
+        repo = Path(repository)
+        if not repo.is_dir():
+            raise ConfigError(f"repository {str(repo)!r} is not a folder (the Triton model repository)")
+        for spec in specs:
+            for name in (spec.name, *server_stats.ensemble_steps(spec.config)):
+                if (repo / name / "1" / "model.onnx").is_file():
+                    files[spec.name] = repo / name / "1" / "model.onnx"
+                    break
+    if isinstance(onnx, dict):
+        for model, path in onnx.items():
+            if model not in names:
+                raise ConfigError(f"baseline for {model!r}: it is not a swept model ({', '.join(names)})")
+            files[model] = Path(path)
+    elif onnx is not None:
+        path = Path(onnx)
+        owner = path.resolve().parent.parent.name
+        owners = [s.name for s in specs if owner in (s.name, *server_stats.ensemble_steps(s.config))]
+        if not owners:
+            raise ConfigError(
+                f"--onnx {path}: no swept model runs it (its folder is {owner!r}; swept: {', '.join(names)}); "
+                "give it as MODEL=PATH, or --repository DIR to find every model's own file"
+            )
+        files.update(dict.fromkeys(owners, path))
+    for model, path in files.items():
+        if not path.is_file():
+            raise ConfigError(f"baseline ONNX file {str(path)!r} of model {model!r} does not exist")
+    return files
 
 
 def _baseline_settings(url: str, onnx: Path, specs: list[ModelSpec]) -> tuple[dict, str]:
@@ -264,7 +352,8 @@ def run_sweep(
     out_dir: str | Path | None = None,
     images: str | Path | None = None,
     shapes: dict[str, list[int]] | None = None,
-    onnx: str | Path | None = None,
+    onnx: str | Path | dict[str, str | Path] | None = None,
+    repository: str | Path | None = None,
     baseline_threads: int | None = None,
     command: str | None = None,
     progress: bool = True,
@@ -272,10 +361,12 @@ def run_sweep(
     """Measure every (model, batch size, concurrency, generator) point against the Triton server at `url`.
 
     `url` is the gRPC endpoint (host:port). Inputs come from each model's metadata: numeric inputs are
-    random (fixed seed), BYTES inputs carry the images of `images` (a folder). With `onnx`, that file is
-    also run in-process (onnxruntime CPU, the served model's threads and graph optimization, threads
-    overridden by `baseline_threads`) at each batch size, and every point gets `efficiency` = its images/s
-    over the baseline's at the same batch size. No point starts after
+    random (fixed seed), BYTES inputs carry the images of `images` (a folder). With `repository` (the
+    local Triton model repository) or `onnx` ({model: file}, or one file, which belongs to the model
+    whose folder holds it), each model's own ONNX file is also run in-process (onnxruntime CPU, the served
+    model's threads and graph optimization, threads overridden by `baseline_threads`) at each batch size,
+    and every point of that model gets `efficiency` = its images/s over its own baseline's at the same
+    batch size. A baseline that fails is kept with its error. No point starts after
     `max_total_s`; finished points are kept and `truncated`/`note` say so. With `out_dir` the CSV, JSON,
     plots and Markdown report are written there (see `vitserve.perf.report`).
     """
@@ -297,6 +388,7 @@ def run_sweep(
         )
     # Everything the sweep needs is checked before the first measurement: a typo fails in a second.
     specs = [describe_model(url, m) for m in models]
+    baseline_files = _baseline_files(specs, onnx, repository)
     image_files = list_images(images) if images is not None else None
     for spec in specs:
         for b in batch_sizes:
@@ -309,6 +401,7 @@ def run_sweep(
         started_at=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), command=command,
         images=str(images) if images is not None else None,
         out_dir=str(out_dir) if out_dir is not None else None,
+        baseline_files={m: str(p) for m, p in baseline_files.items()},
     )  # fmt: skip
     work_dir = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="vitserve-perf-"))
     raw_dir = work_dir / "raw"
@@ -318,17 +411,22 @@ def run_sweep(
         return time.monotonic() - t_start >= max_total_s
 
     try:
-        if onnx is not None:
-            settings, source = _baseline_settings(url, Path(onnx), specs)
+        for path in dict.fromkeys(baseline_files.values()):
+            settings, source = _baseline_settings(url, path, specs)
             if baseline_threads is not None:
                 settings["threads"] = baseline_threads
                 source += f", threads {baseline_threads} given"
-            result.baseline_settings = (
+            result.baseline_settings[str(path)] = (
                 f"intra-op threads {settings.get('threads', 'default')}, graph optimization "
                 f"{settings.get('optimization', 'all')} (from {source})"
             )
             for b in batch_sizes:
-                result.baselines.append(run_baseline(onnx, b, duration_s=duration_s, **settings))
+                try:
+                    base = run_baseline(path, b, duration_s=duration_s, shapes=shapes, **settings)
+                except Exception as e:  # onnxruntime raises its own untyped errors; the sweep goes on
+                    log.error("in-process baseline %s at batch %d failed: %s", path, b, e)
+                    base = BaselineResult.failed(path, b, f"{type(e).__name__}: {e}", **settings)
+                result.baselines.append(base)
         _sweep(result, specs, generators, image_files, shapes, work_dir, raw_dir, out_of_time, progress)
     except KeyboardInterrupt:
         result.truncated = True
@@ -385,8 +483,8 @@ def _sweep(result, specs, generators, image_files, shapes, work_dir, raw_dir, ou
                             point = PointResult(spec.name, gen, c, b, error=str(e))
                             log.error("%s", e)
                         point.wall_s = time.monotonic() - t0
-                        base = result.baseline_for(b)
-                        if base is not None and point.images_per_s:
+                        base = result.baseline_for(spec.name, b)
+                        if base is not None and base.ok and point.ok and point.images_per_s:
                             point.efficiency = point.images_per_s / base.images_per_s
                         result.points.append(point)
                         if bar is not None:

@@ -1,9 +1,10 @@
 """Write a sweep's results: `points.csv`, `result.json`, two PNG plots and `report.md`.
 
 The Markdown report puts the variants (served models, e.g. the FP32 and INT8 backbones, and the generators)
-side by side per batch size and concurrency, states serving efficiency against the in-process baseline when
-one was run, and starts with the exact command that produced it. Every file is written under a temporary
-name and renamed when whole.
+side by side per batch size and concurrency, states each model's serving efficiency against its own
+in-process baseline when one was run, the precision speed-up (INT8/FP16 over FP32) as a separate table, and
+starts with the exact command that produced it. Failed points and baselines are shown as failures, with
+their errors. Every file is written under a temporary name and renamed when whole.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from vitserve.perf.harness import PointResult, SweepResult
+from vitserve.perf.harness import PointResult, SweepResult, precision_speedups
 
 CSV_NAME = "points.csv"
 JSON_NAME = "result.json"
@@ -131,6 +132,10 @@ def _fmt(v, digits: int = 1, scale: float = 1.0) -> str:
     return f"{v / scale:.{digits}f}"
 
 
+def _generators(result: SweepResult) -> list[str]:
+    return ["perf_analyzer", "builtin"] if result.generator == "both" else [result.generator]
+
+
 def markdown(result: SweepResult) -> str:
     """The report as Markdown text."""
     lines = ["# Serving performance", ""]
@@ -153,25 +158,70 @@ def markdown(result: SweepResult) -> str:
     ]
     if result.truncated:
         lines += [f"> **Incomplete:** {result.note}", ""]
+    failed_baselines = [b for b in result.baselines if not b.ok]
+    if result.failed_points or failed_baselines:
+        lines += [
+            f"> **Failures:** {len(result.failed_points)} of {len(result.points)} measured points and "
+            f"{len(failed_baselines)} of {len(result.baselines)} in-process baselines failed "
+            "(marked FAILED below; messages under Errors).",
+            "",
+        ]
     if result.baselines:
         lines += [
-            "## In-process baseline (onnxruntime, CPU provider)",
+            "## In-process baselines (onnxruntime, CPU provider)",
             "",
-            f"`{result.baselines[0].onnx}`: {result.baseline_settings}",
+            "Each served model against the ONNX file it runs itself (an ensemble: its backbone step's).",
             "",
-            "| batch | images/s | p50 ms | p99 ms | runs |",
-            "|---:|---:|---:|---:|---:|",
+            "| ONNX | models | batch | images/s | p50 ms | p99 ms | runs | settings |",
+            "|---|---|---:|---:|---:|---:|---:|---|",
         ]
         for b in result.baselines:
-            lines.append(
-                f"| {b.batch_size} | {b.images_per_s:.1f} | {_fmt(b.p50_us, 2, 1e3)} | {_fmt(b.p99_us, 2, 1e3)} "
-                f"| {b.runs} |"
+            users = ", ".join(f"`{m}`" for m, f in result.baseline_files.items() if f == b.onnx)
+            speed = (
+                f"{b.images_per_s:.1f} | {_fmt(b.p50_us, 2, 1e3)} | {_fmt(b.p99_us, 2, 1e3)} | {b.runs}"
+                if b.ok
+                else "**FAILED** | – | – | 0"
             )
+            lines.append(
+                f"| `{b.onnx}` | {users} | {b.batch_size} | {speed} | {result.baseline_settings.get(b.onnx, '')} |"
+            )
+        missing = [m for m in result.models if m not in result.baseline_files]
         lines += [
             "",
-            "Serving efficiency = served images/s / in-process images/s at the same batch size.",
+            "Serving efficiency = a model's served images/s / the in-process images/s of its own ONNX file at "
+            "the same batch size: what Triton, gRPC, batching and (for an ensemble) image decoding cost. It "
+            "is not a precision speed-up: that is the next table.",
             "",
         ]
+        if missing:
+            lines += [
+                f"No in-process baseline (no ONNX file of their own): {', '.join(f'`{m}`' for m in missing)}.",
+                "",
+            ]
+    speedups = precision_speedups(result)
+    if speedups:
+        lines += [
+            "## Precision speed-up (vs the FP32 model of the same name and kind)",
+            "",
+            "images/s of the model / images/s of its FP32 sibling: in-process (both ONNX files, same "
+            "settings) and served (same generator, batch and concurrency).",
+            "",
+            "| model | vs | batch | in-process | " + " | ".join(
+                f"served c{c} [{g}]" for c in result.concurrencies for g in _generators(result)
+            ) + " |",
+            "|---|---|---:|---:|" + "---:|" * (len(result.concurrencies) * len(_generators(result))),
+        ]  # fmt: skip
+        by = {(r["model"], r["generator"], r["batch_size"], r["concurrency"]): r["speedup"] for r in speedups}
+        for model, fp32 in dict.fromkeys((r["model"], r["fp32"]) for r in speedups):
+            for b in result.batch_sizes:
+                cells = [_fmt(by.get((model, "in-process", b, None)), 2)]
+                cells += [
+                    _fmt(by.get((model, g, b, c)), 2)
+                    for c in result.concurrencies
+                    for g in _generators(result)
+                ]
+                lines.append(f"| `{model}` | `{fp32}` | {b} | " + " | ".join(cells) + " |")
+        lines.append("")
 
     variants = list(dict.fromkeys(_variant(p, result) for p in result.points))
     if result.points:
@@ -194,7 +244,7 @@ def markdown(result: SweepResult) -> str:
                     if p is None:
                         row.append("not run")
                     elif not p.ok:
-                        row.append("error")
+                        row.append("**FAILED**")
                     else:
                         cell = f"{p.images_per_s:.1f} · {_fmt(p.p99_us, 2, 1e3)}"
                         if result.baselines:
@@ -218,6 +268,13 @@ def markdown(result: SweepResult) -> str:
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for p in result.points:
+            if not p.ok:
+                first = (p.error or "no request succeeded").splitlines()[0][:80]
+                lines.append(
+                    f"| {p.model} | {p.generator} | {p.batch_size} | {p.concurrency} | **FAILED** | {first} "
+                    f"|{' – |' * 4} {_fmt(p.failures, 0)} |{' – |' * 7}"
+                )
+                continue
             lines.append(
                 f"| {p.model} | {p.generator} | {p.batch_size} | {p.concurrency} | {_fmt(p.requests_per_s)} "
                 f"| {_fmt(p.images_per_s)} | {_fmt(p.p50_us, 2, 1e3)} | {_fmt(p.p90_us, 2, 1e3)} "
@@ -245,8 +302,11 @@ def markdown(result: SweepResult) -> str:
                 )
         lines.append("")
     errors = [p for p in result.points if p.error or p.error_samples]
-    if errors:
+    if errors or failed_baselines:
         lines += ["## Errors", ""]
+        for b in failed_baselines:
+            lines += [f"- in-process baseline `{b.onnx}` batch {b.batch_size}:", "", "  ```",
+                      *("  " + x for x in (b.error or "").splitlines()), "  ```"]  # fmt: skip
         for p in errors:
             msg = p.error or "; ".join(p.error_samples)
             lines += [f"- `{p.model}` {p.generator} batch {p.batch_size} concurrency {p.concurrency} "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -24,6 +25,13 @@ def _have_tensorrt_gpu() -> str | None:
     except ImportError:
         return "torch is not installed"
     return None
+
+
+def pytest_report_header(config):
+    """The host's CPU and its int8-relevant ISA, at the top of every test run."""
+    from vitserve.hostinfo import cpu_summary
+
+    return f"host CPU: {cpu_summary()}"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -62,6 +70,15 @@ def tiny_server(tiny_repository, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "tiny_server.log"
     with TritonServer(tiny_repository, log_path=log) as server:
         yield server
+
+
+def served_backbone(repository: Path, model: str = "vitb32") -> str:
+    """The backbone model the ensemble `model` routes to, as the repository's manifest records it (which
+    variant passes its gate, and so is routed to, is the build's business: tests never assume it)."""
+    import json
+
+    manifest = json.loads((Path(repository) / "vitserve-manifest.json").read_text())
+    return manifest["models"][model]["triton_models"][model]["backbone"]
 
 
 LABELS = ["astronaut", "cat", "coffee", "rocket", "woman", "motorcycle", "camera", "cells", "dog", "car"]
@@ -113,12 +130,15 @@ def vitb32_build(tmp_path_factory, linear_head) -> dict:
 
     root = tmp_path_factory.mktemp("vitb32_build")
     config = write_models_yaml(root / "models.yaml", *linear_head)
-    summary = build_all(config, root / "model_repository", root / "artifacts", random_init=True)
+    # VITSERVE_TEST_ARTIFACTS: a folder kept between runs (development only; CI builds from nothing). The
+    # build's own keyed caches decide what is reused, as they do for `make engines`.
+    artifacts = Path(os.environ.get("VITSERVE_TEST_ARTIFACTS") or root / "artifacts")
+    summary = build_all(config, root / "model_repository", artifacts, random_init=True)
     return {
         "root": root,
         "config": config,
         "repository": root / "model_repository",
-        "artifacts": root / "artifacts",
+        "artifacts": artifacts,
         "summary": summary,
     }
 

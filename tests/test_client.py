@@ -103,6 +103,34 @@ def test_in_memory_images_and_bytes_are_accepted(vitb32_server, photo_paths, ref
     np.testing.assert_allclose(result.embeddings, reference, atol=1e-5)
 
 
+def test_exif_orientation_is_the_same_for_every_input_type(vitb32_server, tmp_path):
+    """One photo stored rotated with EXIF orientation 6, sent as a path, bytes, a PIL image (as opened, the
+    orientation in its EXIF) and an upright array: the same embedding each time. One request, so that the
+    cpu-int8 backbone's per-batch scales are shared."""
+    from PIL import Image, ImageOps
+
+    from vitserve.exporter.samples import eval_photos
+
+    photo = eval_photos()[0][1].convert("RGB")
+    photo = photo.crop((0, 0, photo.width, photo.height * 2 // 3))  # a turn changes the shape too
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "rotated.jpg"
+    photo.transpose(Image.Transpose.ROTATE_90).save(path, quality=95, exif=exif)
+    opened = Image.open(path)
+    assert opened.getexif()[0x0112] == 6 and opened.size == (photo.height, photo.width)
+    upright = np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("RGB"))
+    stored = np.asarray(Image.open(path).convert("RGB"))  # the pixels as stored, not turned
+    result = _embed(
+        vitb32_server, "grpc", "sync", [path, path.read_bytes(), opened, upright, stored], batch_size=8
+    )
+    assert not result.errors
+    emb = result.embeddings
+    for i, kind in enumerate(["bytes", "PIL image", "upright array"], start=1):
+        np.testing.assert_allclose(emb[i], emb[0], atol=1e-5, err_msg=f"{kind} vs path")
+    assert np.abs(emb[4] - emb[0]).max() > 1e-3  # the turn matters: the stored pixels embed differently
+
+
 def test_large_input_is_split_and_reassembled_in_order(vitb32_server, photo_paths, reference):
     images = (photo_paths * 3)[:20]
     result = _embed(vitb32_server, "grpc", "async", images, batch_size=3, max_in_flight=3)

@@ -298,3 +298,44 @@ def test_run_engine_refuses_batch_outside_profile(tiny_onnx, tmp_path):
 def test_build_engine_reports_unknown_input(tiny_onnx, tmp_path):
     with pytest.raises(ExportError, match=r"no input 'images'.*pixel_values"):
         build_engine(tiny_onnx, tmp_path / "model.plan", "images", TINY_CHW, settings())
+
+
+# -- the pinned release, provenance and the plan cache --------------------------------------------
+
+
+def test_build_script_names_the_pinned_image(tmp_path):
+    from vitserve.exporter.gpu_release import TENSORRT_VERSION, TRITON_IMAGE
+
+    text = write_build_script(
+        tmp_path, tmp_path / "m.onnx", tmp_path / "model.plan", "x", CHW, settings()
+    ).read_text()
+    assert TRITON_IMAGE in text and TENSORRT_VERSION in text and "make engines-gpu" in text
+
+
+def test_host_tensorrt_version_is_none_or_a_version():
+    version = engine.tensorrt_version()
+    assert version is None or __import__("re").match(r"^\d+\.\d+\.\d+", version)
+    host = engine.host_provenance()
+    assert set(host) == {"tensorrt_version", "gpu_name", "compute_capability"}
+
+
+@pytest.mark.gpu
+def test_one_logger_per_process():
+    import tensorrt as trt
+
+    assert engine._logger(trt) is engine._logger(trt)
+
+
+@pytest.mark.gpu
+def test_cached_rebuild_copies_the_plan_and_matches_this_host(tiny_onnx, tmp_path):
+    cache = tmp_path / "artifacts" / "engines"
+    s = EngineSettings(profile=BatchProfile(1, 2, 4), builder_optimization_level=0)
+    plan = tmp_path / "repo" / "tiny" / "1" / "model.plan"
+    first = engine.build_engine_cached(tiny_onnx, plan, "pixel_values", TINY_CHW, s, cache, max_batch_size=4)
+    assert first["cached"] is False and (cache / first["cache_key"] / "model.plan").is_file()
+    assert list((cache / "timing").iterdir())  # the timing cache is kept under artifacts/
+    plan.unlink()
+    second = engine.build_engine_cached(tiny_onnx, plan, "pixel_values", TINY_CHW, s, cache, max_batch_size=4)
+    assert second["cached"] is True and second["plan_sha256"] == first["plan_sha256"]
+    assert engine._sha256(plan) == first["plan_sha256"]
+    assert engine.provenance_problems("tiny", second, engine.host_provenance()) == []

@@ -199,3 +199,106 @@ def test_tao_checkpoint_keys_are_mapped_and_reported(tmp_path):
     assert report["unmapped_keys"] == ["model.head.fc.weight"]
     assert report["missing_keys"] == ["norm.bias"]
     assert torch.equal(target.cls_token, model.cls_token + 1)
+
+
+# ------------------------------------------------------------- the architecture follows the weights
+
+
+def test_quick_gelu_comes_from_the_chosen_tag():
+    from vitserve.exporter.backbones import Weights, clip_architecture
+
+    vitb32 = get_backbone("ViT-B-32")
+    arch = {t: clip_architecture(vitb32, Weights("pretrained", t)) for t in ("openai", "laion400m_e31")}
+    arch["laion2b_s34b_b79k"] = clip_architecture(vitb32, Weights("pretrained", "laion2b_s34b_b79k"))
+    assert arch["openai"]["quick_gelu"] and arch["laion400m_e31"]["quick_gelu"]
+    assert arch["laion2b_s34b_b79k"]["quick_gelu"] is False
+    assert clip_architecture(get_backbone("ViT-B-16"), Weights("pretrained", "openai"))["quick_gelu"]
+    assert not clip_architecture(get_backbone("ViT-B-16"), Weights("random"))["quick_gelu"]
+
+
+def test_unknown_tag_is_refused_with_the_known_ones(tmp_path):
+    with pytest.raises(ConfigError, match=r"'laion5b'.*laion2b_s34b_b79k"):
+        export_model("ViT-B-32", tmp_path / "o", weights="pretrained:laion5b")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.fixture(scope="module")
+def vitb32_weights(tmp_path_factory) -> Path:
+    """A ViT-B-32 state dict (random init) saved as open_clip saves HF-hub weights."""
+    import open_clip
+
+    path = tmp_path_factory.mktemp("vitb32_weights") / "open_clip_pytorch_model.bin"
+    torch.manual_seed(1)
+    torch.save(open_clip.create_model("ViT-B-32", pretrained=None).state_dict(), path)
+    return path
+
+
+def _gelu_of(loaded) -> type:
+    return type(loaded.clip_model.visual.transformer.resblocks[0].mlp.gelu)
+
+
+def _checkpoint_with_config(tmp_path: Path, weights: Path, **model_cfg) -> Path:
+    import open_clip
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / weights.name).symlink_to(weights)
+    cfg = {"model_cfg": open_clip.get_model_config("ViT-B-32") | model_cfg, "preprocess_cfg": {}}
+    (folder / "open_clip_config.json").write_text(json.dumps(cfg))
+    return folder / weights.name
+
+
+def test_checkpoint_config_decides_quick_gelu(tmp_path, vitb32_weights):
+    """ViT-B-32's default tag is QuickGELU; a checkpoint whose open_clip_config.json says otherwise is
+    built with nn.GELU, and the manifest-facing record says where that came from."""
+    from open_clip.transformer import QuickGELU
+
+    from vitserve.exporter.backbones import create_backbone
+
+    ckpt = _checkpoint_with_config(tmp_path, vitb32_weights, quick_gelu=False)
+    loaded = create_backbone("ViT-B-32", str(ckpt))
+    assert _gelu_of(loaded) is torch.nn.GELU
+    assert loaded.architecture == {"quick_gelu": False, "source": str(ckpt.parent / "open_clip_config.json")}
+    bare = create_backbone("ViT-B-32", str(vitb32_weights))  # no config: the registry's tag, said so
+    assert _gelu_of(bare) is QuickGELU and "not detectable" in bare.architecture["source"]
+
+
+def test_checkpoint_config_of_another_architecture_names_both(tmp_path, vitb32_weights):
+    import open_clip
+
+    vitl = open_clip.get_model_config("ViT-L-14")
+    ckpt = _checkpoint_with_config(tmp_path, vitb32_weights, vision_cfg=vitl["vision_cfg"], embed_dim=768)
+    with pytest.raises(ExportError, match=r"ViT-B-32.*embed_dim: checkpoint 768 vs backbone 512"):
+        export_model("ViT-B-32", tmp_path / "o", weights=str(ckpt))
+    assert not (tmp_path / "o").exists()
+
+
+def test_timm_checkpoint_config_of_another_architecture_names_both(tmp_path):
+    ckpt = tmp_path / "model.safetensors"
+    ckpt.write_bytes(b"")
+    (tmp_path / "config.json").write_text(json.dumps({"architecture": "vit_base_patch14_dinov2"}))
+    with pytest.raises(ExportError, match=r"vit_base_patch14_dinov2.*DINOv2-S.*vit_small_patch14_dinov2"):
+        export_model("DINOv2-S", tmp_path / "o", weights=str(ckpt))
+
+
+@pytest.mark.slow
+def test_pretrained_tag_builds_its_own_activation(tmp_path, vitb32_weights, monkeypatch):
+    """`--pretrained laion2b_s34b_b79k` (no QuickGELU) on ViT-B-32 (default tag QuickGELU), end to end
+    through open_clip's download path, served from a local Hugging Face cache (offline)."""
+    import huggingface_hub.constants as hf
+    import open_clip
+    from open_clip.transformer import QuickGELU
+
+    from vitserve.exporter.backbones import create_backbone
+
+    for tag in ("laion2b_s34b_b79k", "openai"):
+        repo = open_clip.get_pretrained_cfg("ViT-B-32", tag)["hf_hub"].strip("/")
+        folder = tmp_path / f"models--{repo.replace('/', '--')}"
+        (folder / "refs").mkdir(parents=True)
+        (folder / "refs" / "main").write_text("0" * 40)
+        (folder / "snapshots" / ("0" * 40)).mkdir(parents=True)
+        (folder / "snapshots" / ("0" * 40) / "open_clip_pytorch_model.bin").symlink_to(vitb32_weights)
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)
+    assert _gelu_of(create_backbone("ViT-B-32", "pretrained:laion2b_s34b_b79k")) is torch.nn.GELU
+    assert _gelu_of(create_backbone("ViT-B-32", "pretrained:openai")) is QuickGELU

@@ -7,19 +7,22 @@ import csv
 import json
 import struct
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from vitserve.errors import ClientError, ConfigError, ServerError
 from vitserve.perf.baseline import ort_settings_from_config
-from vitserve.perf.harness import PointResult, run_sweep
+from vitserve.perf.harness import PointResult, precision_speedups, run_sweep
 from vitserve.perf.inputs import ModelSpec, TensorSpec, describe_model, make_payloads, write_input_data
 from vitserve.perf.loadgen import run_load
 from vitserve.perf.perf_analyzer import run_perf_analyzer
 from vitserve.server import TritonServer, free_port
 
 pytestmark = pytest.mark.triton
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CONCURRENCIES = [1, 2]
 BATCHES = [1, 4]
@@ -51,7 +54,7 @@ def sweep(tiny_server, add_one_onnx, tmp_path_factory):
     out = tmp_path_factory.mktemp("perf") / "add_one"
     result = run_sweep(
         tiny_server.grpc_url, "add_one", CONCURRENCIES, BATCHES, generator="both", duration_s=2.0,
-        warmup_s=0.5, max_total_s=300, out_dir=out, onnx=add_one_onnx, baseline_threads=1,
+        warmup_s=0.5, max_total_s=300, out_dir=out, onnx={"add_one": add_one_onnx}, baseline_threads=1,
         command="pytest tests/test_perf.py (sweep fixture)", progress=False,
     )  # fmt: skip
     return result, out
@@ -104,7 +107,8 @@ def test_efficiency_against_in_process_baseline(sweep):
     assert [b.batch_size for b in result.baselines] == BATCHES
     assert all(b.images_per_s > 0 and b.threads == 1 for b in result.baselines)
     for p in result.points:
-        assert p.efficiency == pytest.approx(p.images_per_s / result.baseline_for(p.batch_size).images_per_s)
+        base = result.baseline_for("add_one", p.batch_size)
+        assert p.efficiency == pytest.approx(p.images_per_s / base.images_per_s)
 
 
 def test_baseline_settings_come_from_the_served_model_config():
@@ -267,3 +271,129 @@ def test_perf_analyzer_input_data_is_length_prefixed_b64(images, tmp_path):
     assert steps[0]["image"]["shape"] == [1] and raw == struct.pack("<I", len(png)) + png
     payload = make_payloads(spec, 4, images=sorted(images.glob("*.png")), count=1)[0]["image"]
     assert payload.shape == (4, 1) and payload[3, 0] == png  # cycles through the folder
+
+
+# --- accounting: each model against its own ONNX, precision speed-up apart, failures shown -----------
+
+_FAILING = textwrap.dedent("""
+    import triton_python_backend_utils as pb_utils
+
+    class TritonPythonModel:
+        def execute(self, requests):
+            err = pb_utils.TritonError("this model always fails")
+            return [pb_utils.InferenceResponse(error=err) for _ in requests]
+""")
+
+
+def _matmul_onnx(path, layers: int) -> None:
+    """INPUT0 [batch, 4] through `layers` 256-wide matmuls: the heavier the slower, in-process."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, inits, prev = [], [], "INPUT0"
+    for i in range(layers):
+        w = rng.standard_normal((4 if i == 0 else 256, 256)).astype(np.float32) * 0.05
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [f"h{i}"]))
+        prev = f"h{i}"
+    nodes.append(helper.make_node("ReduceSum", [prev], ["OUTPUT0"], keepdims=1))
+    graph = helper.make_graph(
+        nodes, "toy", [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, None)], inits,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+@pytest.fixture(scope="module")
+def variants_server(tmp_path_factory):
+    """`toy_fp32_cpu` and `toy_cpu-int8_cpu` (add_one, each with its own ONNX file: 1 and 24 matmuls) and
+    `broken_fp32_cpu` (every request fails; its model.onnx is not ONNX)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    pytest.importorskip("onnx")
+    repo = tmp_path_factory.mktemp("variants_repo")
+    for name, source, layers in [
+        ("toy_fp32_cpu", (ROOT / "tests" / "data" / "add_one_model.py").read_text(), 1),
+        ("toy_cpu-int8_cpu", (ROOT / "tests" / "data" / "add_one_model.py").read_text(), 24),
+        ("broken_fp32_cpu", _FAILING, 0),
+    ]:
+        (repo / name / "1").mkdir(parents=True)
+        (repo / name / "1" / "model.py").write_text(source)
+        if layers:
+            _matmul_onnx(repo / name / "1" / "model.onnx", layers)
+        else:
+            (repo / name / "1" / "model.onnx").write_bytes(b"not an onnx file")
+        cfg = mc.ModelConfig(name=name, backend="python", max_batch_size=8)
+        cfg.input.add(name="INPUT0", data_type=mc.TYPE_FP32, dims=[4])
+        cfg.output.add(name="OUTPUT0", data_type=mc.TYPE_FP32, dims=[4])
+        cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
+        (repo / name / "config.pbtxt").write_text(text_format.MessageToString(cfg))
+    with TritonServer(repo, log_path=tmp_path_factory.mktemp("logs") / "variants_server.log") as server:
+        yield server, repo
+
+
+def test_each_model_is_judged_against_its_own_onnx_and_failures_are_shown(variants_server, tmp_path):
+    server, repo = variants_server
+    models = ["toy_fp32_cpu", "toy_cpu-int8_cpu", "broken_fp32_cpu"]
+    result = run_sweep(
+        server.grpc_url, models, [1], [8], generator="builtin", duration_s=1.0, warmup_s=0.2,
+        out_dir=tmp_path, repository=repo, baseline_threads=1, progress=False,
+    )  # fmt: skip
+    assert result.baseline_files == {m: str(repo / m / "1" / "model.onnx") for m in models}
+    light, heavy = (result.baseline_for(m, 8) for m in models[:2])
+    assert light.ok and heavy.ok and light.images_per_s > 2 * heavy.images_per_s  # 1 vs 24 matmuls
+    broken = result.baseline_for("broken_fp32_cpu", 8)
+    assert not broken.ok and "could not load" in broken.error
+    points = {p.model: p for p in result.points}
+    for model, base in zip(models[:2], (light, heavy), strict=True):
+        p = points[model]
+        assert p.ok and p.efficiency == pytest.approx(p.images_per_s / base.images_per_s)
+    assert not points["broken_fp32_cpu"].ok and points["broken_fp32_cpu"].efficiency is None
+    # the precision speed-up is its own number: INT8 model over its FP32 sibling, never an "efficiency"
+    speedups = {(r["model"], r["generator"]): r["speedup"] for r in precision_speedups(result)}
+    assert speedups["toy_cpu-int8_cpu", "in-process"] == pytest.approx(
+        heavy.images_per_s / light.images_per_s
+    )
+    assert speedups["toy_cpu-int8_cpu", "builtin"] == pytest.approx(
+        points["toy_cpu-int8_cpu"].images_per_s / points["toy_fp32_cpu"].images_per_s
+    )
+    md = (tmp_path / "report.md").read_text()
+    assert "## Precision speed-up" in md and "| `toy_cpu-int8_cpu` | `toy_fp32_cpu` | 8 |" in md
+    assert "1 of 3 measured points and 1 of 3 in-process baselines failed" in md
+    assert "| broken_fp32_cpu | builtin | 8 | 1 | **FAILED** | no request succeeded" in md
+    assert f"| `{repo / 'broken_fp32_cpu' / '1' / 'model.onnx'}` | `broken_fp32_cpu` | 8 | **FAILED**" in md
+    assert "this model always fails" in md
+    json_points = {p["model"]: p for p in json.loads((tmp_path / "result.json").read_text())["points"]}
+    assert json_points["broken_fp32_cpu"]["error"] and json_points["toy_fp32_cpu"]["efficiency"] > 0
+
+
+def test_one_onnx_file_belongs_only_to_the_model_that_runs_it(variants_server):
+    server, repo = variants_server
+    with pytest.raises(ConfigError, match=r"no swept model runs it .*MODEL=PATH"):
+        run_sweep(server.grpc_url, ["toy_fp32_cpu"], [1], [1], onnx=repo / "toy_cpu-int8_cpu" / "1" / "model.onnx",
+                  generator="builtin", duration_s=0.2, warmup_s=0, progress=False)  # fmt: skip
+
+
+def test_cli_takes_a_repository_or_model_onnx_pairs(variants_server, tmp_path, capsys):
+    from vitserve.cli import main
+
+    server, repo = variants_server
+    onnx = repo / "toy_cpu-int8_cpu" / "1" / "model.onnx"
+    argv = ["perf", "--url", server.grpc_url, "--model", "toy_fp32_cpu", "--model", "toy_cpu-int8_cpu",
+            "--concurrency", "1", "--batch", "2", "--generator", "builtin", "--duration-s", "0.5",
+            "--warmup-s", "0", "--out", str(tmp_path), "--no-progress", "--baseline-threads", "1",
+            "--repository", str(repo), "--onnx", f"toy_cpu-int8_cpu={onnx}"]  # fmt: skip
+    assert main(argv) == 0
+    data = json.loads((tmp_path / "result.json").read_text())
+    assert data["baseline_files"] == {
+        "toy_fp32_cpu": str(repo / "toy_fp32_cpu" / "1" / "model.onnx"),
+        "toy_cpu-int8_cpu": str(onnx),
+    }
+    assert f"--repository {repo} --onnx toy_cpu-int8_cpu={onnx}" in data["command"]
+    assert "efficiency" in capsys.readouterr().out
+    assert main([*argv, "--onnx", str(onnx)]) == 2  # a bare file next to MODEL=FILE pairs is ambiguous
+    assert "MODEL=PATH" in capsys.readouterr().err

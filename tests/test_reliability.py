@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import served_backbone
 from PIL import Image
 
 from vitserve.client import VitClient
@@ -439,7 +440,9 @@ def test_animated_image_serves_its_first_frame(vitb32_server, fmt):
     animated = _encode(frames[0], fmt, save_all=True, append_images=frames[1:], duration=80, loop=0, **kw)
     shown = Image.open(io.BytesIO(animated))
     assert getattr(shown, "n_frames", 1) == 3
-    first = _encode(shown.convert("RGB"))  # what the first frame decodes to (GIF: after its palette)
+    # The first frame as decoded, in its own mode (GIF: palette "P", which Pillow resizes NEAREST as
+    # open_clip's transform does; converting it to RGB first would change the served result).
+    first = _encode(shown.copy())
     emb = _embeddings(vitb32_server, [animated, first, _encode(frames[1])])
     assert emb.shape == (3, 512)
     np.testing.assert_allclose(emb[0], emb[1], atol=1e-5)
@@ -591,7 +594,8 @@ def test_unloaded_model_error_names_the_loaded_models(hardened_server):
                 client.embed([_jpeg()])
             msg = str(e.value)
             assert "model 'vitb32' is not loaded" in msg, msg
-            assert "ready models: vitb32_cpu-int8_cpu, vitb32_preprocess" in msg, msg
+            loaded = ", ".join(sorted([served_backbone(hardened_server.repository), "vitb32_preprocess"]))
+            assert f"ready models: {loaded}" in msg, msg
         status, msg = _raw_grpc(
             hardened_server, "vitb32", [("image", "BYTES", [1, 1], _bytes_tensor([_jpeg()]))]
         )
@@ -639,7 +643,7 @@ def test_killed_stub_is_found_and_its_model_reloaded(hardened_server):
     server = hardened_server
     supervisor = Supervisor(server)
     assert supervisor.check() is None
-    backbone = "vitb32_cpu-int8_cpu"
+    backbone = served_backbone(server.repository)
     old = _stub_of(server, backbone)
     os.kill(old, signal.SIGKILL)
     while not _gone(old):

@@ -85,6 +85,120 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_engines(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "check-engines",
+        help="refuse TensorRT plans built with another TensorRT version or GPU architecture than this host's",
+    )
+    p.add_argument("--repository", default="model_repository")
+    p.set_defaults(func=_check_engines)
+    p = sub.add_parser(
+        "build-engines",
+        help="build, verify and publish the TensorRT plans of a repository (inside the serving image: "
+        "make engines-gpu)",
+    )
+    p.add_argument("--repository", default="model_repository")
+    p.add_argument("--cache", default="artifacts/engines", help="plans and timing cache, kept between builds")
+    p.set_defaults(func=_build_engines)
+
+
+def _check_engines(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from vitserve.exporter.engine import check_repository, host_provenance
+
+    plans = sorted(Path(args.repository).glob("*/1/model.plan"))
+    if not plans:
+        print(f"no TensorRT plans in {args.repository}: nothing to check")
+        return 0
+    host = host_provenance()
+    problems = check_repository(args.repository, host)
+    if problems:
+        print(
+            f"error: {len(problems)} TensorRT plan(s) in {args.repository} will not load here:",
+            file=sys.stderr,
+        )
+        for p in problems:
+            print(f"  {p}", file=sys.stderr)
+        return 3
+    print(
+        f"{len(plans)} TensorRT plan(s) in {args.repository} match this host (TensorRT {host['tensorrt_version']}, "
+        f"{host['gpu_name']}, compute capability {host['compute_capability']})"
+    )
+    return 0
+
+
+def _build_engines(args: argparse.Namespace) -> int:
+    from vitserve.exporter.pipeline import build_engines
+
+    build_engines(args.repository, args.cache)
+    return 0
+
+
+def _add_cluster(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "publish", help="upload a built repository to S3 as a new version, then point CURRENT at it"
+    )
+    p.add_argument("--repository", default="model_repository")
+    p.add_argument("--to", required=True, metavar="s3://BUCKET/PREFIX")
+    p.add_argument(
+        "--endpoint-url", default=None, help="S3-compatible storage (default: AWS_ENDPOINT_URL or AWS)"
+    )
+    p.add_argument("--region", default=None)
+    p.set_defaults(func=_publish)
+    p = sub.add_parser(
+        "published", help="the current version under s3://BUCKET/PREFIX and its tritonserver URL"
+    )
+    p.add_argument("url", metavar="s3://BUCKET/PREFIX")
+    p.add_argument("--endpoint-url", default=None)
+    p.set_defaults(func=_published)
+    p = sub.add_parser(
+        "cluster-demo",
+        help="rehearse a Kubernetes deployment on this machine: moto S3, N tritonserver replicas, nginx, "
+        "prometheus; SIGKILL one replica and terminate another under load (make cluster-demo)",
+    )
+    p.add_argument("--config", default="models.yaml")
+    p.add_argument("--repository", default="model_repository")
+    p.add_argument("--artifacts", default="artifacts")
+    p.add_argument("--replicas", type=int, default=3)
+    p.add_argument("--requests", type=int, default=600, help="requests of the failover run")
+    p.add_argument("--duration-s", type=float, default=90.0, help="time bound of the failover run")
+    p.add_argument("--concurrency", type=int, default=4, help="workers per protocol (gRPC and HTTP)")
+    p.add_argument(
+        "--throughput",
+        metavar="OUT",
+        default=None,
+        help="instead: images/s through nginx with 1..N replicas, written to OUT.md and OUT.json",
+    )
+    p.add_argument("--out", default=None, help="also write the failover table to OUT.md and OUT.json")
+    p.set_defaults(func=_cluster_demo)
+
+
+def _publish(args: argparse.Namespace) -> int:
+    from vitserve.publish import publish
+
+    p = publish(args.repository, args.to, endpoint_url=args.endpoint_url, region=args.region)
+    print(f"published {p.files} files ({p.bytes / 1e6:.1f} MB) as {p.version_url}; CURRENT -> {p.version}")
+    print(f"tritonserver --model-repository={p.triton_url}")
+    print(f"pin it in deploy/: MODEL_REPOSITORY={p.version_url}")
+    return 0
+
+
+def _published(args: argparse.Namespace) -> int:
+    from vitserve.publish import current
+
+    p = current(args.url, endpoint_url=args.endpoint_url)
+    print(f"current: {p.version_url} ({p.files} files, {p.bytes / 1e6:.1f} MB)")
+    print(f"tritonserver --model-repository={p.triton_url}")
+    return 0
+
+
+def _cluster_demo(args: argparse.Namespace) -> int:
+    from vitserve.cluster import run_cluster_demo
+
+    return run_cluster_demo(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitserve", description=__doc__)
     parser.add_argument("--version", action="version", version=f"vitserve {__version__}")
@@ -93,8 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     from vitserve.exporter.cli import add_commands as add_exporter_commands
 
     add_exporter_commands(sub)
+    from vitserve.exporter.train_head import add_command as add_train_head
+
+    add_train_head(sub)
     _add_serve(sub)
     _add_demo(sub)
+    _add_cluster(sub)
+    _add_engines(sub)
     try:
         from vitserve.client.cli import add_commands as add_client_commands
     except ImportError:  # the client folder may be absent in a trimmed install
@@ -107,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_perf_commands(sub)
+        from vitserve.perf.tune import add_command as add_tune_command
+
+        add_tune_command(sub)
     return parser
 
 

@@ -1,0 +1,181 @@
+"""The python preprocess model's modes (exact = Pillow's numerics, fast = JPEG DCT draft), the settings of
+models.yaml that choose them (`preprocess`, `preprocess_instances`) and the configs written for them.
+
+Hostile inputs (bombs, truncated files, EXIF, animated images) must behave the same in both modes; served
+behaviour is tested against the real tritonserver in tests/test_reliability.py.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vitserve.errors import ConfigError
+from vitserve.exporter.backbones import REGISTRY, get_backbone
+from vitserve.exporter.config import Kind, ModelSpec
+from vitserve.exporter.triton_models import preprocess as P
+
+
+def _encode(im: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
+    b = io.BytesIO()
+    im.save(b, format=fmt, **({"quality": 92} if fmt == "JPEG" else {}) | kw)
+    return b.getvalue()
+
+
+def _photo(i: int = 0, size: tuple[int, int] | None = None) -> Image.Image:
+    from vitserve.exporter.samples import eval_photos
+
+    im = eval_photos()[i][1]
+    return im.resize(size, Image.Resampling.BICUBIC) if size else im
+
+
+def _cfg(backbone: str = "ViT-B-32", **kw) -> dict:
+    return get_backbone(backbone).preprocess.as_dict() | {"max_pixels": 40_000_000} | kw
+
+
+def test_lookup_normalize_is_bit_identical_to_the_float_arithmetic():
+    """The table lookup gives exactly ((x / 255) - mean) / std in float32 for every backbone's mean/std."""
+    x = np.random.default_rng(0).integers(0, 256, (61, 47, 3), dtype=np.uint8)
+    for entry in REGISTRY.values():
+        cfg = entry.preprocess.as_dict()
+        mean, std = np.asarray(cfg["mean"], np.float32), np.asarray(cfg["std"], np.float32)
+        expected = ((x.astype(np.float32) / np.float32(255.0) - mean) / std).transpose(2, 0, 1)
+        got = P.normalize(x, cfg)
+        assert got.dtype == np.float32 and got.flags.c_contiguous
+        np.testing.assert_array_equal(got, expected, err_msg=entry.name)
+
+
+def test_exact_mode_is_the_reference_transform():
+    """Exact mode against open_clip's transform object on a photo: max abs error of float rounding only."""
+    import torch  # noqa: F401  (the reference transform returns tensors)
+
+    from vitserve.exporter.backbones import torch_transform
+
+    data = _encode(_photo(0), "PNG")
+    ours = P.preprocess_bytes(data, _cfg())
+    ref = torch_transform(get_backbone("ViT-B-32"))(Image.open(io.BytesIO(data)).convert("RGB")).numpy()
+    assert np.abs(ours - ref).max() < 1e-5
+
+
+@pytest.mark.parametrize("backbone, big_size", [("ViT-B-32", (2400, 1800)), ("DINOv2-L", (4200, 3150))])
+def test_fast_mode_is_exact_below_twice_the_resize_and_close_above(backbone, big_size):
+    """`fast` decodes a JPEG at a reduced DCT scale only while both sides keep >= 2x the resize size: a
+    640x480 photo is untouched (224 and 518 px), a 2400x1800 one decodes at 1/2 or 1/4 and stays close.
+    PNGs are never drafted."""
+    exact, fast = _cfg(backbone), _cfg(backbone, mode="fast")
+    small = _encode(_photo(0, (640, 480)))
+    np.testing.assert_array_equal(P.preprocess_bytes(small, fast), P.preprocess_bytes(small, exact))
+    big_im = _photo(0, big_size)
+    big = _encode(big_im)
+    draft = 2 * exact["resize_size"]
+    assert P.decode(big, 40_000_000, draft=draft).size[1] <= big_size[1] // 2  # drafted
+    a, b = P.preprocess_bytes(big, fast), P.preprocess_bytes(big, exact)
+    cos = float(a.ravel() @ b.ravel() / np.linalg.norm(a) / np.linalg.norm(b))
+    assert 0.999 < cos < 1.0, cos
+    png = _encode(big_im, "PNG")
+    np.testing.assert_array_equal(P.preprocess_bytes(png, fast), P.preprocess_bytes(png, exact))
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_hostile_inputs_behave_the_same_in_every_mode(mode):
+    """Empty, non-image, truncated and bomb inputs are refused with the same messages; EXIF orientation
+    and animated first frames are handled (a large image, so that `fast` drafts it)."""
+    cfg = _cfg(mode=mode, max_pixels=3_000_000)
+    big = _photo(1, (1600, 1200))
+    jpeg = _encode(big)
+    cases = {
+        b"": "empty input",
+        b"definitely not an image": "not a decodable image",
+        jpeg[: len(jpeg) // 2]: "corrupt or truncated image",
+        _encode(Image.new("RGB", (2000, 2000))): "above the limit of 3000000",
+    }
+    for data, needle in cases.items():
+        with pytest.raises(P.ImageError, match=needle):
+            P.preprocess_bytes(data, cfg)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = _encode(big.transpose(Image.Transpose.ROTATE_90), exif=exif)
+    upright = P.preprocess_bytes(jpeg, cfg)
+    turned = P.preprocess_bytes(rotated, cfg)
+    a, b = upright.ravel(), turned.ravel()  # JPEG re-encoding of rotated pixels: close, not equal
+    assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) > 0.99
+    frames = [_photo(i, (160, 120)) for i in range(3)]
+    gif = _encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=80)
+    shown = Image.open(io.BytesIO(gif))
+    out = P.preprocess_bytes(gif, cfg)
+    np.testing.assert_array_equal(out, P.preprocess_bytes(gif, _cfg(mode="exact")))
+    np.testing.assert_array_equal(out, P.transform(shown, cfg))  # frame 0
+    shown.seek(1)
+    assert np.abs(out - P.transform(shown.convert("RGB"), cfg)).max() > 0.1
+
+
+# -- models.yaml settings and the configs written ----------------------------------------------------------
+
+
+def test_preprocess_defaults_follow_the_first_kind():
+    assert ModelSpec(name="m", backbone="ViT-B-32").preprocess == "pillow"
+    assert ModelSpec(name="m", backbone="ViT-B-32", kinds=(Kind.TENSORRT, Kind.CPU)).preprocess == "dali"
+    assert ModelSpec(name="m", backbone="ViT-B-32", kinds=(Kind.CPU, Kind.TENSORRT)).preprocess == "pillow"
+    assert (
+        ModelSpec.from_dict({"name": "m", "backbone": "ViT-B-32", "preprocess": "fast"}).preprocess == "fast"
+    )
+
+
+@pytest.mark.parametrize(
+    "entry, needle",
+    [
+        ({"preprocess": "opencv"}, "preprocess 'opencv': expected one of dali, pillow, fast"),
+        ({"preprocess": "dali"}, "preprocess 'dali' needs Triton's DALI backend and a GPU"),
+        ({"preprocess_instances": 0}, "preprocess_instances=0 must be an integer >= 1"),
+        ({"preprocess_instances": "2"}, "preprocess_instances='2' must be an integer >= 1"),
+    ],
+)
+def test_bad_preprocess_settings_are_refused_naming_the_model(entry, needle):
+    with pytest.raises(ConfigError, match=f"model m: {needle}"):
+        ModelSpec.from_dict({"name": "m", "backbone": "ViT-B-32"} | entry)
+
+
+def _manifest() -> dict:
+    return {
+        "input": {"shape": [-1, 3, 224, 224]},
+        "preprocess": get_backbone("ViT-B-32").preprocess.as_dict(),
+        "feature_dim": 512,
+        "head": {"num_classes": 0},
+        "outputs": ["embeddings"],
+    }
+
+
+@pytest.mark.parametrize("mode", ["pillow", "fast"])
+def test_python_preprocess_config_has_its_own_instances_and_mode(tmp_path, mode):
+    """The python model: its own instance count, the mode in its parameters, no dynamic batching (see
+    repository.preprocess_config), BYTES input as the ensemble's."""
+    import json
+
+    from vitserve.exporter.repository import (
+        ensemble_config,
+        preprocess_config,
+        preprocess_instances,
+        read_config,
+        write_config,
+    )
+
+    spec = ModelSpec(name="m", backbone="ViT-B-32", preprocess=mode, preprocess_instances=3, instances=1)
+    write_config(tmp_path / "m_preprocess", preprocess_config("m_preprocess", spec, _manifest()))
+    cfg = read_config(tmp_path / "m_preprocess" / "config.pbtxt")
+    assert cfg.backend == "python" and cfg.instance_group[0].count == 3
+    assert not cfg.HasField("dynamic_batching")
+    params = json.loads(cfg.parameters["preprocess"].string_value)
+    assert params["mode"] == ("fast" if mode == "fast" else "exact") and params["size"] == 224
+    ens = ensemble_config("m", spec, _manifest(), "m_fp32_cpu")
+    assert ens.input[0].data_type == cfg.input[0].data_type and list(ens.input[0].dims) == [1]
+    # defaults: the CPU backbone's threads take every core (1 left at least); pinned threads leave the rest
+    assert preprocess_instances(ModelSpec(name="m", backbone="ViT-B-32")) == 1
+    import os
+
+    pinned = ModelSpec(name="m", backbone="ViT-B-32", cpu_threads=1)
+    assert preprocess_instances(pinned) == max(1, (os.cpu_count() or 1) - 1)
+    gpu = ModelSpec(name="m", backbone="ViT-B-32", kinds=(Kind.TENSORRT,), preprocess="pillow")
+    assert preprocess_instances(gpu) == (os.cpu_count() or 1)

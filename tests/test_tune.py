@@ -1,0 +1,346 @@
+"""`vitserve tune`: the sweep logic and Pareto selection on recorded measurements, the write-back into
+models.yaml and config.pbtxt, and a short real sweep of the tiny model on the real tritonserver."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from vitserve.errors import ConfigError
+from vitserve.perf.tune import (
+    Knobs,
+    Point,
+    Space,
+    backbone_override,
+    choose,
+    default_space,
+    pareto_front,
+    run_tune,
+    search,
+    stage_plan,
+    write_tuned,
+)
+
+CURRENT = Knobs("cpu-int8", 1, 2, None, 2000, (4, 8), 1)
+
+
+def _pt(img_s: float, p99_ms: float, knobs: Knobs = CURRENT, c: int = 4, error: str | None = None) -> Point:
+    return Point(knobs, "compute", "m", c, 1, img_s, p99_ms * 500, p99_ms * 1e3, error=error)
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    a, b, c, d = _pt(10, 50), _pt(20, 80), _pt(15, 90), _pt(30, 200)  # c is beaten by b on both
+    failed = _pt(99, 1, error="perf_analyzer failed")
+    assert pareto_front([a, b, c, d, failed]) == [a, b, d]
+
+
+def test_choice_is_the_fastest_within_budget_and_ties_go_to_lower_p99():
+    slow_ok, fast_ok, fast_tie, too_slow = _pt(10, 40), _pt(20, 90), _pt(19.8, 60), _pt(30, 200)
+    points = [slow_ok, fast_ok, fast_tie, too_slow]
+    assert choose(points, p99_budget_us=100_000) is fast_tie  # within 2 % of 20 img/s, lower p99
+    assert choose(points, p99_budget_us=100_000, tolerance=0.0) is fast_ok
+    assert choose(points, p99_budget_us=None) is too_slow
+    assert choose(points, p99_budget_us=30_000) is None  # nothing fits: no silent pick
+
+
+def test_default_space_splits_the_cores_among_instances():
+    s = default_space(["fp32", "cpu-int8"], 2, True, 16, [1, 4], CURRENT, ensemble=True)
+    assert s.instance_threads == [(1, 2), (1, 1), (2, 1)]
+    assert s.spinning == [True, False]
+    assert s.preferred == [(4, 8), (4,), (16,)] and s.queue_delays_us == [0, 2000, 10000]
+    assert s.preprocess_instances == [1, 2]
+    s16 = default_space(["add_one"], 16, False, 8, [1, 8], CURRENT, ensemble=False)
+    assert s16.instance_threads == [(1, None), (2, None), (4, None), (8, None), (16, None)]
+    assert s16.spinning == [None] and s16.preprocess_instances == [None]
+
+
+# A recorded host: throughput and p99 as a function of the knobs (what a sweep on a 2-core host looks like:
+# int8 faster, two 1-thread instances beat one 2-thread one, spinning costs with 2 instances, a queue delay
+# adds latency at concurrency 1 and helps batching at 4).
+def _recorded(knobs: Knobs, concurrency: int) -> tuple[float, float]:
+    ips = {"fp32": 30.0, "cpu-int8": 60.0}[knobs.variant]
+    ips *= 1.15 if knobs.instances == 2 else 1.0
+    ips *= 0.9 if (knobs.spinning and knobs.instances == 2) else 1.0
+    ips *= (1.0 + knobs.queue_delay_us / 100_000) if concurrency > 1 else 1.0
+    ips *= 1.05 if knobs.preprocess_instances == 2 else 1.0
+    p99_ms = concurrency * 1000 / ips * 1.3 + knobs.queue_delay_us / 1000
+    return ips, p99_ms
+
+
+SPACE = Space(
+    variants=["fp32", "cpu-int8"],
+    instance_threads=[(1, 2), (2, 1)],
+    spinning=[True, False],
+    queue_delays_us=[0, 2000, 10000],
+    preferred=[(4, 8), (16,)],
+    preprocess_instances=[1, 2],
+)
+
+
+class Recorded:
+    """`measure` for `search`: recorded numbers instead of a server; counts what was asked."""
+
+    def __init__(self):
+        self.calls: list[Knobs] = []
+
+    def __call__(self, knobs: Knobs, stage: str) -> list[Point]:
+        self.calls.append(knobs)
+        return [_pt(*_recorded(knobs, c), knobs=knobs, c=c) for c in (1, 4)]
+
+
+def test_search_runs_the_stages_around_the_best_configuration():
+    measure = Recorded()
+    out = search(SPACE, CURRENT, measure, p99_budget_us=150_000, out_of_time=lambda: False)
+    assert not out.truncated and out.measured == len(measure.calls)
+    compute = stage_plan("compute", SPACE, CURRENT, CURRENT)
+    assert measure.calls[: len(compute)] == compute and len(compute) == 6  # 1 thread: no spinning
+    best = choose([p for p in out.points if p.stage == "compute" or p.knobs in compute], 150_000)
+    assert best.knobs.variant == "cpu-int8" and best.knobs.instances == 2 and best.knobs.spinning is None
+    batching = measure.calls[len(compute) :]
+    assert all(k.variant == "cpu-int8" and k.instances == 2 and k.threads == 1 for k in batching)
+    assert {k.queue_delay_us for k in batching} == {0, 2000, 10000}
+    chosen = choose(out.points, 150_000)
+    assert chosen.p99_us <= 150_000
+    assert chosen.knobs.preprocess_instances == 2  # the last stage found 5 % more
+    assert len(set(measure.calls)) == len(measure.calls)  # nothing measured twice
+
+
+def test_search_is_bounded_in_time_and_resumes_where_it_stopped():
+    first = Recorded()
+    budget = iter(range(5))
+    out1 = search(
+        SPACE, CURRENT, first, p99_budget_us=150_000, out_of_time=lambda: next(budget, None) is None
+    )
+    assert out1.truncated and "resume" in out1.note and out1.measured == 5
+    second = Recorded()
+    out2 = search(
+        SPACE, CURRENT, second, p99_budget_us=150_000, out_of_time=lambda: False, earlier=out1.points
+    )
+    assert out2.reused == 5 and not set(second.calls) & set(first.calls)
+    whole = search(SPACE, CURRENT, Recorded(), p99_budget_us=150_000, out_of_time=lambda: False)
+    assert choose(out2.points, 150_000).knobs == choose(whole.points, 150_000).knobs
+
+
+def test_knob_effects_compare_configurations_that_differ_in_one_knob():
+    from vitserve.perf.tune import knob_effects
+
+    out = search(SPACE, CURRENT, Recorded(), p99_budget_us=150_000, out_of_time=lambda: False)
+    effects = {(e["knob"], e["from"], e["to"], e["concurrency"]): e for e in knob_effects(out.points)}
+    variant = effects[("variant", "cpu-int8", "fp32", 1)]
+    assert variant["images_per_s_x"] == pytest.approx(0.5) and variant["pairs"] == 3
+    split = effects[("instances x threads", "1 x 2, spin off", "2 x 1", 1)]  # one pair per variant
+    assert split["pairs"] == 2 and split["images_per_s_x"] == pytest.approx(1.15)
+    spin = effects[("spinning", "off", "on", 4)]  # with 1 instance spinning cost nothing on this "host"
+    assert spin["pairs"] == 2 and spin["images_per_s_x"] == pytest.approx(1.0)
+
+
+def test_backbone_override_sets_instances_batching_threads_and_spinning():
+    config = {
+        "name": "m_fp32_cpu",
+        "backend": "python",
+        "instance_group": [{"name": "m_0", "count": 1, "kind": "KIND_CPU"}],
+        "dynamic_batching": {"preferred_batch_size": [4, 8], "max_queue_delay_microseconds": "2000"},
+        "parameters": {"onnx_cpu": {"string_value": json.dumps({"intra_op_threads": "auto", "share": 2})}},
+    }
+    knobs = Knobs("fp32", 2, 1, False, 500, (16,), None)
+    cfg = backbone_override(config, knobs, onnx_cpu=True)
+    assert cfg["instance_group"][0]["count"] == 2
+    assert cfg["dynamic_batching"] == {"preferred_batch_size": [16], "max_queue_delay_microseconds": "500"}
+    params = json.loads(cfg["parameters"]["onnx_cpu"]["string_value"])
+    assert params == {"intra_op_threads": 1, "share": 1, "allow_spinning": False}
+    assert config["instance_group"][0]["count"] == 1  # the original is left alone
+    default = json.loads(
+        backbone_override(cfg, replace(knobs, spinning=None), True)["parameters"]["onnx_cpu"]["string_value"]
+    )
+    assert "allow_spinning" not in default
+
+
+MODELS_YAML = """\
+# comment kept
+models:
+  - name: other
+    backbone: ViT-B-32
+    weights: random
+  - name: vitb32   # the one
+    backbone: ViT-B-32
+    weights: random
+    kinds: [cpu]
+    precisions: [fp32, cpu-int8]
+    dynamic_batching: {preferred_batch_sizes: [4, 8], max_queue_delay_us: 2000}
+# trailing comment
+"""
+
+TUNED = {
+    "precision": "fp32",
+    "instances": 2,
+    "cpu_threads": 1,
+    "cpu_spinning": False,
+    "dynamic_batching": {"preferred_batch_sizes": [16], "max_queue_delay_us": 500},
+    "preprocess_instances": 2,
+    "host": "test host; 2 usable core(s)",
+    "p99_budget_ms": 300.0,
+    "report": "perf/results/tune-vitb32",
+    "tuned_at": "2026-11-27T00:00:00+00:00",
+}
+
+
+def test_write_back_keeps_the_file_and_replaces_an_earlier_choice(tmp_path):
+    from vitserve.exporter.config import Precision, load_models
+
+    path = tmp_path / "models.yaml"
+    path.write_text(MODELS_YAML)
+    write_tuned(path, "vitb32", TUNED)
+    write_tuned(path, "vitb32", {**TUNED, "instances": 1})  # a second run replaces the first
+    text = path.read_text()
+    assert text.count("tuned:") == 1 and "# comment kept" in text and "# trailing comment" in text
+    assert text.startswith(MODELS_YAML.split("# trailing")[0].rstrip("\n").rsplit("\n", 1)[0])
+    other, spec = load_models(path)
+    assert other.tuned is None
+    assert spec.tuned.precision is Precision.FP32 and spec.tuned.instances == 1
+    served = spec.serving()
+    assert (served.instances, served.cpu_threads, served.cpu_spinning) == (1, 1, False)
+    assert served.dynamic_batching.preferred_batch_sizes == (16,) and served.preprocess_instances == 2
+    assert spec.instances == 1 and spec.dynamic_batching.max_queue_delay_us == 2000  # own fields kept
+    with pytest.raises(ConfigError, match="no model named 'nope'"):
+        write_tuned(path, "nope", TUNED)
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"precision": "int9"}, "precision: 'int9' is not one of"),
+        ({"instances": 0}, "tuned instances=0"),
+        ({"cpu_spinning": "yes"}, "cpu_spinning='yes'"),
+        ({"threads": 2}, r"unknown keys \['threads'\]"),
+        ({"precision": "fp32", "dynamic_batching": {"max_queue_delay_us": -1}}, "max_queue_delay_us=-1"),
+    ],
+)
+def test_bad_tuned_sections_are_refused_naming_the_model(bad, match):
+    from vitserve.exporter.config import ModelSpec
+
+    with pytest.raises(ConfigError, match=match):
+        ModelSpec.from_dict({"name": "vitb32", "backbone": "ViT-B-32", "tuned": bad})
+
+
+MANIFEST = {
+    "input": {"shape": [-1, 3, 224, 224]},
+    "feature_dim": 8,
+    "head": {"num_classes": 0},
+    "preprocess": {"size": 224},
+    "outputs": ["embeddings"],
+}
+
+
+def test_tuned_settings_are_written_into_config_pbtxt(tmp_path):
+    """What `make engines` writes (repository.write_model) carries the tuned settings, readable back
+    through Triton's schema; a tuned precision that is not published routes by the default order."""
+    from vitserve.exporter.config import Kind, ModelSpec, Precision
+    from vitserve.exporter.repository import Variant, read_config, write_model
+
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"onnx")
+    spec = ModelSpec.from_dict(
+        {"name": "vitb32", "backbone": "ViT-B-32", "precisions": ["fp32", "cpu-int8"], "tuned": TUNED}
+    )
+    variants = [Variant(p, Kind.CPU, onnx) for p in (Precision.FP32, Precision.CPU_INT8)]
+    repo = tmp_path / "repo"
+    write_model(repo, spec, MANIFEST, variants, None)
+    ens = read_config(repo / "vitb32" / "config.pbtxt")
+    assert [s.model_name for s in ens.ensemble_scheduling.step] == ["vitb32_preprocess", "vitb32_fp32_cpu"]
+    assert json.loads(ens.parameters["vitserve_tuned"].string_value)["p99_budget_ms"] == 300.0
+    for precision in ("fp32", "cpu-int8"):
+        cfg = read_config(repo / f"vitb32_{precision}_cpu" / "config.pbtxt")
+        assert cfg.instance_group[0].count == 2
+        assert list(cfg.dynamic_batching.preferred_batch_size) == [16]
+        assert cfg.dynamic_batching.max_queue_delay_microseconds == 500
+        params = json.loads(cfg.parameters["onnx_cpu"].string_value)
+        assert params["intra_op_threads"] == 1 and params["allow_spinning"] is False
+        assert "test host" in cfg.parameters["vitserve_tuned"].string_value
+    assert read_config(repo / "vitb32_preprocess" / "config.pbtxt").instance_group[0].count == 2
+    # cpu-int8 tuned but only fp32 published: the default order, no error
+    spec8 = replace(spec, tuned=replace(spec.tuned, precision=Precision.CPU_INT8))
+    write_model(tmp_path / "repo2", spec8, MANIFEST, variants[:1], None)
+    ens2 = read_config(tmp_path / "repo2" / "vitb32" / "config.pbtxt")
+    assert ens2.ensemble_scheduling.step[1].model_name == "vitb32_fp32_cpu"
+
+
+@pytest.mark.triton
+def test_short_real_sweep_of_the_tiny_model_reloads_and_resumes(tiny_repository, tmp_path):
+    """The real tritonserver (explicit model control, config-override reloads) and the real perf_analyzer on
+    the tiny python model: instances 1 and 2, then the batching stage around the best (here one queue delay,
+    the configured one: nothing new to measure); a rerun reuses the points."""
+    space = Space(
+        variants=["add_one"],
+        instance_threads=[(1, None), (2, None)],
+        spinning=[None],
+        queue_delays_us=[100],
+        preferred=[(8,)],
+    )
+    kw = dict(
+        repository=tiny_repository, concurrencies=[2], duration_s=1.0, warmup_s=0.3, space=space,
+        out_dir=tmp_path / "tune", write=False, progress=False,
+    )  # fmt: skip
+    result = run_tune("add_one", max_minutes=3, **kw)
+    assert result.measured_configs == 2 and not result.truncated
+    assert all(p.ok for p in result.points), [p.error for p in result.points]
+    assert {p.knobs.instances for p in result.points} == {1, 2}
+    assert result.chosen in result.front
+    assert all(p.server["add_one"]["requests"] > 0 for p in result.points)
+    assert result.tuned["instances"] == result.chosen.knobs.instances and "precision" not in result.tuned
+    out = tmp_path / "tune"
+    assert len((out / "measurements.jsonl").read_text().splitlines()) == 2
+    report = (out / "report.md").read_text()
+    assert "explicit model control" in report and "Pareto front" in report and "Model Analyzer" in report
+    assert (out / "front.png").stat().st_size > 0
+    again = run_tune("add_one", max_minutes=3, **kw)
+    assert again.measured_configs == 0 and again.reused_configs == 2
+    assert again.chosen.knobs == result.chosen.knobs
+
+
+def test_tune_refuses_a_model_the_config_does_not_have(tmp_path):
+    path = tmp_path / "models.yaml"
+    path.write_text(MODELS_YAML)
+    with pytest.raises(ConfigError, match="no model 'missing'"):
+        run_tune("missing", config=path, out_dir=tmp_path / "t")
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_tune_of_vitb32_survives_make_engines(vitb32_build, tmp_path):
+    """A short real tune of the ViT-B-32 ensemble, written into a copy of its models.yaml, then the
+    repository rebuilt from it (the cached artifacts): config.pbtxt carries the choice."""
+    from vitserve.exporter.config import load_models
+    from vitserve.exporter.pipeline import build_all
+    from vitserve.exporter.repository import read_config
+
+    config = tmp_path / "models.yaml"
+    config.write_text(Path(vitb32_build["config"]).read_text())
+    space = Space(
+        variants=["fp32", "cpu-int8"],
+        instance_threads=[(1, 2)],
+        spinning=[False],
+        queue_delays_us=[1000],
+        preferred=[(4,)],
+    )
+    result = run_tune(
+        "vitb32", repository=vitb32_build["repository"], config=config, concurrencies=[2], duration_s=2.0,
+        warmup_s=0.5, space=space, out_dir=tmp_path / "tune", progress=False, check_batches=[1],
+        max_minutes=8,
+    )  # fmt: skip
+    assert result.chosen is not None and result.written_to == str(config)
+    assert result.check and all(r["point"].ok for r in result.check["tensor"])
+    spec = load_models(config)[0]
+    assert spec.tuned.precision.value == result.chosen.knobs.variant
+    repo = tmp_path / "repo"
+    build_all(config, repo, vitb32_build["artifacts"], random_init=True)
+    ens = read_config(repo / "vitb32" / "config.pbtxt")
+    backbone = ens.ensemble_scheduling.step[1].model_name
+    assert backbone == f"vitb32_{result.chosen.knobs.variant}_cpu"
+    cfg = read_config(repo / backbone / "config.pbtxt")
+    assert cfg.dynamic_batching.max_queue_delay_microseconds == 1000
+    params = json.loads(cfg.parameters["onnx_cpu"].string_value)
+    assert params["intra_op_threads"] == 2 and params["allow_spinning"] is False
+    assert "vitserve_tuned" in cfg.parameters
