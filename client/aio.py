@@ -6,7 +6,10 @@
 
 Encoded images (paths, bytes, PIL images, HWC uint8 arrays) go to the ensemble `model`; preprocessed CHW
 float32 arrays go to a backbone model (`backbone=`, or the one the ensemble routes to). Calls are split into
-requests of `batch_size`, at most `max_in_flight` outstanding, reassembled in order. Triton fails a whole
+requests of `batch_size`, at most `max_in_flight` outstanding, reassembled in order. An ensemble whose
+`image` is UINT8 [-1] (`preprocess: dali`) gets one image per request, its raw bytes as a [1, len] uint8
+tensor, and the server batches them; as DALI fails a whole server batch for one bad image, refused images
+are re-sent one at a time before they are reported. Triton fails a whole
 request when one of its images is bad, so a request refused for its input is re-sent image by image and
 only the bad images are reported, by index (or raised, with `strict=True`).
 
@@ -68,6 +71,7 @@ class _Target:
     pixel_shape: tuple[int, ...] | None  # (3, H, W) for a backbone, None for the ensemble
     embed_dim: int | None
     slots: SlotPool
+    image_datatype: str | None = None  # the ensemble's `image`: "BYTES" [N, 1] or "UINT8" [1, len] (DALI)
 
 
 class AsyncVitClient:
@@ -245,10 +249,14 @@ class AsyncVitClient:
                         )
                     info = await self._model_info(info.pixel_step)
             pixel_shape = info.check_pixels() if tensor else None
-            if not tensor:
-                info.check_images()
+            image_datatype = None if tensor else info.check_images()
             batch_size = self.config.batch_size
-            if batch_size > info.max_batch_size:
+            if image_datatype == "UINT8":
+                # a DALI ensemble: images of different lengths cannot share a request, so each goes alone
+                # and the server batches them (ragged batching); max_in_flight bounds the requests
+                log.debug("model %s takes UINT8 [-1] images: one image per request", info.name)
+                batch_size = 1
+            elif batch_size > info.max_batch_size:
                 log.warning(
                     "batch_size %d is above model %s's max_batch_size %d; sending %d per request",
                     batch_size,
@@ -259,7 +267,7 @@ class AsyncVitClient:
                 batch_size = info.max_batch_size
             embed_dim = info.output_dim(EMBEDDINGS) if EMBEDDINGS in info.outputs else None
             slots = await self._make_slots(info, batch_size, pixel_shape, embed_dim)
-            target = _Target(info, batch_size, pixel_shape, embed_dim, slots)
+            target = _Target(info, batch_size, pixel_shape, embed_dim, slots, image_datatype)
             self._targets[(tensor, head)] = target
             return target
 
@@ -333,7 +341,14 @@ class AsyncVitClient:
         """tritonclient inputs and outputs for one request (runs in a worker thread: it encodes images)."""
         module = self._transport.module
         n = len(items)
-        if target.pixel_shape is None:
+        if target.image_datatype == "UINT8":
+            if n != 1:  # _target sets batch_size 1: this is a bug, not bad input
+                raise AssertionError(f"{n} images in one UINT8 request")
+            raw = images_mod.encoded(items[0])
+            data = np.frombuffer(raw, dtype=np.uint8).reshape(1, len(raw))
+            inp = module.InferInput(IMAGE_INPUT, list(data.shape), "UINT8")
+            inp.set_data_from_numpy(data)
+        elif target.pixel_shape is None:
             data = np.empty((n, 1), dtype=np.object_)
             for row, item in enumerate(items):
                 data[row, 0] = images_mod.encoded(item)
@@ -458,6 +473,16 @@ class AsyncVitClient:
         for r, err in parts:
             rows.update(r)
             errors.update(err)
+        if errors and target.image_datatype == "UINT8" and len(items) > 1:
+            # DALI fails every request of a server batch for one bad image, so a refused image may have
+            # been good: re-send the refused ones one at a time, each alone on the server, and keep only
+            # the errors that come back (the server answered, so nothing ran twice)
+            by_index = {item.index: item for item in items}
+            for index in sorted(errors):
+                r, err = await self._run_chunk(target, [by_index[index]], top_k)
+                rows.update(r)
+                errors.pop(index)
+                errors.update(err)
         return rows, errors
 
     # -- public API ---------------------------------------------------------------------------------------

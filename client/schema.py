@@ -16,6 +16,12 @@ IMAGE_INPUT = "image"
 PIXELS = "pixel_values"
 EMBEDDINGS = "embeddings"
 PROBS = "probs"
+# (datatype, shape without the batch dimension) of the encoded-image input: the python preprocess takes one
+# BYTES element per image; Triton's DALI backend takes no BYTES, so a DALI ensemble takes each image's raw
+# bytes as a uint8 vector, one image per request (lengths differ), batched by the server (ragged batching)
+BYTES_IMAGES = ("BYTES", (1,))
+UINT8_IMAGES = ("UINT8", (-1,))
+IMAGE_FORMS = (BYTES_IMAGES, UINT8_IMAGES)
 
 
 @dataclass(frozen=True)
@@ -52,20 +58,23 @@ class ModelInfo:
     def describe_inputs(self) -> str:
         return ", ".join(str(s) for s in self.inputs.values()) or "no inputs"
 
-    def check_images(self) -> None:
-        """The model must take encoded images: `image` BYTES [1] (batched)."""
+    def check_images(self) -> str:
+        """The model must take encoded images, batched: `image` BYTES [1] (the python preprocess: one
+        encoded image per row) or UINT8 [-1] (Triton's DALI backend: one image's raw bytes per request, of
+        any length). Returns the datatype, "BYTES" or "UINT8"."""
         spec = self.inputs.get(IMAGE_INPUT)
-        if spec is None or len(self.inputs) != 1 or spec.datatype != "BYTES" or spec.shape != (1,):
+        if spec is None or len(self.inputs) != 1 or (spec.datatype, spec.shape) not in IMAGE_FORMS:
             hint = (
                 "; it is a backbone: send preprocessed CHW float32 arrays, or use the ensemble model"
                 if self.takes_pixels
                 else ""
             )
             raise ClientError(
-                f"model {self.name!r} does not take encoded images: expected input `{IMAGE_INPUT}` BYTES [-1, 1], "
-                f"the server has {self.describe_inputs()}{hint}"
+                f"model {self.name!r} does not take encoded images: expected input `{IMAGE_INPUT}` BYTES [-1, 1] "
+                f"or UINT8 [-1, -1] (DALI), the server has {self.describe_inputs()}{hint}"
             )
         self._check_batching()
+        return spec.datatype
 
     def check_pixels(self) -> tuple[int, ...]:
         """The model must take `pixel_values` FP32 [3, H, W] (batched); returns (3, H, W)."""

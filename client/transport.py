@@ -14,6 +14,7 @@ RETRY, TIMEOUT, INPUT, NOT_FOUND, OTHER = "retry", "timeout", "input", "not_foun
 _STATUS_KIND = {
     "StatusCode.UNAVAILABLE": RETRY,
     "503": RETRY,
+    "502": RETRY,  # a proxy (nginx) found no replica: nothing ran, safe to retry
     "StatusCode.DEADLINE_EXCEEDED": TIMEOUT,
     "504": TIMEOUT,
     "StatusCode.INVALID_ARGUMENT": INPUT,
@@ -22,7 +23,14 @@ _STATUS_KIND = {
     "404": NOT_FOUND,
 }
 # Statuses that do not prove the server has finished with a request: it may not have answered at all.
-_UNANSWERED = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.CANCELLED", "503", "504"}
+_UNANSWERED = {
+    "StatusCode.UNAVAILABLE",
+    "StatusCode.DEADLINE_EXCEEDED",
+    "StatusCode.CANCELLED",
+    "502",
+    "503",
+    "504",
+}
 
 
 def error_kind(e: BaseException) -> str:

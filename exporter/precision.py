@@ -614,10 +614,12 @@ def make_variant(
         build_s = time.perf_counter() - t0
         names, pixels = eval_pixels(entry, eval_count)
         from vitserve.exporter import onnxrt
+        from vitserve.exporter.samples import distinct_sources
 
         reference = onnxrt.run(onnxrt.cpu_session(fp32), pixels)
         fid = fidelity(fp32, dst, precision, pixels, reference)
         fid["eval_images"] = names
+        fid["eval_sources"] = distinct_sources(names)  # distinct photographs behind the views
         report = {
             "precision": precision.value,
             "key": key,
@@ -653,5 +655,8 @@ def make_variant(
         _regate(precision, report, spec.gates)
         gate = report["gate"]
         (tmp / VARIANT_REPORT).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"[{spec.name}] {precision.value}: {gate} ({fid['evaluator']}, {len(pixels)} held-out photos)")
+    print(
+        f"[{spec.name}] {precision.value}: {gate} ({fid['evaluator']}; {len(pixels)} views of "
+        f"{fid['eval_sources']} held-out photographs)"
+    )
     return report

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from vitserve.client import AsyncVitClient, VitClient
+from vitserve.hostinfo import cpu_summary
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -185,7 +186,8 @@ def write(results: list[Result], meta: dict, out_dir: Path) -> tuple[Path, Path]
         "",
         f"Command: `{meta['command']}`",
         "",
-        f"{meta['date']}, {meta['host']['cpus']} CPUs ({meta['host']['machine']}, shared with other work), "
+        f"{meta['date']}, {meta['host']['cpus']} CPUs ({meta['host']['machine']}, shared with other work; "
+        f"{meta['host'].get('cpu', 'CPU not recorded')}), "
         f"model `{meta['model']}` (backbone `{meta['backbone']}`, max batch {meta['max_batch_size']}) served by the "
         "CPU tritonserver"
         + (f" on `{meta['repository']}`" if meta.get("repository") else f" at {meta['url']}")
@@ -272,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "host": {
             "cpus": len(os.sched_getaffinity(0)),
+            "cpu": cpu_summary(),
             "machine": platform.machine(),
             "python": platform.python_version(),
         },

@@ -30,7 +30,14 @@ NOTE = "RANDOM-INIT weights (offline machine): speeds are the real architectures
 
 
 def _machine() -> dict[str, Any]:
-    return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    from vitserve.hostinfo import cpu_summary
+
+    return {
+        "cpu": cpu_summary(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
 
 
 def _write(name: str, data: dict[str, Any], table: str, command: str) -> None:

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vitserve.hostinfo import cpu_summary
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -228,7 +230,8 @@ def _markdown(record: dict, command: str, max_growth_pct: float) -> str:
         "# Soak: CPU ensemble at saturation",
         "",
         f"Command: `{command}`  ",
-        f"Date: {record['date']}; host: {record['host']['cpus']} CPUs, {record['host']['platform']}; "
+        f"Date: {record['date']}; host: {record['host']['cpus']} CPUs, {record['host']['platform']} "
+        f"({record['host'].get('cpu', 'CPU not recorded')}); "
         f"server: {record['server']}",
         "",
         f"- model `{record['model']}`, {record['concurrency']} requests in flight (closed loop, gRPC streams, "
@@ -320,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "host": {
             "cpus": os.cpu_count(),
+            "cpu": cpu_summary(),
             "platform": platform.platform(),
             "python": platform.python_version(),
         },

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from vitserve.errors import ClientError, ConfigError, ServerError, VitServeError
+from vitserve.hostinfo import cpu_summary
 from vitserve.perf import server_stats
 from vitserve.perf.baseline import BaselineResult, ort_settings_from_config, run_baseline
 from vitserve.perf.inputs import (
@@ -130,6 +131,7 @@ class SweepResult:
     command: str | None = None
     images: str | None = None
     out_dir: str | None = None
+    host_cpu: str = field(default_factory=cpu_summary)
     files: dict[str, str] = field(default_factory=dict)
 
     def baseline_for(self, model: str, batch_size: int) -> BaselineResult | None:

@@ -142,6 +142,7 @@ def markdown(result: SweepResult) -> str:
     lines += ["Produced by:", "", "```", result.command or "(no command recorded)", "```", ""]
     lines += [
         f"- server (gRPC): `{result.url}`; started {result.started_at}; took {result.elapsed_s:.1f} s",
+        f"- host CPU: {result.host_cpu}",
         f"- models: {', '.join(f'`{m}`' for m in result.models)}",
         f"- generator: {result.generator}; concurrency {result.concurrencies}; batch sizes {result.batch_sizes}",
         f"- per point: {result.warmup_s:g} s warm-up at the point's concurrency, then {result.duration_s:g} s "

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from vitserve.errors import ServerError
+from vitserve.hostinfo import cpu_summary
 from vitserve.server import TritonServer, free_port
 
 # The HPA metric of deploy/ (prometheus-adapter rule from Triton's deploy/k8s-onprem chart): queue time per
@@ -882,24 +883,11 @@ def throughput(
     return rows
 
 
-def _host_cpu() -> str:
-    """lscpu's model name and the SIMD flags that change CPU inference speed."""
-    model, flags = "unknown CPU", set()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model == "unknown CPU":
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    simd = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
-    return f"{model}, {os.cpu_count()} cores, flags: {' '.join(simd) or 'none of avx2/avx512/vnni/amx'}"
-
-
 def write_throughput(rows: list[dict], out: str | Path, command: str) -> None:
     """perf/results-style Markdown + JSON of a `throughput` run."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    host = _host_cpu()
+    host = cpu_summary()
     data = {"command": command, "host_cpu": host, "rows": rows}
     out.with_suffix(".json").write_text(json.dumps(data, indent=1))
     base = rows[0]["images_per_s"] or 1.0
@@ -953,10 +941,10 @@ def run_cluster_demo(args) -> int:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.with_suffix(".json").write_text(
-            json.dumps(table | {"command": command, "host_cpu": _host_cpu()}, indent=1)
+            json.dumps(table | {"command": command, "host_cpu": cpu_summary()}, indent=1)
         )
         out.with_suffix(".md").write_text(
-            f"Command: `{command}`\n\nHost: {_host_cpu()}\n\n```\n{format_table(table)}\n```\n"
+            f"Command: `{command}`\n\nHost: {cpu_summary()}\n\n```\n{format_table(table)}\n```\n"
         )
         print(f"wrote {out.with_suffix('.md')} and .json")
     bad = table["failed"] or table["wrong"] or table["leftovers"]
