@@ -47,7 +47,8 @@ def normalize_url(url: str | None, protocol: Protocol) -> str:
 class ClientConfig:
     """Settings of VitClient/AsyncVitClient; a bad value is refused with the value in the message.
 
-    `batch_size` images go in one request (lowered to the model's max_batch_size), at most `max_in_flight`
+    `batch_size` images go in one request (lowered to the model's max_batch_size; one per request for a
+    DALI ensemble, whose `image` is UINT8 [-1]), at most `max_in_flight`
     requests are outstanding at once, every call to the server ends after `timeout_s`, and a request that
     could not reach the server is tried `retries` more times with exponential backoff from `backoff_s`."""
 

@@ -145,7 +145,8 @@ def _translate(e: Exception, doing: str, location: S3Location) -> PublishError:
 
 
 def repository_files(repository: str | Path) -> list[tuple[str, Path]]:
-    """(relative key, path) of every file of a built repository, sorted; refuses what is not one. An empty
+    """(relative key, path) of every file of a built repository (no __pycache__), sorted; refuses what is
+    not one. An empty
     folder (an ensemble's version folder `NAME/1/`) is listed as `NAME/1/`: S3 has no folders, and without
     a marker object tritonserver finds no version of that model."""
     root = Path(repository)
@@ -155,7 +156,9 @@ def repository_files(repository: str | Path) -> list[tuple[str, Path]]:
         (p.relative_to(root).as_posix() + ("/" if p.is_dir() else ""), p)
         for p in root.rglob("*")
         if (p.is_file() or (p.is_dir() and not any(p.iterdir())))
-        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        # hidden files and the bytecode a python-backend stub leaves when a repository has been served
+        # (Python-version specific: the serving image compiles its own)
+        and not any(part.startswith(".") or part == "__pycache__" for part in p.relative_to(root).parts)
     )
     if not any(rel.count("/") == 1 and rel.endswith("/config.pbtxt") for rel, _ in files):
         raise PublishError(
