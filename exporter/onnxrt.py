@@ -99,7 +99,10 @@ def exact_session(path: str | Path, threads: int | None = None, optimization: st
         session = ort.InferenceSession(
             exact_integer_matmuls(model).SerializeToString(), so, providers=["CPUExecutionProvider"]
         )
-        return session, "integer matmuls computed exactly (float64): what a host whose int8 kernels fit the flavour computes"
+        return (
+            session,
+            "integer matmuls computed exactly (float64): what a host whose int8 kernels fit the flavour computes",
+        )
     if ops & QDQ_OPS:
         so = _options(threads, optimization)
         so.add_session_config_entry("session.disable_quant_qdq", "1")
