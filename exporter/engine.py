@@ -48,6 +48,7 @@ import numpy as np
 
 from vitserve.errors import ConfigError, ExportError
 from vitserve.exporter.config import BatchProfile
+from vitserve.exporter.export import sha256_file
 from vitserve.exporter.gpu_release import TENSORRT_VERSION, TRITON_IMAGE, version_tuple
 
 log = logging.getLogger(__name__)
@@ -649,7 +650,7 @@ def check_repository(repository: str | Path, host: dict[str, Any] | None = None)
             )
             continue
         sha = rec.get("plan_sha256")
-        if sha and sha != _sha256(plan):
+        if sha and sha != sha256_file(plan):
             problems.append(
                 f"{name}: {plan} is not the plan recorded in the manifest (sha256 differs); rebuild with "
                 "`make engines-gpu`"
@@ -662,20 +663,12 @@ def check_repository(repository: str | Path, host: dict[str, Any] | None = None)
 # ----------------------------------------------------------------------------------------- plan cache
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def onnx_digest(onnx_path: str | Path) -> str:
     """sha256 of an ONNX model and, when it has one, its external-data file(s) next to it."""
     onnx_path = Path(onnx_path)
-    h = hashlib.sha256(_sha256(onnx_path).encode())
+    h = hashlib.sha256(sha256_file(onnx_path).encode())
     for extra in sorted(onnx_path.parent.glob(onnx_path.name + ".data*")):
-        h.update(extra.name.encode() + _sha256(extra).encode())
+        h.update(extra.name.encode() + sha256_file(extra).encode())
     return h.hexdigest()
 
 
@@ -717,7 +710,7 @@ def cached_plan(cache_dir: str | Path, key: str, plan_path: str | Path) -> dict[
     if not (plan.is_file() and meta_file.is_file()):
         return None
     meta = json.loads(meta_file.read_text())
-    if meta.get("plan_sha256") != _sha256(plan):
+    if meta.get("plan_sha256") != sha256_file(plan):
         log.warning("plan cache %s is damaged (sha256 differs); rebuilding", entry)
         return None
     plan_path = Path(plan_path)

@@ -52,6 +52,20 @@ class ExportOptions:
             raise ConfigError(f"min_cosine {self.min_cosine}: must be in (0, 1]")
 
 
+def labels_file(labels: str | tuple[str, ...] | list[str] | None, path: Path) -> Path | None:
+    """`labels` as a file: a file name is returned as is; inline labels are written to `path` (rewritten
+    only when they changed, so its mtime and the build keys stay put)."""
+    if labels is None:
+        return None
+    if not isinstance(labels, tuple | list):
+        return Path(labels)
+    text = "\n".join(labels) + "\n"
+    if not path.exists() or path.read_text() != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return path
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -54,16 +54,9 @@ def _digest(path: Path | None) -> str | None:
 
 def head_labels_file(head: NamedHead, folder: Path) -> Path | None:
     """The head's labels as a file (inline labels are written to `folder/NAME.labels.in.txt`)."""
-    if head.labels is None:
-        return None
-    if isinstance(head.labels, tuple | list):
-        path = folder / f"{head.name}.labels.in.txt"
-        text = "\n".join(head.labels) + "\n"
-        if not path.exists() or path.read_text() != text:
-            folder.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
-        return path
-    return Path(head.labels)
+    from vitserve.exporter.export import labels_file
+
+    return labels_file(head.labels, folder / f"{head.name}.labels.in.txt")
 
 
 def head_key(head: NamedHead, labels: Path | None, backbone_key: str) -> str:

@@ -24,7 +24,14 @@ from typing import Any
 
 from vitserve.errors import ConfigError, ExportError
 from vitserve.exporter.config import Kind, ModelSpec, Precision, load_models
-from vitserve.exporter.export import EXTERNAL_DATA_NAME, LABELS_NAME, ONNX_NAME, export_model, read_manifest
+from vitserve.exporter.export import (
+    EXTERNAL_DATA_NAME,
+    LABELS_NAME,
+    ONNX_NAME,
+    export_model,
+    labels_file,
+    read_manifest,
+)
 from vitserve.exporter.repository import (
     REPOSITORY_MANIFEST,
     WARMUP_FILE,
@@ -58,23 +65,10 @@ def export_key(spec: ModelSpec, weights: str, labels: Path | None) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _labels_file(spec: ModelSpec, model_dir: Path) -> Path | None:
-    if spec.labels is None:
-        return None
-    if isinstance(spec.labels, tuple | list):
-        path = model_dir / "labels.in.txt"
-        text = "\n".join(spec.labels) + "\n"
-        if not path.exists() or path.read_text() != text:
-            model_dir.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
-        return path
-    return Path(spec.labels)
-
-
 def export_stage(spec: ModelSpec, model_dir: Path, random_init: bool) -> tuple[Path, dict[str, Any]]:
     """The FP32 export of `spec` in `model_dir/fp32`, reused when its key is unchanged."""
     weights = "random" if random_init else spec.weights
-    labels = _labels_file(spec, model_dir)
+    labels = labels_file(spec.labels, model_dir / "labels.in.txt")
     key = export_key(spec, weights, labels)
     fp32 = model_dir / "fp32"
     if (fp32 / "manifest.json").exists():

@@ -337,5 +337,5 @@ def test_cached_rebuild_copies_the_plan_and_matches_this_host(tiny_onnx, tmp_pat
     plan.unlink()
     second = engine.build_engine_cached(tiny_onnx, plan, "pixel_values", TINY_CHW, s, cache, max_batch_size=4)
     assert second["cached"] is True and second["plan_sha256"] == first["plan_sha256"]
-    assert engine._sha256(plan) == first["plan_sha256"]
+    assert engine.sha256_file(plan) == first["plan_sha256"]
     assert engine.provenance_problems("tiny", second, engine.host_provenance()) == []

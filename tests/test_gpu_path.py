@@ -134,7 +134,7 @@ def _repo_with_plan(tmp_path: Path, record: dict) -> Path:
     plan = repo / "m_fp16_tensorrt" / "1" / "model.plan"
     plan.parent.mkdir(parents=True)
     plan.write_bytes(b"serialized engine bytes")
-    record = {"plan_sha256": engine._sha256(plan), **record}
+    record = {"plan_sha256": engine.sha256_file(plan), **record}
     manifest = {"models": {"m": {"engines": {"m_fp16_tensorrt": record}}}}
     (repo / "vitserve-manifest.json").write_text(json.dumps(manifest))
     return repo
@@ -228,7 +228,7 @@ def test_plan_cache_roundtrip(tmp_path):
     built = tmp_path / "build" / "model.plan"
     built.parent.mkdir()
     built.write_bytes(b"plan v1")
-    meta = {"plan_sha256": engine._sha256(built), "tensorrt_version": "10.13.3.9"}
+    meta = {"plan_sha256": engine.sha256_file(built), "tensorrt_version": "10.13.3.9"}
     assert engine.cached_plan(cache, "k1", tmp_path / "out.plan") is None
     engine.store_plan(cache, "k1", built, meta)
     target = tmp_path / "repo" / "m" / "1" / "model.plan"
