@@ -1196,8 +1196,12 @@ def markdown(r: TuneResult) -> str:
         if r.command
         else "Command: (a library call, `vitserve.perf.tune.run_tune`)",
         "",
-        f"- host: {r.host}; 1-min load average {' -> '.join(f'{x:.1f}' for x in r.load_avg)} at start -> end "
-        "(above the core count: other jobs shared the host, and every number here is lower than on a quiet one)",
+        f"- host: {r.host}; 1-min load average {' -> '.join(f'{x:.1f}' for x in r.load_avg)} at start -> end"
+        + (
+            " (above the core count: other jobs shared the host)"
+            if max(r.load_avg or [0]) > (os.cpu_count() or 1)
+            else ""
+        ),
         f"- server: {r.server_mode}",
         f"- measured: `{r.measured_model}` with perf_analyzer, {r.batch_size} image(s) per request, "
         f"concurrency {', '.join(map(str, r.concurrencies))}, at least {r.duration_s:g} s per point (about ten "
