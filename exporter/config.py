@@ -307,6 +307,10 @@ class ModelSpec:
     gates: Gates = field(default_factory=Gates)
     force: bool = False  # publish variants that fail their gate
     max_image_pixels: int = 40_000_000  # preprocess refuses larger images (decompression bombs)
+    # vitserve's two deliberate differences from the libraries' eval transforms (python preprocess model):
+    # turn images upright from their EXIF orientation; scale 16/32-bit greyscale to 8 bits (Pillow clips it).
+    exif_transpose: bool = True
+    scale_16bit: bool = True
     cpu_int8_mode: str = "dynamic"  # dynamic | static (QDQ, calibrated on the calibration images)
     # What the CPU kind serves of the precisions built. FP16 on onnxruntime's CPU runs at ~0.15x FP32 and the
     # TensorRT Q/DQ model runs slower than FP32 there: they are built (for the fidelity report and the GPU
@@ -353,6 +357,9 @@ class ModelSpec:
             raise ConfigError(f"model {self.name}: cpu_threads={self.cpu_threads!r} must be an integer >= 1")
         if self.cpu_spinning is not None and not isinstance(self.cpu_spinning, bool):
             raise ConfigError(f"model {self.name}: cpu_spinning={self.cpu_spinning!r} must be true or false")
+        for flag in ("exif_transpose", "scale_16bit"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"model {self.name}: {flag}={getattr(self, flag)!r} must be true or false")
         if Precision.FP32 not in self.precisions:
             raise ConfigError(f"model {self.name}: precisions must include 'fp32' (the reference)")
         self._check_preprocess()

@@ -230,7 +230,13 @@ def preprocess_config(name: str, spec: ModelSpec, manifest: dict[str, Any]):
         cfg.ClearField("dynamic_batching")
         mode = "fast" if spec.preprocess == "fast" else "exact"
         cfg.parameters["preprocess"].string_value = json.dumps(
-            {**manifest["preprocess"], "max_pixels": spec.max_image_pixels, "mode": mode}
+            {
+                **manifest["preprocess"],
+                "max_pixels": spec.max_image_pixels,
+                "mode": mode,
+                "exif_transpose": spec.exif_transpose,
+                "scale_16bit": spec.scale_16bit,
+            }
         )
     _image_input(cfg, spec)
     cfg.output.add(name=PIXELS, data_type=mc.TYPE_FP32, dims=[3, size, size])

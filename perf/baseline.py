@@ -17,13 +17,14 @@ from pathlib import Path
 import numpy as np
 
 from vitserve.errors import ConfigError, missing_extra
+from vitserve.exporter import onnxrt
+from vitserve.exporter.onnxrt import OPTIMIZATION_LEVELS
 
 # Names a python-backend model config may use for its onnxruntime settings, either as parameters of their
 # own or inside a JSON-valued parameter (the CPU backbone model keeps
 # `onnx_cpu = {"intra_op_threads": 2, "optimization": "all"}`).
 THREAD_KEYS = ("intra_op_threads", "intra_op_num_threads", "intra_op_thread_count")
 OPTIMIZATION_KEYS = ("optimization", "graph_optimization_level")
-OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 
 _ORT_TYPES = {
     "tensor(float)": np.float32,
@@ -81,7 +82,7 @@ def ort_settings_from_config(config: dict) -> dict[str, int | str]:
         if isinstance(inner, dict):
             candidates.update(inner)
         for k, v in candidates.items():
-            if k in THREAD_KEYS and v not in (None, "", 0, "0"):
+            if k in THREAD_KEYS and v not in (None, "", 0, "0", "auto"):  # auto: decided where it loads
                 try:
                     found.setdefault("threads", int(v))
                 except (TypeError, ValueError) as e:
@@ -105,11 +106,11 @@ def run_baseline(
     """Run `onnx_path` with onnxruntime (CPU provider) on random inputs of `batch_size` for `duration_s`.
 
     `threads` sets `intra_op_num_threads` (None: onnxruntime's default, one per core) and `optimization`
-    the graph optimization level (disable, basic, extended, all), as the served model sets them. The first dimension
+    the graph optimization level (all, extended, basic, disabled), as the served model sets them. The first dimension
     of every input is the batch; other variable dimensions come from `shapes` (name -> dims without batch).
     """
     try:
-        import onnxruntime as ort
+        import onnxruntime  # noqa: F401  (the install hint when it is missing)
     except ImportError as e:
         raise missing_extra("onnxruntime", "export") from e
     onnx_path = Path(onnx_path)
@@ -121,17 +122,8 @@ def run_baseline(
         )
     if optimization not in OPTIMIZATION_LEVELS:
         raise ConfigError(f"optimization must be one of {OPTIMIZATION_LEVELS}, got {optimization!r}")
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }[optimization]
-    if threads is not None:
-        opts.intra_op_num_threads = int(threads)
     try:
-        session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+        session = onnxrt.cpu_session(onnx_path, threads=threads, optimization=optimization)
     except Exception as e:  # onnxruntime raises its own untyped errors for a bad file
         raise ConfigError(f"onnxruntime could not load {str(onnx_path)!r}: {e}") from e
     shapes = shapes or {}

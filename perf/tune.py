@@ -664,7 +664,6 @@ def compare_in_process(measure: Measurer, chosen: Knobs, repository: Path, batch
         cfg = target.configs[model]
         onnx = backbone_onnx(repository, model, cfg)
         opt = json.loads(cfg["parameters"]["onnx_cpu"]["string_value"]).get("optimization", "all")
-        opt = "disable" if opt == "disabled" else opt
         max_batch = int(cfg.get("max_batch_size", 1))
         base = []
         for b in sorted({1, 8, 16, *batches}):

@@ -121,6 +121,9 @@ def test_baseline_settings_come_from_the_served_model_config():
         "threads": 3
     }
     assert ort_settings_from_config({"backend": "python"}) == {}
+    # vitserve's CPU models decide threads where they load: the baseline then uses onnxruntime's default
+    auto = {"string_value": json.dumps({"intra_op_threads": "auto", "share": 1, "optimization": "all"})}
+    assert ort_settings_from_config({"parameters": {"onnx_cpu": auto}}) == {"optimization": "all"}
 
 
 def test_gpu_sampler_reads_nvidia_smi_and_is_null_without_it(tmp_path, monkeypatch):

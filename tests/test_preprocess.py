@@ -179,3 +179,28 @@ def test_python_preprocess_config_has_its_own_instances_and_mode(tmp_path, mode)
     assert preprocess_instances(pinned) == max(1, (os.cpu_count() or 1) - 1)
     gpu = ModelSpec(name="m", backbone="ViT-B-32", kinds=(Kind.TENSORRT,), preprocess="pillow")
     assert preprocess_instances(gpu) == (os.cpu_count() or 1)
+
+
+def test_deliberate_differences_are_models_yaml_switches(tmp_path):
+    """exif_transpose / scale_16bit (vitserve's two departures from the library transforms) are set per model
+    and reach the served preprocess parameters; a non-boolean is refused naming the field."""
+    import json
+
+    from vitserve.errors import ConfigError
+    from vitserve.exporter.repository import preprocess_config
+
+    on = json.loads(
+        preprocess_config("m_preprocess", ModelSpec(name="m", backbone="ViT-B-32"), _manifest())
+        .parameters["preprocess"]
+        .string_value
+    )
+    assert on["exif_transpose"] is True and on["scale_16bit"] is True
+    spec = ModelSpec.from_dict(
+        {"name": "m", "backbone": "ViT-B-32", "exif_transpose": False, "scale_16bit": False}
+    )
+    off = json.loads(
+        preprocess_config("m_preprocess", spec, _manifest()).parameters["preprocess"].string_value
+    )
+    assert off["exif_transpose"] is False and off["scale_16bit"] is False
+    with pytest.raises(ConfigError, match="exif_transpose='no'"):
+        ModelSpec.from_dict({"name": "m", "backbone": "ViT-B-32", "exif_transpose": "no"})
