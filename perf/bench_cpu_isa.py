@@ -126,7 +126,10 @@ def write(rows: list[dict], host: dict[str, Any], command: str, threads: int, ba
         " measured beside it. vitserve ships `vnni` (picked on VNNI hosts) and `avx2` (everywhere else, and the"
         " fallback); `u8u8` is shown for comparison.",
         "",
-        "Regenerate: the command under each host (one section per int8 ISA; a run replaces its own section).",
+        f"Command: `{command}`",
+        "",
+        "(the last run's; one section per int8 ISA seen, each with the command that produced it; a run replaces"
+        " its own host's section).",
     ]
     for isa, run in sorted(data["runs"].items()):
         h = run["host"]
