@@ -146,19 +146,20 @@ class AsyncVitClient:
             try:
                 return await transport.call(method, *args, **kwargs)
             except Exception as e:
-                if error_kind(e) != RETRY or attempt == self.config.retries:
-                    raise
-                delay = min(self.config.backoff_s * 2**attempt, MAX_BACKOFF_S)
-                log.debug(
-                    "%s: %s failed (%s); retry %d in %.2f s",
-                    self._where(),
-                    method,
-                    error_text(e),
-                    attempt + 1,
-                    delay,
-                )
+                delay = self._retry_delay(e, attempt, method)
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
+
+    def _retry_delay(self, e: Exception, attempt: int, what: str) -> float:
+        """The backoff before retry `attempt + 1` of `what` after `e`; re-raises `e` when it is not worth
+        retrying (the server answered, or the retries are spent)."""
+        if error_kind(e) != RETRY or attempt == self.config.retries:
+            raise e
+        delay = min(self.config.backoff_s * 2**attempt, MAX_BACKOFF_S)
+        log.debug(
+            "%s: %s failed (%s); retry %d in %.2f s", self._where(), what, error_text(e), attempt + 1, delay
+        )
+        return delay
 
     def _error(self, e: BaseException, doing: str) -> ClientError:
         kind = error_kind(e)
@@ -416,16 +417,7 @@ class AsyncVitClient:
                 answered = True
                 return self._rows(target, result, len(items), top_k, slot)
             except Exception as e:
-                if error_kind(e) != RETRY or attempt == self.config.retries:
-                    raise
-                delay = min(self.config.backoff_s * 2**attempt, MAX_BACKOFF_S)
-                log.debug(
-                    "%s: infer failed (%s); retry %d in %.2f s",
-                    self._where(),
-                    error_text(e),
-                    attempt + 1,
-                    delay,
-                )
+                delay = self._retry_delay(e, attempt, "infer")
             finally:
                 target.slots.release(slot, answered)
             await asyncio.sleep(delay)

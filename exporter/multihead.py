@@ -392,16 +392,10 @@ def _ensemble(
     heads: dict[str, dict[str, Any]],
     all_heads: bool,
 ):
-    from vitserve.exporter.repository import IMAGE_INPUT, PIXELS, _image_input
+    from vitserve.exporter.repository import ensemble_front
 
     mc = _pb()
-    cfg = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=spec.profile.max)
-    _image_input(cfg, spec)
-    pre = cfg.ensemble_scheduling.step.add(model_name=f"{spec.name}_preprocess", model_version=-1)
-    pre.input_map[IMAGE_INPUT] = IMAGE_INPUT
-    pre.output_map[PIXELS] = PIXELS
-    bb = cfg.ensemble_scheduling.step.add(model_name=backbone, model_version=-1)
-    bb.input_map[PIXELS] = PIXELS
+    cfg, bb = ensemble_front(name, spec, backbone)
     bb.output_map[FEATURES] = FEATURES
     if all_heads:
         cfg.output.add(name="embeddings", data_type=mc.TYPE_FP32, dims=[feature_dim])

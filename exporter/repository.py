@@ -243,16 +243,22 @@ def preprocess_config(name: str, spec: ModelSpec, manifest: dict[str, Any]):
     return cfg
 
 
-def ensemble_config(name: str, spec: ModelSpec, manifest: dict[str, Any], backbone: str):
-    mc = _pb()
-    cfg = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=spec.profile.max)
+def ensemble_front(name: str, spec: ModelSpec, backbone: str):
+    """An ensemble `name` taking `image` bytes through `{spec.name}_preprocess` into `backbone`; returns
+    (config, the backbone's step) for the caller to add outputs and further steps."""
+    cfg = _pb().ModelConfig(name=name, platform="ensemble", max_batch_size=spec.profile.max)
     _image_input(cfg, spec)
-    _add_outputs(cfg, manifest)
-    pre = cfg.ensemble_scheduling.step.add(model_name=f"{name}_preprocess", model_version=-1)
+    pre = cfg.ensemble_scheduling.step.add(model_name=f"{spec.name}_preprocess", model_version=-1)
     pre.input_map[IMAGE_INPUT] = IMAGE_INPUT
     pre.output_map[PIXELS] = PIXELS
     step = cfg.ensemble_scheduling.step.add(model_name=backbone, model_version=-1)
     step.input_map[PIXELS] = PIXELS
+    return cfg, step
+
+
+def ensemble_config(name: str, spec: ModelSpec, manifest: dict[str, Any], backbone: str):
+    cfg, step = ensemble_front(name, spec, backbone)
+    _add_outputs(cfg, manifest)
     for out in cfg.output:
         step.output_map[out.name] = out.name
     _mark_tuned(cfg, spec)
