@@ -6,8 +6,9 @@ engines (TensorRT plans where TensorRT exists, build.sh everywhere) -> repositor
 Unchanged inputs are not rebuilt: the export is keyed by a hash of what defines it, the quantized models
 by a hash of (model, images, settings), TensorRT plans (artifacts/engines) by (ONNX sha256, TensorRT
 version, compute capability, profile, builder options). A plan that fails verification against FP32 is
-withheld (unless `force`) and the ensemble routes to the best one that passed. The repository is written next to the old one and swapped in
-only when complete, so an interrupted build leaves the previous repository intact and loadable.
+withheld (unless `force`) and the ensemble routes to the best one that passed. The repository is written
+next to the old one and swapped in only when complete, so an interrupted build leaves the previous
+repository intact and loadable.
 """
 
 from __future__ import annotations

@@ -500,7 +500,7 @@ def fidelity_table(reports: dict[str, dict[str, Any]]) -> str:
     return format_table(rows, cols)
 
 
-def _regate(precision: Precision, report: dict[str, Any], gates: Gates) -> dict[str, Any]:
+def apply_gates(precision: Precision, report: dict[str, Any], gates: Gates) -> dict[str, Any]:
     """Apply `gates` to a report (and to each cpu-int8 flavour); a cpu-int8 variant passes when its
     portable flavour does (every host can fall back to it), and publishes each flavour that passes."""
     for f in report.get("flavours", {}).values():
@@ -588,7 +588,7 @@ def make_variant(
     if cached.exists():
         report = json.loads(cached.read_text())
         if report.get("key") == key and (out_dir / ONNX_NAME).exists():
-            _regate(precision, report, spec.gates)
+            apply_gates(precision, report, spec.gates)
             report["cached"] = True
             log.info("%s %s: unchanged (key %s), reusing %s", spec.name, precision.value, key, out_dir)
             return report
@@ -652,7 +652,7 @@ def make_variant(
                     "sha256": sha256_file(tmp / f["file"]),
                 }
             write_probe(tmp / PROBE_NAME, tmp, pixels[:PROBE_IMAGES])
-        _regate(precision, report, spec.gates)
+        apply_gates(precision, report, spec.gates)
         gate = report["gate"]
         (tmp / VARIANT_REPORT).write_text(json.dumps(report, indent=2) + "\n")
     print(

@@ -19,7 +19,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 from vitserve.exporter import onnxrt
 from vitserve.exporter.config import Gates, Precision
-from vitserve.exporter.precision import CPU_INT8_FLAVOURS, PORTABLE_FLAVOUR, PROBE_NAME, _regate, check_gate
+from vitserve.exporter.precision import (
+    CPU_INT8_FLAVOURS,
+    PORTABLE_FLAVOUR,
+    PROBE_NAME,
+    apply_gates,
+    check_gate,
+)
 from vitserve.exporter.repository import read_config, write_config
 from vitserve.exporter.triton_models.onnx_cpu import (
     choose_threads,
@@ -84,12 +90,12 @@ def _report(vnni_cos: float, avx2_cos: float) -> dict:
 
 def test_gate_logic_on_fixed_numbers():
     gates = Gates(cpu_int8_mean_cosine=0.999)
-    r = _regate(Precision.CPU_INT8, _report(0.9999, 0.9995), gates)
+    r = apply_gates(Precision.CPU_INT8, _report(0.9999, 0.9995), gates)
     assert r["passed"] and r["published_flavours"] == ["vnni", "avx2"]
-    r = _regate(Precision.CPU_INT8, _report(0.9980, 0.9995), gates)
+    r = apply_gates(Precision.CPU_INT8, _report(0.9980, 0.9995), gates)
     assert r["passed"] and r["published_flavours"] == ["avx2"]
     assert r["flavours"]["vnni"]["gate"] == "FAIL: embeddings mean cosine 0.998000 < 0.999"
-    r = _regate(Precision.CPU_INT8, _report(0.9999, 0.9980), gates)  # no portable flavour: not published
+    r = apply_gates(Precision.CPU_INT8, _report(0.9999, 0.9980), gates)  # no portable flavour: not published
     assert not r["passed"] and r["published_flavours"] == ["vnni"]
     ok, text = check_gate(
         Precision.INT8,
