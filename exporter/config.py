@@ -238,6 +238,7 @@ class Tuned:
     instances: int | None = None
     cpu_threads: int | None = None
     cpu_spinning: bool | None = None
+    cpu_lanes: int | None = None
     dynamic_batching: DynamicBatching | None = None
     preprocess_instances: int | None = None
     host: str | None = None
@@ -246,7 +247,7 @@ class Tuned:
     tuned_at: str | None = None
 
     def __post_init__(self) -> None:
-        for f in ("instances", "cpu_threads", "preprocess_instances"):
+        for f in ("instances", "cpu_threads", "cpu_lanes", "preprocess_instances"):
             v = getattr(self, f)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ConfigError(f"tuned {f}={v!r}: must be an integer >= 1")
@@ -272,7 +273,14 @@ class Tuned:
 
     def overrides(self) -> dict[str, Any]:
         """The ModelSpec fields this section sets (None values left out)."""
-        keys = ("instances", "cpu_threads", "cpu_spinning", "dynamic_batching", "preprocess_instances")
+        keys = (
+            "instances",
+            "cpu_threads",
+            "cpu_spinning",
+            "cpu_lanes",
+            "dynamic_batching",
+            "preprocess_instances",
+        )
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
@@ -323,6 +331,9 @@ class ModelSpec:
     # onnxruntime's `session.intra_op.allow_spinning` for CPU backbones: None keeps onnxruntime's default (on:
     # idle intra-op threads spin, which steals cores from other instances and the preprocess model).
     cpu_spinning: bool | None = None
+    # slices a CPU backbone instance cuts a batch into, run at once on 1-thread sessions (onnx_cpu.py `lanes`):
+    # None: one per intra-op thread (weights up to 2 GiB; the slices' session holds a second copy); 1: off.
+    cpu_lanes: int | None = None
     # settings measured by `vitserve tune` on a serving host; they win over the fields above (`serving()`)
     tuned: Tuned | None = None
     # GPU kinds (tensorrt, onnxruntime): instances of each backbone model (default: `instances`).
@@ -355,6 +366,9 @@ class ModelSpec:
             or self.cpu_threads < 1
         ):
             raise ConfigError(f"model {self.name}: cpu_threads={self.cpu_threads!r} must be an integer >= 1")
+        lanes = self.cpu_lanes
+        if lanes is not None and (not isinstance(lanes, int) or isinstance(lanes, bool) or lanes < 1):
+            raise ConfigError(f"model {self.name}: cpu_lanes={lanes!r} must be an integer >= 1 (1: off)")
         if self.cpu_spinning is not None and not isinstance(self.cpu_spinning, bool):
             raise ConfigError(f"model {self.name}: cpu_spinning={self.cpu_spinning!r} must be true or false")
         for flag in ("exif_transpose", "scale_16bit"):

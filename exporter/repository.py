@@ -128,6 +128,7 @@ def backbone_config(
         }
         if spec.cpu_spinning is not None:
             params["allow_spinning"] = spec.cpu_spinning
+        params["lanes"] = spec.cpu_lanes or "auto"
         if variant.flavours:
             params["flavours"] = {k: f.name for k, f in variant.flavours if k != "probe"}
             params["probe"] = "probe.npz"

@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 
 STAGES = ("compute", "batching", "preprocess")
 MEASUREMENTS = "measurements.jsonl"
+# points stored by a tuner with other knobs (before `lanes`) are not reused
+KNOBS_VERSION = 2
 TIE_TOLERANCE = 0.02  # points within 2 % of the best throughput are ties; the lowest p99 wins
 
 
@@ -68,13 +70,14 @@ class Knobs:
     queue_delay_us: int
     preferred: tuple[int, ...]
     preprocess_instances: int | None = None
+    lanes: int | None = None  # slices a batch runs as at once (onnx_cpu `lanes`; 1: off); None: not set
 
     def key(self) -> str:
         spin = {None: "default", True: "on", False: "off"}[self.spinning]
         pref = ",".join(map(str, self.preferred)) or "none"
         return (
-            f"{self.variant} i{self.instances} t{self.threads or '-'} spin={spin} delay={self.queue_delay_us}us "
-            f"pref={pref} pre={self.preprocess_instances or '-'}"
+            f"{self.variant} i{self.instances} t{self.threads or '-'} l{self.lanes or '-'} spin={spin} "
+            f"delay={self.queue_delay_us}us pref={pref} pre={self.preprocess_instances or '-'}"
         )
 
     @classmethod
@@ -115,7 +118,8 @@ class Point:
 
 @dataclass
 class Space:
-    """The values each knob may take. `instance_threads` pairs instances with threads per instance."""
+    """The values each knob may take. `instance_threads` pairs instances with threads per instance;
+    `lanes`: False (one session) and/or True (one 1-thread lane per thread), for instances of 2+ threads."""
 
     variants: list[str]
     instance_threads: list[tuple[int, int | None]]
@@ -123,6 +127,7 @@ class Space:
     queue_delays_us: list[int]
     preferred: list[tuple[int, ...]]
     preprocess_instances: list[int | None] = field(default_factory=lambda: [None])
+    lanes: list[bool] = field(default_factory=lambda: [False])
 
 
 def default_space(
@@ -136,7 +141,7 @@ def default_space(
 ) -> Space:
     """The space for a host with `cores` usable cores: instances 1, 2, 4, ... <= cores, each with the
     cores split among them, and one instance with a core left free (vitserve CPU backbones; other models
-    keep their threads); spinning on/off;
+    keep their threads); spinning on/off; lanes off/on (a batch cut into 1-thread slices run at once);
     queue delays 0, 2 ms, 10 ms and the configured one; preferred sizes as configured, the largest batch the
     highest concurrency can form, and max_batch_size; preprocess instances 1 and the cores (ensemble)."""
     instances = sorted({1, *(2**k for k in range(1, 8) if 2**k <= cores)})
@@ -152,17 +157,25 @@ def default_space(
         queue_delays_us=sorted({0, 2000, 10000, current.queue_delay_us}),
         preferred=list(dict.fromkeys(preferred)),
         preprocess_instances=pre,
+        lanes=[False, True] if onnx_cpu else [False],
     )
 
 
 def stage_plan(stage: str, space: Space, best: Knobs, current: Knobs) -> list[Knobs]:
     """The configurations of one stage: `compute` from the current batching, the others around `best`."""
     if stage == "compute":
-        # one intra-op thread means no thread pool, so nothing spins: spinning is left at the default there
+        # one intra-op thread means no thread pool, so nothing spins and there is nothing to cut into lanes:
+        # spinning is left at the default there, lanes at 1
+        def lanes(t: int | None) -> list[int | None]:
+            if t is None:
+                return [None]
+            return sorted({t if on else 1 for on in space.lanes}) if t > 1 else [1]
+
         plan = [
-            replace(current, variant=v, instances=i, threads=t, spinning=s)
+            replace(current, variant=v, instances=i, threads=t, spinning=s, lanes=n)
             for v in space.variants
             for i, t in space.instance_threads
+            for n in lanes(t)
             for s in (space.spinning if t is None or t > 1 else [None])
         ]
     elif stage == "batching":
@@ -179,13 +192,15 @@ def stage_plan(stage: str, space: Space, best: Knobs, current: Knobs) -> list[Kn
 
 
 def pareto_front(points: Iterable[Point]) -> list[Point]:
-    """The points no other point beats on both throughput (higher) and p99 (lower), by throughput."""
+    """The points no other point of the same concurrency and batch size beats on both throughput (higher)
+    and p99 (lower), by throughput."""
     ok = [p for p in points if p.ok]
     front = [
         p
         for p in ok
         if not any(
-            q.images_per_s >= p.images_per_s
+            (q.concurrency, q.batch_size) == (p.concurrency, p.batch_size)
+            and q.images_per_s >= p.images_per_s
             and q.p99_us <= p.p99_us
             and (q.images_per_s > p.images_per_s or q.p99_us < p.p99_us)
             for q in ok
@@ -197,13 +212,36 @@ def pareto_front(points: Iterable[Point]) -> list[Point]:
 def choose(
     points: Iterable[Point], p99_budget_us: float | None, tolerance: float = TIE_TOLERANCE
 ) -> Point | None:
-    """The highest-throughput point whose p99 fits the budget (no budget: any); among points within
-    `tolerance` of that throughput, the lowest p99. None when no point fits."""
-    fits = [p for p in points if p.ok and (p99_budget_us is None or p.p99_us <= p99_budget_us)]
+    """The configuration that serves the whole workload best, as its point at the highest concurrency (and
+    the smallest batch there).
+
+    The workload is every (concurrency, batch size) any configuration was measured at. A configuration
+    qualifies when it was measured at all of them and its p99 fits the budget at each (no budget: any). Its
+    score is the geometric mean, over the workload, of its throughput over the best qualifying throughput
+    there: a configuration that wins at concurrency 4 by leaving a lone request one core scores below one
+    that is close to the best everywhere. Among scores within `tolerance` of the top, the lowest p99 at
+    that point wins. None when none qualifies."""
+    ok = [p for p in points if p.ok]
+    workload = sorted({(p.concurrency, p.batch_size) for p in ok})
+    by_knobs: dict[Knobs, dict[tuple[int, int], Point]] = {}
+    for p in ok:
+        by_knobs.setdefault(p.knobs, {})[(p.concurrency, p.batch_size)] = p
+    fits = {
+        k: at
+        for k, at in by_knobs.items()
+        if len(at) == len(workload)
+        and (p99_budget_us is None or all(p.p99_us <= p99_budget_us for p in at.values()))
+    }
     if not fits:
         return None
-    top = max(p.images_per_s for p in fits)
-    ties = [p for p in fits if p.images_per_s >= top * (1 - tolerance)]
+    best = {w: max(at[w].images_per_s for at in fits.values()) for w in workload}
+
+    def score(at: dict[tuple[int, int], Point]) -> float:
+        return math.exp(sum(math.log(at[w].images_per_s / best[w]) for w in workload) / len(workload))
+
+    shown = max(workload, key=lambda w: (w[0], -w[1]))
+    top = max(score(at) for at in fits.values())
+    ties = [at[shown] for at in fits.values() if score(at) >= top * (1 - tolerance)]
     return min(ties, key=lambda p: (p.p99_us, -p.images_per_s))
 
 
@@ -219,31 +257,31 @@ KNOB_FIELDS = {
 
 def knob_effects(points: Iterable[Point]) -> list[dict[str, Any]]:
     """What each knob did on this host: for every pair of measured configurations that differ in that knob
-    only, at the same concurrency, the ratio of throughput and of p99 (to -> from). Geometric means per
-    (knob, from, to, concurrency)."""
+    only, at the same concurrency and batch size, the ratio of throughput and of p99 (to -> from). Geometric
+    means per (knob, from, to, concurrency, batch size)."""
     ok = [p for p in points if p.ok]
     groups: dict[tuple, list[float]] = {}
     for name, attrs in KNOB_FIELDS.items():
         by_rest: dict[tuple, list[Point]] = {}
         for p in ok:
             rest = tuple((k, v) for k, v in asdict(p.knobs).items() if k not in attrs)
-            by_rest.setdefault((rest, p.concurrency), []).append(p)
-        for (_, c), same in by_rest.items():
+            by_rest.setdefault((rest, p.concurrency, p.batch_size), []).append(p)
+        for (_, c, bs), same in by_rest.items():
             for a in same:
                 for b in same:
                     va, vb = (tuple(getattr(x.knobs, f) for f in attrs) for x in (a, b))
                     if str(va) < str(vb):  # each unordered pair once
-                        key = (name, _value(va), _value(vb), c)
+                        key = (name, _value(va), _value(vb), c, bs)
                         groups.setdefault(key, []).append(
                             (b.images_per_s / a.images_per_s, b.p99_us / a.p99_us)
                         )
     rows = []
-    for (name, va, vb, c), ratios in sorted(groups.items(), key=lambda kv: [str(x) for x in kv[0]]):
+    for (name, va, vb, c, bs), ratios in sorted(groups.items(), key=lambda kv: [str(x) for x in kv[0]]):
         n = len(ratios)
         ips = math.exp(sum(math.log(r[0]) for r in ratios) / n)
         p99 = math.exp(sum(math.log(r[1]) for r in ratios) / n)
-        rows.append({"knob": name, "from": va, "to": vb, "concurrency": c, "pairs": n, "images_per_s_x": ips,
-                     "p99_x": p99})  # fmt: skip
+        rows.append({"knob": name, "from": va, "to": vb, "concurrency": c, "batch_size": bs, "pairs": n,
+                     "images_per_s_x": ips, "p99_x": p99})  # fmt: skip
     return rows
 
 
@@ -385,12 +423,14 @@ def current_knobs(target: Target) -> Knobs:
     else:
         variant = next(iter(target.backbones))
     cfg = target.configs[target.backbones[variant]]
-    threads = spinning = None
+    threads = spinning = lanes = None
     if target.onnx_cpu:
         params = json.loads(cfg["parameters"]["onnx_cpu"]["string_value"])
         t = params.get("intra_op_threads")
         threads = int(t) if str(t).isdigit() else None
         spinning = params.get("allow_spinning")
+        n = params.get("lanes")
+        lanes = int(n) if str(n).isdigit() else None
     db = cfg.get("dynamic_batching") or {}
     pre = None
     if target.preprocess is not None:
@@ -403,6 +443,7 @@ def current_knobs(target: Target) -> Knobs:
         queue_delay_us=int(db.get("max_queue_delay_microseconds", 0) or 0),
         preferred=tuple(int(b) for b in db.get("preferred_batch_size", [])),
         preprocess_instances=pre,
+        lanes=lanes,
     )
 
 
@@ -422,6 +463,8 @@ def backbone_override(config: dict, knobs: Knobs, onnx_cpu: bool) -> dict:
         params.pop("allow_spinning", None)
         if knobs.spinning is not None:
             params["allow_spinning"] = knobs.spinning
+        if knobs.lanes is not None:
+            params["lanes"] = knobs.lanes
         cfg["parameters"]["onnx_cpu"] = {"string_value": json.dumps(params)}
     return cfg
 
@@ -519,9 +562,10 @@ class Reloader:
         return problems
 
 
-def signature(target_model: str, batch_size: int, duration_s: float, host: str) -> dict[str, Any]:
+def signature(target_model: str, batch_size: int | list[int], duration_s: float, host: str) -> dict[str, Any]:
     """What a stored point must share with this run to be reused."""
-    return {"model": target_model, "batch_size": batch_size, "duration_s": duration_s, "host": host}
+    return {"model": target_model, "batch_size": batch_size, "duration_s": duration_s, "host": host,
+            "knobs": KNOBS_VERSION}  # fmt: skip
 
 
 def load_earlier(path: Path, sig: dict[str, Any]) -> list[Point]:
@@ -544,10 +588,10 @@ def load_earlier(path: Path, sig: dict[str, Any]) -> list[Point]:
 class Measurer:
     """Measures configurations on a running server: reload, warm up, perf_analyzer, Triton statistics."""
 
-    def __init__(self, url, client, target, reloader, *, tensor, concurrencies, batch_size, duration_s,
+    def __init__(self, url, client, target, reloader, *, tensor, concurrencies, batch_sizes, duration_s,
                  warmup_s, images, raw_dir, sig):  # fmt: skip
         self.url, self.client, self.target, self.reloader = url, client, target, reloader
-        self.tensor, self.concurrencies, self.batch_size = tensor, concurrencies, batch_size
+        self.tensor, self.concurrencies, self.batch_sizes = tensor, concurrencies, list(batch_sizes)
         self.duration_s, self.warmup_s, self.images, self.raw_dir, self.sig = (
             duration_s, warmup_s, images, raw_dir, sig,
         )  # fmt: skip
@@ -556,16 +600,15 @@ class Measurer:
     def __call__(self, knobs: Knobs, stage: str, *, tensor: bool | None = None, batch_size: int | None = None,
                  concurrencies: list[int] | None = None) -> list[Point]:  # fmt: skip
         tensor = self.tensor if tensor is None else tensor
-        batch = batch_size or self.batch_size
+        workload = [
+            (c, b) for b in ([batch_size] if batch_size else self.batch_sizes) for c in concurrencies or self.concurrencies
+        ]  # fmt: skip
         model = self.target.measured(knobs, tensor)
         try:
             self.reloader.apply(knobs)
         except ServerError as e:
-            return [
-                Point(knobs, stage, model, c, batch, error=str(e), signature=self.sig)
-                for c in concurrencies or self.concurrencies
-            ]
-        return [self.point(knobs, stage, model, c, batch) for c in concurrencies or self.concurrencies]
+            return [Point(knobs, stage, model, c, b, error=str(e), signature=self.sig) for c, b in workload]
+        return [self.point(knobs, stage, model, c, b) for c, b in workload]
 
     def point(self, knobs: Knobs, stage: str, model: str, concurrency: int, batch: int) -> Point:
         from vitserve.perf import server_stats
@@ -686,9 +729,11 @@ def compare_in_process(measure: Measurer, chosen: Knobs, repository: Path, batch
         for b in batches:
             if out_of_time():
                 break
+            same = next((r for r in base if r["batch_size"] == b), None)
             for p in measure(knobs, "check", tensor=True, batch_size=b, concurrencies=concurrencies):
                 rows.append({"variant": variant, "point": p,
-                             "ratio": p.images_per_s / best["images_per_s"] if p.ok else None})  # fmt: skip
+                             "ratio": p.images_per_s / best["images_per_s"] if p.ok else None,
+                             "same_batch_ratio": p.images_per_s / same["images_per_s"] if p.ok and same else None})  # fmt: skip
     if target.ensemble is not None and measure.images is not None and not out_of_time():
         tensor = {(r["variant"], r["point"].batch_size, r["point"].concurrency): r["point"] for r in rows}
         for p in measure(chosen, "check", tensor=False, batch_size=1, concurrencies=concurrencies):
@@ -697,7 +742,25 @@ def compare_in_process(measure: Measurer, chosen: Knobs, repository: Path, batch
             ensemble_rows.append(
                 {"point": p, "tensor": t, "ratio": p.images_per_s / t.images_per_s if ok else None}
             )
-    return {"cores": cores, "in_process": inproc, "tensor": rows, "ensemble": ensemble_rows}
+    return {"cores": cores, "in_process": inproc, "tensor": rows, "ensemble": ensemble_rows,
+            "summary": check_summary(rows)}  # fmt: skip
+
+
+def check_summary(rows: list[dict]) -> list[dict]:
+    """Per variant and concurrency, the served tensor path at the client batch size that served it best,
+    against in-process at its best batch size: the issue's acceptance view (a client picks its batch size
+    as the in-process caller does)."""
+    best: dict[tuple[str, int], dict] = {}
+    for row in rows:
+        p = row["point"]
+        key = (row["variant"], p.concurrency)
+        if p.ok and (key not in best or p.images_per_s > best[key]["point"].images_per_s):
+            best[key] = row
+    return [
+        {"variant": v, "concurrency": c, "batch_size": r["point"].batch_size, "images_per_s": r["point"].images_per_s,
+         "p99_us": r["point"].p99_us, "ratio": r["ratio"]}
+        for (v, c), r in sorted(best.items())
+    ]  # fmt: skip
 
 
 # --- writing the choice back --------------------------------------------------------------------------
@@ -713,6 +776,8 @@ def tuned_section(knobs: Knobs, target: Target, *, host: str, p99_ms: float | No
         out["cpu_threads"] = knobs.threads
     if knobs.spinning is not None:
         out["cpu_spinning"] = knobs.spinning
+    if knobs.lanes is not None:
+        out["cpu_lanes"] = knobs.lanes
     out["dynamic_batching"] = {
         "preferred_batch_sizes": list(knobs.preferred),
         "max_queue_delay_us": knobs.queue_delay_us,
@@ -808,7 +873,7 @@ class TuneResult:
     p99_budget_ms: float | None
     max_minutes: float
     concurrencies: list[int]
-    batch_size: int
+    batch_sizes: list[int]
     duration_s: float
     server_mode: str
     current: Knobs
@@ -834,9 +899,9 @@ def run_tune(
     repository: str | Path = "model_repository",
     config: str | Path | None = None,
     p99_ms: float | None = None,
-    max_minutes: float = 15.0,
+    max_minutes: float = 20.0,
     concurrencies: list[int] | None = None,
-    batch_size: int = 1,
+    batch_sizes: list[int] | None = None,
     duration_s: float = 4.0,
     warmup_s: float = 1.0,
     tensor: bool = False,
@@ -860,14 +925,15 @@ def run_tune(
     t0 = time.monotonic()
     load_start = os.getloadavg()[0]
     concurrencies = sorted(set(concurrencies or [1, 4]))
-    if any(c < 1 for c in concurrencies) or batch_size < 1 or duration_s <= 0 or max_minutes <= 0:
+    batch_sizes = sorted(set(batch_sizes or [1]))
+    if min(concurrencies) < 1 or min(batch_sizes) < 1 or duration_s <= 0 or max_minutes <= 0:
         raise ConfigError(
-            f"need concurrencies >= 1, batch_size >= 1, duration_s > 0 and max_minutes > 0; got {concurrencies}, "
-            f"{batch_size}, {duration_s}, {max_minutes}"
+            f"need concurrencies >= 1, batch sizes >= 1, duration_s > 0 and max_minutes > 0; got {concurrencies}, "
+            f"{batch_sizes}, {duration_s}, {max_minutes}"
         )
     if p99_ms is not None and p99_ms <= 0:
         raise ConfigError(f"--p99-ms must be > 0, got {p99_ms}")
-    check_batches = check_batches or [1, 8]
+    check_batches = check_batches or [1, 8, 16]
     repository = Path(repository)
     budget_us = p99_ms * 1e3 if p99_ms is not None else None
     deadline = t0 + max_minutes * 60
@@ -917,7 +983,7 @@ def run_tune(
             measured_name = f"{model} tensor path (pixel_values into the routed backbone)"
         else:
             measured_name = model
-        sig = signature(measured_name, batch_size, duration_s, host)
+        sig = signature(measured_name, batch_sizes, duration_s, host)
         sig["concurrencies"] = concurrencies
         store = out / MEASUREMENTS
         if fresh and store.exists():
@@ -931,10 +997,10 @@ def run_tune(
         )  # fmt: skip
         reloader = Reloader(client, target)
         measure = Measurer(
-            url, client, target, reloader, tensor=tensor, concurrencies=concurrencies, batch_size=batch_size,
+            url, client, target, reloader, tensor=tensor, concurrencies=concurrencies, batch_sizes=batch_sizes,
             duration_s=duration_s, warmup_s=warmup_s, images=image_files, raw_dir=raw, sig=sig,
         )  # fmt: skip
-        per_config_s = 6 + len(concurrencies) * (duration_s + warmup_s + 2.5)
+        per_config_s = 6 + len(concurrencies) * len(batch_sizes) * (duration_s + warmup_s + 2.5)
         check_s = 0.0
         if check and target.onnx_cpu and target.ensemble is not None:
             per_point = duration_s + warmup_s + 2.5
@@ -972,7 +1038,7 @@ def run_tune(
         chosen = choose(outcome.points, budget_us)
         result = TuneResult(
             model=model, measured_model=measured_name, host=host, command=command, p99_budget_ms=p99_ms,
-            max_minutes=max_minutes, concurrencies=concurrencies, batch_size=batch_size, duration_s=duration_s,
+            max_minutes=max_minutes, concurrencies=concurrencies, batch_sizes=batch_sizes, duration_s=duration_s,
             server_mode=mode, current=current, points=outcome.points, front=pareto_front(outcome.points),
             chosen=chosen, measured_configs=outcome.measured, reused_configs=outcome.reused,
             truncated=outcome.truncated, note=outcome.note, elapsed_s=0.0,
@@ -1040,14 +1106,17 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", required=True, help="the model of models.yaml (its ensemble) to tune")
     p.add_argument("--p99-ms", type=float, default=None, help="p99 latency budget in ms (default: none)")
-    p.add_argument("--max-minutes", type=float, default=15.0, help="time bound of the whole run")
+    p.add_argument("--max-minutes", type=float, default=20.0, help="time bound of the whole run")
     p.add_argument("--config", default="models.yaml", help="where the choice is written (tuned: section)")
     p.add_argument("--repository", default="model_repository")
     p.add_argument("--url", default=None,
                    help="a running tritonserver (gRPC host:port) started with --model-control-mode=explicit; "
                    "default: start one on --repository")  # fmt: skip
     p.add_argument("--concurrency", type=_ints, default=[1, 4], help="client concurrencies per configuration")
-    p.add_argument("--batch", type=int, default=1, help="images per request while tuning")
+    p.add_argument(
+        "--batch", type=_ints, default=[1, 8],
+        help="images per request while tuning (the workload: every configuration at each batch and concurrency)",
+    )  # fmt: skip
     p.add_argument("--duration-s", type=float, default=4.0, help="measured seconds per point")
     p.add_argument("--warmup-s", type=float, default=1.0)
     p.add_argument(
@@ -1059,7 +1128,7 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-write", action="store_true", help="report only; leave models.yaml as it is")
     p.add_argument("--no-check", action="store_true", help="skip the served vs in-process comparison")
     p.add_argument(
-        "--check-batches", type=_ints, default=[1, 8], help="request batch sizes of that comparison"
+        "--check-batches", type=_ints, default=[1, 8, 16], help="request batch sizes of that comparison"
     )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_tune)
@@ -1068,7 +1137,7 @@ def add_command(sub: argparse._SubParsersAction) -> None:
 def _tune(args: argparse.Namespace) -> int:
     argv = ["vitserve", "tune", "--model", args.model, "--max-minutes", f"{args.max_minutes:g}",
             "--config", args.config, "--repository", args.repository,
-            "--concurrency", ",".join(map(str, args.concurrency)), "--batch", str(args.batch),
+            "--concurrency", ",".join(map(str, args.concurrency)), "--batch", ",".join(map(str, args.batch)),
             "--duration-s", f"{args.duration_s:g}", "--warmup-s", f"{args.warmup_s:g}",
             "--check-batches", ",".join(map(str, args.check_batches))]  # fmt: skip
     for flag, value in (
@@ -1083,7 +1152,7 @@ def _tune(args: argparse.Namespace) -> int:
                              ("--no-check", args.no_check)) if on]  # fmt: skip
     result = run_tune(
         args.model, url=args.url, repository=args.repository, config=args.config, p99_ms=args.p99_ms,
-        max_minutes=args.max_minutes, concurrencies=args.concurrency, batch_size=args.batch,
+        max_minutes=args.max_minutes, concurrencies=args.concurrency, batch_sizes=args.batch,
         duration_s=args.duration_s, warmup_s=args.warmup_s, tensor=args.tensor, images=args.images,
         out_dir=args.out, fresh=args.fresh, write=not args.no_write, check=not args.no_check,
         check_batches=args.check_batches, command=shlex.join(argv), progress=not args.no_progress,
@@ -1154,18 +1223,18 @@ def _server_cols(p: Point) -> str:
 
 def _points_table(points: list[Point]) -> list[str]:
     lines = [
-        "| stage | configuration | concurrency | img/s | p50 ms | p99 ms | backbone queue ms | backbone infer ms | avg batch |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| stage | configuration | concurrency | batch | img/s | p50 ms | p99 ms | backbone queue ms | backbone infer ms | avg batch |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for p in points:
         if p.ok:
             lines.append(
-                f"| {p.stage} | `{p.knobs.key()}` | {p.concurrency} | {p.images_per_s:.1f} | {_ms(p.p50_us)} | "
+                f"| {p.stage} | `{p.knobs.key()}` | {p.concurrency} | {p.batch_size} | {p.images_per_s:.1f} | {_ms(p.p50_us)} | "
                 f"{_ms(p.p99_us)} | {_server_cols(p)} |"
             )
         else:
             lines.append(
-                f"| {p.stage} | `{p.knobs.key()}` | {p.concurrency} | failed: {_one_line(p.error)} | | | | | |"
+                f"| {p.stage} | `{p.knobs.key()}` | {p.concurrency} | {p.batch_size} | failed: {_one_line(p.error)} | | | | | |"
             )
     return lines
 
@@ -1202,8 +1271,8 @@ def markdown(r: TuneResult) -> str:
             else ""
         ),
         f"- server: {r.server_mode}",
-        f"- measured: `{r.measured_model}` with perf_analyzer, {r.batch_size} image(s) per request, "
-        f"concurrency {', '.join(map(str, r.concurrencies))}, at least {r.duration_s:g} s per point (about ten "
+        f"- measured: `{r.measured_model}` with perf_analyzer, {', '.join(map(str, r.batch_sizes))} image(s) per "
+        f"request, concurrency {', '.join(map(str, r.concurrencies))}, every configuration at each, at least {r.duration_s:g} s per point (about ten "
         "request latencies where requests are slower; each point's `duration_s` is in tune.json)",
         f"- p99 budget: {budget}; time bound {r.max_minutes:g} min, took {r.elapsed_s / 60:.1f} min; "
         f"{r.measured_configs} configurations measured now, {r.reused_configs} reused from earlier runs",
@@ -1219,7 +1288,9 @@ def markdown(r: TuneResult) -> str:
         c = r.chosen
         out += [
             f"`{c.knobs.key()}`: {c.images_per_s:.1f} img/s with p99 {_ms(c.p99_us)} ms at client concurrency "
-            f"{c.concurrency}.",
+            f"{c.concurrency}, {c.batch_size} image(s) per request; chosen for the whole workload (the geometric "
+            "mean of its throughput over the best at each concurrency and batch size, p99 within the budget at "
+            "each).",
             "",
             "```yaml",
             _yaml({"tuned": r.tuned}).rstrip(),
@@ -1237,14 +1308,14 @@ def markdown(r: TuneResult) -> str:
             "",
             "## What each knob did on this host",
             "",
-            "Configurations that differ in one knob only, at the same concurrency: throughput and p99 of the second "
-            "value over the first (geometric mean over the pairs measured).",
+            "Configurations that differ in one knob only, at the same concurrency and batch size: throughput and "
+            "p99 of the second value over the first (geometric mean over the pairs measured).",
             "",
-            "| knob | from | to | concurrency | pairs | img/s x | p99 x |",
-            "|---|---|---|---:|---:|---:|---:|",
+            "| knob | from | to | concurrency | batch | pairs | img/s x | p99 x |",
+            "|---|---|---|---:|---:|---:|---:|---:|",
         ]
         out += [
-            f"| {e['knob']} | {e['from']} | {e['to']} | {e['concurrency']} | {e['pairs']} | "
+            f"| {e['knob']} | {e['from']} | {e['to']} | {e['concurrency']} | {e['batch_size']} | {e['pairs']} | "
             f"{e['images_per_s_x']:.2f} | {e['p99_x']:.2f} |"
             for e in effects
         ]
@@ -1264,15 +1335,38 @@ def _check_markdown(check: dict) -> list[str]:
         "at its best batch size of those run. Served: the tensor path (`pixel_values`) of each variant with the "
         "chosen settings.",
         "",
-        "| variant | in-process best | batch | concurrency | served img/s | p99 ms | served / in-process |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    if check.get("summary"):
+        out += [
+            "Each variant at each concurrency, the client batch size that served best against in-process at its "
+            "best batch size (the client picks its batch size as the in-process caller does):",
+            "",
+            "| variant | concurrency | best client batch | served img/s | p99 ms | in-process best | served / in-process |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in check["summary"]:
+            best = check["in_process"][r["variant"]]["best"]
+            out.append(
+                f"| {r['variant']} | {r['concurrency']} | {r['batch_size']} | {r['images_per_s']:.1f} | "
+                f"{_ms(r['p99_us'])} | {best['images_per_s']:.1f} (b{best['batch_size']}) | {_f(r['ratio'], 2)} |"
+            )
+        out += [
+            "",
+            "Every batch size measured (same batch: against in-process at the client's batch size):",
+            "",
+        ]
+    out += [
+        "| variant | in-process best | batch | concurrency | served img/s | p99 ms | served / in-process | "
+        "same batch |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in check["tensor"]:
         p, best = row["point"], check["in_process"][row["variant"]]["best"]
         served = f"{p.images_per_s:.1f}" if p.ok else f"failed: {_one_line(p.error)}"
         out.append(
             f"| {row['variant']} | {best['images_per_s']:.1f} (b{best['batch_size']}) | {p.batch_size} | "
-            f"{p.concurrency} | {served} | {_ms(p.p99_us)} | {_f(row['ratio'], 2)} |"
+            f"{p.concurrency} | {served} | {_ms(p.p99_us)} | {_f(row['ratio'], 2)} | "
+            f"{_f(row.get('same_batch_ratio'), 2)} |"
         )
     out += ["", "In-process runs:", "", "| variant | batch | img/s | p50 ms |", "|---|---:|---:|---:|"]
     for v, info in check["in_process"].items():
@@ -1322,10 +1416,10 @@ def _plot(r: TuneResult, path: Path) -> str | None:
     if not ok:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for c in r.concurrencies:
-        pts = [p for p in ok if p.concurrency == c]
+    for c, b in sorted({(p.concurrency, p.batch_size) for p in ok}):
+        pts = [p for p in ok if (p.concurrency, p.batch_size) == (c, b)]
         ax.scatter([p.p99_us / 1e3 for p in pts], [p.images_per_s for p in pts], s=18, alpha=0.6,
-                   label=f"concurrency {c}")  # fmt: skip
+                   label=f"concurrency {c}, batch {b}")  # fmt: skip
     front = sorted(r.front, key=lambda p: p.p99_us)
     ax.step([p.p99_us / 1e3 for p in front], [p.images_per_s for p in front], where="post", color="k",
             lw=1, label="Pareto front")  # fmt: skip
