@@ -12,6 +12,7 @@ perf_analyzer aborts on the first failed request; its own message (stderr) is pa
 from __future__ import annotations
 
 import csv
+import math
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from vitserve.server import perf_analyzer_command
 
 # perf_analyzer's CSV (2.51, `-f`): latencies and server phases are microseconds, "Inferences/Second" counts
 # batch elements (request count * batch size / window), i.e. images per second for an image model.
+SHARED_MEMORY = ("none", "system")
 CSV_COLUMNS = {
     "Concurrency": "concurrency",
     "Inferences/Second": "images_per_s",
@@ -60,10 +62,15 @@ def perf_analyzer_args(
     shapes: dict[str, list[int]] | None = None,
     input_data: str | Path | None = None,
     percentile: int = 99,
+    shared_memory: str = "none",
 ) -> list[str]:
-    """perf_analyzer's arguments (without the binary) for one closed-loop point over gRPC."""
+    """perf_analyzer's arguments (without the binary) for one closed-loop point over gRPC. `shared_memory`
+    "system": inputs and outputs travel in system shared memory (a client on the server's host), the
+    requests over gRPC."""
     if duration_s <= 0:
         raise ConfigError(f"duration_s must be > 0, got {duration_s}")
+    if shared_memory not in SHARED_MEMORY:
+        raise ConfigError(f"shared_memory must be one of {SHARED_MEMORY}, got {shared_memory!r}")
     spec.check_batch_size(batch_size)
     args = [
         "-m", spec.name, "-u", url, "-i", "grpc",
@@ -86,6 +93,15 @@ def perf_analyzer_args(
             args += ["--shape", f"{t.name}:{','.join(str(d) for d in resolved[t.name])}"]
     if input_data is not None:
         args += ["--input-data", str(input_data)]
+    if shared_memory != "none":
+        # room for every output of one request (perf_analyzer's default is 100 KiB)
+        out_bytes = sum(4 * math.prod(max(1, d) for d in t.shape) for t in spec.outputs) * batch_size
+        args += [
+            "--shared-memory",
+            shared_memory,
+            "--output-shared-memory-size",
+            str(max(out_bytes, 1 << 20)),
+        ]
     return args
 
 
@@ -112,6 +128,7 @@ def run_perf_analyzer(
     shapes: dict[str, list[int]] | None = None,
     input_data: str | Path | None = None,
     timeout_s: float | None = None,
+    shared_memory: str = "none",
 ) -> PerfAnalyzerResult:
     """Run perf_analyzer for one point and return its parsed row; ClientError with its stderr on failure."""
     exe, env = perf_analyzer_command()
@@ -122,7 +139,7 @@ def run_perf_analyzer(
         *exe,
         *perf_analyzer_args(
             url, spec, concurrency=concurrency, batch_size=batch_size, duration_s=duration_s,
-            csv_path=csv_path, shapes=shapes, input_data=input_data,
+            csv_path=csv_path, shapes=shapes, input_data=input_data, shared_memory=shared_memory,
         ),
     ]  # fmt: skip
     timeout_s = timeout_s if timeout_s is not None else 3 * duration_s + 120

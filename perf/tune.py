@@ -38,6 +38,7 @@ import logging
 import math
 import os
 import shlex
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -102,6 +103,7 @@ class Point:
     error: str | None = None
     signature: dict[str, Any] = field(default_factory=dict)
     duration_s: float | None = None  # measured seconds (longer than asked where requests are slow)
+    shared_memory: str = "none"  # "system": the tensors went through system shared memory (the check)
 
     @property
     def ok(self) -> bool:
@@ -598,7 +600,7 @@ class Measurer:
         self._input_data: dict[str, Path] = {}
 
     def __call__(self, knobs: Knobs, stage: str, *, tensor: bool | None = None, batch_size: int | None = None,
-                 concurrencies: list[int] | None = None) -> list[Point]:  # fmt: skip
+                 concurrencies: list[int] | None = None, shared_memory: str = "none") -> list[Point]:  # fmt: skip
         tensor = self.tensor if tensor is None else tensor
         workload = [
             (c, b) for b in ([batch_size] if batch_size else self.batch_sizes) for c in concurrencies or self.concurrencies
@@ -608,15 +610,18 @@ class Measurer:
             self.reloader.apply(knobs)
         except ServerError as e:
             return [Point(knobs, stage, model, c, b, error=str(e), signature=self.sig) for c, b in workload]
-        return [self.point(knobs, stage, model, c, b) for c, b in workload]
+        return [self.point(knobs, stage, model, c, b, shared_memory) for c, b in workload]
 
-    def point(self, knobs: Knobs, stage: str, model: str, concurrency: int, batch: int) -> Point:
+    def point(self, knobs: Knobs, stage: str, model: str, concurrency: int, batch: int,
+              shared_memory: str = "none") -> Point:  # fmt: skip
         from vitserve.perf import server_stats
         from vitserve.perf.inputs import describe_model, make_payloads, write_input_data
         from vitserve.perf.loadgen import run_load
         from vitserve.perf.perf_analyzer import run_perf_analyzer
 
-        point = Point(knobs, stage, model, concurrency, batch, signature=self.sig)
+        point = Point(
+            knobs, stage, model, concurrency, batch, signature=self.sig, shared_memory=shared_memory
+        )
         try:
             spec = describe_model(self.url, model)
             input_data = None
@@ -641,11 +646,11 @@ class Measurer:
                 duration_s = max(duration_s, 10 * slowest)
             watched = [model, *server_stats.ensemble_steps(spec.config)]
             before = {m: server_stats.snapshot(self.client, m) for m in watched}
-            csv_path = self.raw_dir / f"pa_{model}_b{batch}_c{concurrency}.csv"
+            csv_path = self.raw_dir / f"pa_{model}_b{batch}_c{concurrency}_{shared_memory}.csv"
             try:
                 pa = run_perf_analyzer(
                     self.url, spec, concurrency=concurrency, batch_size=batch, duration_s=duration_s,
-                    csv_path=csv_path, input_data=input_data,
+                    csv_path=csv_path, input_data=input_data, shared_memory=shared_memory,
                 )  # fmt: skip
             except ClientError as e:
                 if "No valid requests recorded" not in str(e):
@@ -653,7 +658,7 @@ class Measurer:
                 duration_s *= 3  # the host slowed down after the warm-up: once more, with longer windows
                 pa = run_perf_analyzer(
                     self.url, spec, concurrency=concurrency, batch_size=batch, duration_s=duration_s,
-                    csv_path=csv_path, input_data=input_data,
+                    csv_path=csv_path, input_data=input_data, shared_memory=shared_memory,
                 )  # fmt: skip
             after = {m: server_stats.snapshot(self.client, m) for m in watched}
         except VitServeError as e:
@@ -692,11 +697,24 @@ def backbone_onnx(repository: Path, model: str, config: dict) -> Path:
     return folder / "model.onnx"
 
 
+CHECK_ROUNDS = 2
+
+
 def compare_in_process(measure: Measurer, chosen: Knobs, repository: Path, batches: list[int],
-                       concurrencies: list[int], duration_s: float, out_of_time: Callable[[], bool]) -> dict:  # fmt: skip
+                       concurrencies: list[int], duration_s: float, out_of_time: Callable[[], bool],
+                       rounds: int = CHECK_ROUNDS, transports: tuple[str, ...] = ("none", "system")) -> dict:  # fmt: skip
     """Served (tuned settings) against in-process onnxruntime on the same ONNX with every usable core, at
     its best batch size, for each CPU backbone variant's tensor path; then the bytes ensemble against the
-    tensor path of the variant it routes to."""
+    tensor path of the variant it routes to. Where the choice is one instance with lanes, the served model's
+    own executor (onnx_cpu.py, lanes as chosen) is also run in-process at each batch size: served over that
+    is the cost of serving alone (transfer, queue, the python stub).
+
+    On a shared or throttled host speed drifts by more than the effect measured, so the runs are
+    interleaved: per round and batch size, in-process, then the executor, then served at each concurrency,
+    back to back; each ratio is taken within its round (against that round's best in-process batch size)
+    and the median over `rounds` is reported, with the median served point. Served is measured with the
+    tensors in the gRPC messages and in system shared memory (`transports`: a client on the server's host,
+    as the python client's `shared_memory="system"` does): the difference is what the transfer costs."""
     from vitserve.exporter.triton_models.onnx_cpu import usable_cores
     from vitserve.perf.baseline import run_baseline
 
@@ -708,42 +726,88 @@ def compare_in_process(measure: Measurer, chosen: Knobs, repository: Path, batch
         onnx = backbone_onnx(repository, model, cfg)
         opt = json.loads(cfg["parameters"]["onnx_cpu"]["string_value"]).get("optimization", "all")
         max_batch = int(cfg.get("max_batch_size", 1))
-        base = []
-        for b in sorted({1, 8, 16, *batches}):
-            if b <= max_batch and not out_of_time():
+        knobs = replace(chosen, variant=variant)
+        lanes = chosen.instances == 1 and (chosen.lanes or 1) > 1
+        sizes = [b for b in sorted({1, 8, 16, *batches}) if b <= max_batch]
+        base: dict[int, list[dict]] = {}
+        executor: dict[int, list[float]] = {}
+        served: dict[tuple[int, str, int], list[Point]] = {}
+        for _ in range(rounds):
+            for b in sizes:
+                if out_of_time():
+                    break
                 r = run_baseline(onnx, b, threads=cores, optimization=opt, duration_s=duration_s)
-                base.append(
+                base.setdefault(b, []).append(
                     {"batch_size": b, "images_per_s": r.images_per_s, "p50_us": r.p50_us, "p99_us": r.p99_us}
                 )
+                if b not in batches:
+                    continue
+                if lanes:
+                    executor.setdefault(b, []).append(
+                        _executor_ips(repository / model, chosen, b, duration_s)
+                    )
+                for shm in transports:
+                    for p in measure(knobs, "check", tensor=True, batch_size=b, concurrencies=concurrencies,
+                                     shared_memory=shm):  # fmt: skip
+                        served.setdefault((b, shm, p.concurrency), []).append(p)
         if not base:
             break
-        best = max(base, key=lambda r: r["images_per_s"])
-        inproc[variant] = {
-            "onnx": str(onnx),
-            "threads": cores,
-            "optimization": opt,
-            "runs": base,
-            "best": best,
-        }
-        knobs = replace(chosen, variant=variant)
-        for b in batches:
-            if out_of_time():
-                break
-            same = next((r for r in base if r["batch_size"] == b), None)
-            for p in measure(knobs, "check", tensor=True, batch_size=b, concurrencies=concurrencies):
-                rows.append({"variant": variant, "point": p,
-                             "ratio": p.images_per_s / best["images_per_s"] if p.ok else None,
-                             "same_batch_ratio": p.images_per_s / same["images_per_s"] if p.ok and same else None})  # fmt: skip
+        n = min(len(v) for v in base.values())  # complete rounds (the time bound may cut the last one)
+        best_per_round = [max(base[b][i]["images_per_s"] for b in base) for i in range(n)]
+        runs = [_median_row(v) for v in base.values()]
+        best = max(runs, key=lambda r: r["images_per_s"])
+        inproc[variant] = {"onnx": str(onnx), "threads": cores, "optimization": opt, "rounds": n, "runs": runs,
+                           "best": best}  # fmt: skip
+        if executor:
+            inproc[variant]["executor"] = {"lanes": chosen.lanes, "threads": chosen.threads or cores,
+                                           "runs": [{"batch_size": b, "images_per_s": statistics.median(v)}
+                                                    for b, v in executor.items()]}  # fmt: skip
+        for (b, _, _), points in sorted(served.items()):
+            ok = [p for p in points if p.ok]
+            p = sorted(ok, key=lambda q: q.images_per_s)[(len(ok) - 1) // 2] if ok else points[-1]
+
+            def ratio(ref: list[float], points=points) -> float | None:
+                got = [q.images_per_s / ref[i] for i, q in enumerate(points[: len(ref)]) if q.ok]
+                return statistics.median(got) if got else None
+
+            rows.append({"variant": variant, "point": p, "rounds": len(ok),
+                         "ratio": ratio(best_per_round),
+                         "same_batch_ratio": ratio([r["images_per_s"] for r in base[b]]),
+                         "executor_ratio": ratio(executor[b]) if b in executor else None})  # fmt: skip
     if target.ensemble is not None and measure.images is not None and not out_of_time():
-        tensor = {(r["variant"], r["point"].batch_size, r["point"].concurrency): r["point"] for r in rows}
+        tensor = {
+            (r["variant"], r["point"].batch_size, r["point"].concurrency): r["point"]
+            for r in rows
+            if r["point"].shared_memory == "none"
+        }
         for p in measure(chosen, "check", tensor=False, batch_size=1, concurrencies=concurrencies):
             t = tensor.get((chosen.variant, 1, p.concurrency))
             ok = p.ok and t is not None and t.ok
             ensemble_rows.append(
                 {"point": p, "tensor": t, "ratio": p.images_per_s / t.images_per_s if ok else None}
             )
-    return {"cores": cores, "in_process": inproc, "tensor": rows, "ensemble": ensemble_rows,
+    return {"cores": cores, "rounds": rounds, "in_process": inproc, "tensor": rows, "ensemble": ensemble_rows,
             "summary": check_summary(rows)}  # fmt: skip
+
+
+def _median_row(runs: list[dict]) -> dict:
+    """The run with the median images/s (the lower middle of an even count)."""
+    return sorted(runs, key=lambda r: r["images_per_s"])[(len(runs) - 1) // 2]
+
+
+def _executor_ips(model_dir: Path, knobs: Knobs, batch: int, duration_s: float) -> float:
+    """Images/s of the served model's own code, in this process, with the chosen threads and lanes."""
+    import numpy as np
+
+    from vitserve.exporter.triton_models.onnx_cpu import usable_cores
+    from vitserve.perf.bench_lanes import images_per_s, load, read_dims
+
+    model = load(model_dir, intra_op_threads=knobs.threads or usable_cores(), lanes=knobs.lanes)
+    try:
+        x = np.random.default_rng(0).standard_normal([batch, *read_dims(model_dir)]).astype(np.float32)
+        return images_per_s(model, x, duration_s)
+    finally:
+        model.finalize()
 
 
 def check_summary(rows: list[dict]) -> list[dict]:
@@ -753,13 +817,13 @@ def check_summary(rows: list[dict]) -> list[dict]:
     best: dict[tuple[str, int], dict] = {}
     for row in rows:
         p = row["point"]
-        key = (row["variant"], p.concurrency)
+        key = (row["variant"], p.shared_memory, p.concurrency)
         if p.ok and (key not in best or p.images_per_s > best[key]["point"].images_per_s):
             best[key] = row
     return [
-        {"variant": v, "concurrency": c, "batch_size": r["point"].batch_size, "images_per_s": r["point"].images_per_s,
-         "p99_us": r["point"].p99_us, "ratio": r["ratio"]}
-        for (v, c), r in sorted(best.items())
+        {"variant": v, "shared_memory": shm, "concurrency": c, "batch_size": r["point"].batch_size,
+         "images_per_s": r["point"].images_per_s, "p99_us": r["point"].p99_us, "ratio": r["ratio"]}
+        for (v, shm, c), r in sorted(best.items())
     ]  # fmt: skip
 
 
@@ -1004,8 +1068,9 @@ def run_tune(
         check_s = 0.0
         if check and target.onnx_cpu and target.ensemble is not None:
             per_point = duration_s + warmup_s + 2.5
+            in_process_s = (len({1, 8, 16, *check_batches}) + len(check_batches)) * (duration_s + 1)
             check_s = len(target.backbones) * (
-                6 + len(check_batches) * len(concurrencies) * per_point + 4 * duration_s
+                6 + CHECK_ROUNDS * (2 * len(check_batches) * len(concurrencies) * per_point + in_process_s)
             )
             check_s += 6 + len(concurrencies) * per_point
         search_deadline = deadline - check_s
@@ -1241,7 +1306,8 @@ def _points_table(points: list[Point]) -> list[str]:
 
 def _breakdown(p: Point) -> list[str]:
     lines = [
-        f"Configuration `{p.knobs.key()}`, concurrency {p.concurrency}, batch {p.batch_size}: client p50 "
+        f"Configuration `{p.knobs.key()}`, concurrency {p.concurrency}, batch {p.batch_size}"
+        f"{'' if p.shared_memory == 'none' else f', tensors in {p.shared_memory} shared memory'}: client p50 "
         f"{_ms(p.p50_us)} ms.",
         "",
         "| model | requests | queue ms | compute input ms | compute infer ms | compute output ms | avg batch |",
@@ -1333,21 +1399,26 @@ def _check_markdown(check: dict) -> list[str]:
         "",
         f"In-process: onnxruntime on the same ONNX file, {check['cores']} intra-op threads (every usable core), "
         "at its best batch size of those run. Served: the tensor path (`pixel_values`) of each variant with the "
-        "chosen settings.",
+        f"chosen settings. {check.get('rounds', 1)} interleaved round(s): per round and batch size, in-process "
+        "then served back to back; each ratio is taken within its round, the median over the rounds is shown "
+        "(with the median served point).",
         "",
     ]
     if check.get("summary"):
         out += [
-            "Each variant at each concurrency, the client batch size that served best against in-process at its "
-            "best batch size (the client picks its batch size as the in-process caller does):",
+            "Each variant, tensor transport and concurrency: the client batch size that served best against "
+            "in-process at its best batch size (the client picks its batch size as the in-process caller does). "
+            "Tensors in the gRPC messages, or in system shared memory (a client on the server's host):",
             "",
-            "| variant | concurrency | best client batch | served img/s | p99 ms | in-process best | served / in-process |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| variant | tensors | concurrency | best client batch | served img/s | p99 ms | in-process best | "
+            "served / in-process |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
         ]
         for r in check["summary"]:
             best = check["in_process"][r["variant"]]["best"]
             out.append(
-                f"| {r['variant']} | {r['concurrency']} | {r['batch_size']} | {r['images_per_s']:.1f} | "
+                f"| {r['variant']} | {_transport(r.get('shared_memory', 'none'))} | {r['concurrency']} | "
+                f"{r['batch_size']} | {r['images_per_s']:.1f} | "
                 f"{_ms(r['p99_us'])} | {best['images_per_s']:.1f} (b{best['batch_size']}) | {_f(r['ratio'], 2)} |"
             )
         out += [
@@ -1356,22 +1427,34 @@ def _check_markdown(check: dict) -> list[str]:
             "",
         ]
     out += [
-        "| variant | in-process best | batch | concurrency | served img/s | p99 ms | served / in-process | "
-        "same batch |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| variant | tensors | in-process best | batch | concurrency | served img/s | p99 ms | served / in-process | "
+        "same batch | same executor |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in check["tensor"]:
         p, best = row["point"], check["in_process"][row["variant"]]["best"]
         served = f"{p.images_per_s:.1f}" if p.ok else f"failed: {_one_line(p.error)}"
         out.append(
-            f"| {row['variant']} | {best['images_per_s']:.1f} (b{best['batch_size']}) | {p.batch_size} | "
+            f"| {row['variant']} | {_transport(p.shared_memory)} | {best['images_per_s']:.1f} (b{best['batch_size']}) | {p.batch_size} | "
             f"{p.concurrency} | {served} | {_ms(p.p99_us)} | {_f(row['ratio'], 2)} | "
-            f"{_f(row.get('same_batch_ratio'), 2)} |"
+            f"{_f(row.get('same_batch_ratio'), 2)} | {_f(row.get('executor_ratio'), 2)} |"
         )
-    out += ["", "In-process runs:", "", "| variant | batch | img/s | p50 ms |", "|---|---:|---:|---:|"]
+    out += [
+        "",
+        "Same executor: against the served model's own code (onnx_cpu.py with the chosen threads and lanes) run "
+        "in this process at the client's batch size, so what is left is the cost of serving (transfer, queue, "
+        "the python stub). In-process runs:",
+        "",
+        "| variant | batch | one session img/s | p50 ms | same executor img/s |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for v, info in check["in_process"].items():
+        ex = {r["batch_size"]: r["images_per_s"] for r in info.get("executor", {}).get("runs", [])}
         for run in info["runs"]:
-            out.append(f"| {v} | {run['batch_size']} | {run['images_per_s']:.1f} | {_ms(run['p50_us'])} |")
+            out.append(
+                f"| {v} | {run['batch_size']} | {run['images_per_s']:.1f} | {_ms(run['p50_us'])} | "
+                f"{_f(ex.get(run['batch_size']))} |"
+            )
     if check["ensemble"]:
         out += [
             "",
@@ -1396,6 +1479,10 @@ def _check_markdown(check: dict) -> list[str]:
         for p in tensor_c1:
             out += [*_breakdown(p), ""]
     return out
+
+
+def _transport(shared_memory: str) -> str:
+    return "gRPC" if shared_memory == "none" else f"{shared_memory} shm"
 
 
 def _yaml(data) -> str:

@@ -9,19 +9,13 @@ import itertools
 import json
 import re
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
-from google.protobuf import json_format
 
 from vitserve.exporter.repository import read_config, write_config
-from vitserve.exporter.triton_models.onnx_cpu import (
-    LANES_AUTO_MAX_BYTES,
-    TritonPythonModel,
-    choose_lanes,
-    split_rows,
-)
+from vitserve.exporter.triton_models.onnx_cpu import LANES_AUTO_MAX_BYTES, choose_lanes, split_rows
+from vitserve.perf.bench_lanes import load  # the real model, initialised in this process
 
 
 def test_batches_are_cut_into_contiguous_near_equal_slices():
@@ -52,22 +46,6 @@ def test_lanes_decision():
         choose_lanes(0, 2, small)
 
 
-def _load(model_dir: Path, **params) -> TritonPythonModel:
-    """The real onnx_cpu model, initialised in this process as the python backend would do it."""
-    cfg = read_config(model_dir / "config.pbtxt")
-    p = json.loads(cfg.parameters["onnx_cpu"].string_value) | params
-    cfg.parameters["onnx_cpu"].string_value = json.dumps(p)
-    model = TritonPythonModel()
-    model.initialize(
-        {
-            "model_config": json.dumps(json_format.MessageToDict(cfg, preserving_proto_field_name=True)),
-            "model_repository": str(model_dir),
-            "model_version": "1",
-        }
-    )
-    return model
-
-
 def _pixels(n: int) -> np.ndarray:
     from vitserve.exporter.backbones import get_backbone
     from vitserve.exporter.precision import eval_pixels
@@ -81,8 +59,8 @@ def test_slices_come_back_in_order_equal_to_one_session(vitb32_build, variant):
     if not model_dir.exists():
         pytest.skip(f"{variant} was not published by this build (its gate); fp32 always is")
     pixels = _pixels(5)
-    lanes = _load(model_dir, intra_op_threads=2, lanes=2)
-    one = _load(model_dir, intra_op_threads=2, lanes=1)
+    lanes = load(model_dir, intra_op_threads=2, lanes=2)
+    one = load(model_dir, intra_op_threads=2, lanes=1)
     try:
         assert lanes.lanes == 2 and one.lanes == 1 and one.pool is None
         got = dict(zip(lanes.outputs, lanes._run(pixels), strict=True))
