@@ -17,10 +17,10 @@ so everything that depends on the serving host is decided here, when the model l
   core(s) through a second, narrow session (threads // lanes intra-op threads; one thread has no thread
   pool, so no barrier waits on a core that Triton, the preprocess model or the client took); a smaller
   batch, a lone request above all, runs on the wide session with every thread. On the 2-core ViT-B-32
-  host, in-process: 2 x 1-thread slices of b16 run 1.14x (cpu-int8) and 1.07x (fp32) the images/s of one
-  2-thread session, while a lone image on 2 threads takes half the time it takes on 1. The narrow session
-  holds a second copy of the weights: `lanes` 1 turns it off, and "auto" does so above LANES_AUTO_MAX_BYTES
-  of weights.
+  host, in-process (perf/results/lanes.md): 2 x 1-thread slices of batch 8-16 run 1.2x (cpu-int8) and
+  1.07x (fp32) the images/s of one 2-thread session, while a lone image on 2 threads takes about half the
+  time it takes on 1. The narrow session holds a second copy of the weights: `lanes` 1 turns it off, and
+  "auto" does so above LANES_AUTO_MAX_BYTES of weights.
 Parameters (JSON in `onnx_cpu`): intra_op_threads ("auto" or N), share, lanes ("auto" or N; 1: off),
 optimization, flavours, probe, probe_min_cosine, isa (vnni | avx2: pin the int8 ISA instead of detecting
 it), allow_spinning (true | false: onnxruntime's `session.intra_op.allow_spinning` of the wide session;
