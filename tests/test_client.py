@@ -105,8 +105,10 @@ def test_in_memory_images_and_bytes_are_accepted(vitb32_server, photo_paths, ref
 
 def test_exif_orientation_is_the_same_for_every_input_type(vitb32_server, tmp_path):
     """One photo stored rotated with EXIF orientation 6, sent as a path, bytes, a PIL image (as opened, the
-    orientation in its EXIF) and an upright array: the same embedding each time. One request, so that the
-    cpu-int8 backbone's per-batch scales are shared."""
+    orientation in its EXIF) and an upright array: the same embedding each time. One image per request,
+    sent one after the other, so each runs alone: the cpu-int8 backbone's activation scales are per call
+    (dynamic quantization), and an image batched with others (or cut into another lane's slice) is
+    quantized with theirs."""
     from PIL import Image, ImageOps
 
     from vitserve.exporter.samples import eval_photos
@@ -122,7 +124,7 @@ def test_exif_orientation_is_the_same_for_every_input_type(vitb32_server, tmp_pa
     upright = np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("RGB"))
     stored = np.asarray(Image.open(path).convert("RGB"))  # the pixels as stored, not turned
     result = _embed(
-        vitb32_server, "grpc", "sync", [path, path.read_bytes(), opened, upright, stored], batch_size=8
+        vitb32_server, "grpc", "sync", [path, path.read_bytes(), opened, upright, stored], batch_size=1
     )
     assert not result.errors
     emb = result.embeddings

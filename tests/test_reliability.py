@@ -144,14 +144,19 @@ def _assert_serves(server, protocol: str = "grpc") -> None:
 
 
 def _embeddings(server, images: list[bytes]) -> np.ndarray:
-    """Embeddings of `images`, sent as ONE request (the cpu-int8 backbone quantizes per batch)."""
+    """Embeddings of `images`, one request each, one after the other: each image runs alone, so the
+    cpu-int8 backbone's activation scales (dynamic quantization: per call, and a batch's lanes are calls)
+    come from that image only, and equal images give equal embeddings."""
     import tritonclient.grpc as grpcclient
 
     client = grpcclient.InferenceServerClient(server.grpc_url)
     try:
-        inp = grpcclient.InferInput("image", [len(images), 1], "BYTES")
-        inp.set_data_from_numpy(np.array(images, dtype=np.object_).reshape(-1, 1))
-        return client.infer("vitb32", [inp]).as_numpy("embeddings")
+        out = []
+        for image in images:
+            inp = grpcclient.InferInput("image", [1, 1], "BYTES")
+            inp.set_data_from_numpy(np.array([image], dtype=np.object_).reshape(-1, 1))
+            out.append(client.infer("vitb32", [inp]).as_numpy("embeddings"))
+        return np.concatenate(out)
     finally:
         client.close()
 
