@@ -1260,10 +1260,13 @@ mode, for ensemble and BLS models), optuna or manual sweeps for other config fie
 `--latency-budget` it picks the highest throughput within the budget, and it writes the chosen configs to
 an output model repository. What `vitserve tune` adds for this project's hosts: the knobs that decide a CPU
 host and live inside a python-backend model (onnxruntime intra-op threads per instance, split from the
-usable cores; onnxruntime spinning), which precision the ensemble routes to, the python preprocess step
-sharing the same cores, the p99 budget held across the whole ensemble (bytes in, embeddings out, as a
-client sees it), every served config read back and checked before it is measured, resumable bounded runs,
-and a write-back that `make engines` keeps (models.yaml `tuned:`), with served vs in-process checked after."""
+usable cores; lanes, which cut a batch into 1-thread slices run at once while a lone request keeps every
+core; onnxruntime spinning), which precision the ensemble routes to, the python preprocess step sharing
+the same cores, the p99 budget held across the whole ensemble (bytes in, embeddings out, as a client sees
+it), a choice made for the whole workload (every concurrency and request size, so that a win at one does
+not cost the others) rather than for one point, every served config read back and checked before it is
+measured, resumable bounded runs, and a write-back that `make engines` keeps (models.yaml `tuned:`), with
+served vs in-process (and vs the served model's own executor) checked after in interleaved rounds."""
 
 
 def _one_line(text: str | None) -> str:
