@@ -702,7 +702,8 @@ CHECK_ROUNDS = 2
 
 def compare_in_process(measure: Measurer, chosen: Knobs, repository: Path, batches: list[int],
                        concurrencies: list[int], duration_s: float, out_of_time: Callable[[], bool],
-                       rounds: int = CHECK_ROUNDS, transports: tuple[str, ...] = ("none", "system")) -> dict:  # fmt: skip
+                       rounds: int = CHECK_ROUNDS, transports: tuple[str, ...] = ("none", "system"),
+                       p99_budget_us: float | None = None) -> dict:  # fmt: skip
     """Served (tuned settings) against in-process onnxruntime on the same ONNX with every usable core, at
     its best batch size, for each CPU backbone variant's tensor path; then the bytes ensemble against the
     tensor path of the variant it routes to. Where the choice is one instance with lanes, the served model's
@@ -787,7 +788,7 @@ def compare_in_process(measure: Measurer, chosen: Knobs, repository: Path, batch
                 {"point": p, "tensor": t, "ratio": p.images_per_s / t.images_per_s if ok else None}
             )
     return {"cores": cores, "rounds": rounds, "in_process": inproc, "tensor": rows, "ensemble": ensemble_rows,
-            "summary": check_summary(rows)}  # fmt: skip
+            "p99_budget_us": p99_budget_us, "summary": check_summary(rows, p99_budget_us)}  # fmt: skip
 
 
 def _median_row(runs: list[dict]) -> dict:
@@ -810,21 +811,24 @@ def _executor_ips(model_dir: Path, knobs: Knobs, batch: int, duration_s: float) 
         model.finalize()
 
 
-def check_summary(rows: list[dict]) -> list[dict]:
-    """Per variant and concurrency, the served tensor path at the client batch size that served it best,
-    against in-process at its best batch size: the issue's acceptance view (a client picks its batch size
-    as the in-process caller does)."""
-    best: dict[tuple[str, int], dict] = {}
+def check_summary(rows: list[dict], p99_budget_us: float | None = None) -> list[dict]:
+    """Per variant, transport and concurrency, the served tensor path at the client batch size that served
+    it best with p99 within the budget (none fits: the best of all, marked), against in-process at its best
+    batch size: the issue's acceptance view (a client picks its batch size as the in-process caller does,
+    within its latency budget)."""
+    groups: dict[tuple[str, str, int], list[dict]] = {}
     for row in rows:
         p = row["point"]
-        key = (row["variant"], p.shared_memory, p.concurrency)
-        if p.ok and (key not in best or p.images_per_s > best[key]["point"].images_per_s):
-            best[key] = row
-    return [
-        {"variant": v, "shared_memory": shm, "concurrency": c, "batch_size": r["point"].batch_size,
-         "images_per_s": r["point"].images_per_s, "p99_us": r["point"].p99_us, "ratio": r["ratio"]}
-        for (v, shm, c), r in sorted(best.items())
-    ]  # fmt: skip
+        if p.ok:
+            groups.setdefault((row["variant"], p.shared_memory, p.concurrency), []).append(row)
+    out = []
+    for (v, shm, c), group in sorted(groups.items()):
+        fits = [r for r in group if p99_budget_us is None or r["point"].p99_us <= p99_budget_us]
+        r = max(fits or group, key=lambda r: r["point"].images_per_s)
+        out.append({"variant": v, "shared_memory": shm, "concurrency": c, "batch_size": r["point"].batch_size,
+                    "images_per_s": r["point"].images_per_s, "p99_us": r["point"].p99_us, "ratio": r["ratio"],
+                    "within_budget": bool(fits)})  # fmt: skip
+    return out
 
 
 # --- writing the choice back --------------------------------------------------------------------------
@@ -1113,7 +1117,7 @@ def run_tune(
             if check_s:
                 result.check = compare_in_process(
                     measure, chosen.knobs, repository, check_batches, concurrencies, duration_s,
-                    out_of_time=lambda: time.monotonic() > deadline,
+                    out_of_time=lambda: time.monotonic() > deadline, p99_budget_us=budget_us,
                 )  # fmt: skip
             if server is None:
                 reloader.apply(chosen.knobs)  # the user's server goes on serving the choice
@@ -1409,20 +1413,22 @@ def _check_markdown(check: dict) -> list[str]:
     ]
     if check.get("summary"):
         out += [
-            "Each variant, tensor transport and concurrency: the client batch size that served best against "
-            "in-process at its best batch size (the client picks its batch size as the in-process caller does). "
-            "Tensors in the gRPC messages, or in system shared memory (a client on the server's host):",
+            "Each variant, tensor transport and concurrency: the client batch size that served best with p99 "
+            "within the budget (where none fits: the best, marked 'no') against in-process at its best batch "
+            "size (the client picks its batch size as the in-process caller does). Tensors in the gRPC "
+            "messages, or in system shared memory (a client on the server's host):",
             "",
-            "| variant | tensors | concurrency | best client batch | served img/s | p99 ms | in-process best | "
-            "served / in-process |",
-            "|---|---|---:|---:|---:|---:|---:|---:|",
+            "| variant | tensors | concurrency | best client batch | served img/s | p99 ms | p99 in budget | "
+            "in-process best | served / in-process |",
+            "|---|---|---:|---:|---:|---:|---|---:|---:|",
         ]
         for r in check["summary"]:
             best = check["in_process"][r["variant"]]["best"]
             out.append(
                 f"| {r['variant']} | {_transport(r.get('shared_memory', 'none'))} | {r['concurrency']} | "
-                f"{r['batch_size']} | {r['images_per_s']:.1f} | "
-                f"{_ms(r['p99_us'])} | {best['images_per_s']:.1f} (b{best['batch_size']}) | {_f(r['ratio'], 2)} |"
+                f"{r['batch_size']} | {r['images_per_s']:.1f} | {_ms(r['p99_us'])} | "
+                f"{'yes' if r.get('within_budget', True) else 'no'} | {best['images_per_s']:.1f} "
+                f"(b{best['batch_size']}) | {_f(r['ratio'], 2)} |"
             )
         out += [
             "",

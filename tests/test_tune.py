@@ -409,3 +409,19 @@ def test_tune_of_vitb32_survives_make_engines(vitb32_build, tmp_path):
     params = json.loads(cfg.parameters["onnx_cpu"].string_value)
     assert params["intra_op_threads"] == 2 and params["allow_spinning"] is False
     assert "vitserve_tuned" in cfg.parameters
+
+
+def test_check_summary_picks_the_best_client_batch_within_the_budget():
+    from vitserve.perf.tune import check_summary
+
+    def row(b: int, img_s: float, p99_ms: float, shm: str = "none") -> dict:
+        p = replace(_pt(img_s, p99_ms, c=4, b=b), shared_memory=shm)
+        return {"variant": "fp32", "point": p, "ratio": img_s / 100}
+
+    rows = [row(1, 60, 90), row(8, 100, 300), row(16, 110, 600), row(8, 120, 280, "system")]
+    by = {(r["shared_memory"], r["concurrency"]): r for r in check_summary(rows, 500_000)}
+    assert by[("none", 4)]["batch_size"] == 8 and by[("none", 4)]["within_budget"]
+    assert by[("system", 4)]["batch_size"] == 8  # transports are summarised apart
+    none_fit = check_summary(rows, 50_000)[0]
+    assert none_fit["batch_size"] == 16 and not none_fit["within_budget"]  # the best, marked
+    assert check_summary(rows)[0]["batch_size"] == 16
