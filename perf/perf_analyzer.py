@@ -21,9 +21,11 @@ from vitserve.errors import ClientError, ConfigError
 from vitserve.perf.inputs import ModelSpec, resolve_shapes
 from vitserve.server import perf_analyzer_command
 
+# where the tensors travel besides the gRPC messages (perf_analyzer --shared-memory)
+SHARED_MEMORY = ("none", "system")
+
 # perf_analyzer's CSV (2.51, `-f`): latencies and server phases are microseconds, "Inferences/Second" counts
 # batch elements (request count * batch size / window), i.e. images per second for an image model.
-SHARED_MEMORY = ("none", "system")
 CSV_COLUMNS = {
     "Concurrency": "concurrency",
     "Inferences/Second": "images_per_s",
@@ -94,7 +96,7 @@ def perf_analyzer_args(
     if input_data is not None:
         args += ["--input-data", str(input_data)]
     if shared_memory != "none":
-        # room for every output of one request (perf_analyzer's default is 100 KiB)
+        # room for every output of one request, 4-byte elements (perf_analyzer's default is 100 KiB)
         out_bytes = sum(4 * math.prod(max(1, d) for d in t.shape) for t in spec.outputs) * batch_size
         args += [
             "--shared-memory",

@@ -609,7 +609,12 @@ class Measurer:
         try:
             self.reloader.apply(knobs)
         except ServerError as e:
-            return [Point(knobs, stage, model, c, b, error=str(e), signature=self.sig) for c, b in workload]
+            return [
+                Point(
+                    knobs, stage, model, c, b, error=str(e), signature=self.sig, shared_memory=shared_memory
+                )
+                for c, b in workload
+            ]
         return [self.point(knobs, stage, model, c, b, shared_memory) for c, b in workload]
 
     def point(self, knobs: Knobs, stage: str, model: str, concurrency: int, batch: int,
