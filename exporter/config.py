@@ -241,13 +241,14 @@ class Tuned:
     cpu_lanes: int | None = None
     dynamic_batching: DynamicBatching | None = None
     preprocess_instances: int | None = None
+    preprocess_threads: int | None = None
     host: str | None = None
     p99_budget_ms: float | None = None
     report: str | None = None
     tuned_at: str | None = None
 
     def __post_init__(self) -> None:
-        for f in ("instances", "cpu_threads", "cpu_lanes", "preprocess_instances"):
+        for f in ("instances", "cpu_threads", "cpu_lanes", "preprocess_instances", "preprocess_threads"):
             v = getattr(self, f)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ConfigError(f"tuned {f}={v!r}: must be an integer >= 1")
@@ -280,6 +281,7 @@ class Tuned:
             "cpu_lanes",
             "dynamic_batching",
             "preprocess_instances",
+            "preprocess_threads",
         )
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
@@ -347,6 +349,8 @@ class ModelSpec:
     preprocess: str | None = None
     # instances of NAME_preprocess; None: the cores the backbone leaves (at least 1), see repository.py
     preprocess_instances: int | None = None
+    # threads of one NAME_preprocess instance (pillow / fast): the images of one request done at once
+    preprocess_threads: int = 1
 
     def __post_init__(self) -> None:
         if not self.name or not all(c.isalnum() or c in "_-" for c in self.name):
@@ -424,6 +428,9 @@ class ModelSpec:
         pi = self.preprocess_instances
         if pi is not None and (not isinstance(pi, int) or isinstance(pi, bool) or pi < 1):
             raise ConfigError(f"model {self.name}: preprocess_instances={pi!r} must be an integer >= 1")
+        pt = self.preprocess_threads
+        if not isinstance(pt, int) or isinstance(pt, bool) or pt < 1:
+            raise ConfigError(f"model {self.name}: preprocess_threads={pt!r} must be an integer >= 1")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:

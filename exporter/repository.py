@@ -227,7 +227,8 @@ def preprocess_config(name: str, spec: ModelSpec, manifest: dict[str, Any]):
         cfg.instance_group[0].count = preprocess_instances(spec)
         # No dynamic batching here: tritonserver 2.51's python backend checks each BYTES element's length
         # prefix while it gathers a batch, and fails every request of the batch for one malformed request
-        # (a prefix past its buffer), before model.py runs; parallelism comes from the instances.
+        # (a prefix past its buffer), before model.py runs; parallelism comes from the instances (and, within
+        # one request of several images, from `preprocess_threads`).
         cfg.ClearField("dynamic_batching")
         mode = "fast" if spec.preprocess == "fast" else "exact"
         cfg.parameters["preprocess"].string_value = json.dumps(
@@ -237,6 +238,7 @@ def preprocess_config(name: str, spec: ModelSpec, manifest: dict[str, Any]):
                 "mode": mode,
                 "exif_transpose": spec.exif_transpose,
                 "scale_16bit": spec.scale_16bit,
+                "threads": spec.preprocess_threads,
             }
         )
     _image_input(cfg, spec)

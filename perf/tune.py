@@ -4,10 +4,10 @@
 
 What is swept, for the model's CPU backbone (vitserve's python-backend onnxruntime model) and its ensemble:
 which backbone variant the ensemble routes to (fp32 | cpu-int8), instance count x onnxruntime intra-op
-threads (instances x threads <= the usable cores), onnxruntime spinning (`session.intra_op.allow_spinning`),
-dynamic batching (max queue delay, preferred batch sizes) and the preprocess model's instances. Models that
-are not vitserve CPU backbones (the tiny test model) get the knobs that apply to them: instances and
-dynamic batching.
+threads (instances x threads <= the usable cores), lanes (a batch cut into 1-thread slices run at once),
+onnxruntime spinning (`session.intra_op.allow_spinning`), dynamic batching (max queue delay, preferred batch
+sizes) and the python preprocess model's instances and threads. Models that are not vitserve CPU backbones
+(the tiny test model) get the knobs that apply to them: instances and dynamic batching.
 
 How each configuration is served: the real tritonserver with `--model-control-mode=explicit` (started here
 on `--repository`, or the one at `--url`, which must run in that mode), each model reloaded through
@@ -17,14 +17,15 @@ the real perf_analyzer (`vitserve.perf.perf_analyzer`) with Triton's statistics 
 input/infer/output per model, average batch: `vitserve.perf.server_stats`).
 
 How the space is searched, in stages (a full grid is days on a 2-core host): `compute` (variant x
-instances/threads x spinning, batching as configured), then `batching` (queue delay x preferred sizes around
-the best so far), then `preprocess` (ensemble only). Each configuration is measured at every `concurrencies`
-value; a point is (configuration, concurrency). The Pareto front is taken over all points (throughput up,
-p99 down) and the chosen point is the highest throughput whose p99 fits the budget (within 2 % of it, the
-lowest p99). Bounded: no configuration starts after the deadline. Resumable: every point is appended to
-`measurements.jsonl` in the output folder with the settings it was measured under, and a rerun skips what
-is there. With a models.yaml, the choice is written back as the model's `tuned:` section (see
-`vitserve.exporter.config.Tuned`), which `make engines` writes into config.pbtxt.
+instances/threads x lanes x spinning, batching as configured), then `batching` (queue delay x preferred
+sizes around the best so far), then `preprocess` (instances x threads; ensemble only). The workload is every
+(concurrency, images per request) pair; a point is one configuration at one pair. The Pareto front is taken
+per pair (throughput up, p99 down); the choice is the configuration with the best geometric mean of its
+throughput over the best seen at each pair, p99 within the budget at every pair (`choose`). Bounded: no
+configuration starts after the deadline. Resumable: every point is appended to `measurements.jsonl` in the
+output folder with the settings it was measured under, and a rerun skips what is there. With a
+models.yaml, the choice is written back as the model's `tuned:` section (see `vitserve.exporter.config.Tuned`),
+which `make engines` writes into config.pbtxt.
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ log = logging.getLogger(__name__)
 
 STAGES = ("compute", "batching", "preprocess")
 MEASUREMENTS = "measurements.jsonl"
-# points stored by a tuner with other knobs (before `lanes`) are not reused
-KNOBS_VERSION = 2
+# points stored by a tuner with other knobs (before `lanes`, before preprocess threads) are not reused
+KNOBS_VERSION = 3
 TIE_TOLERANCE = 0.02  # points within 2 % of the best throughput are ties; the lowest p99 wins
 
 
@@ -72,13 +73,17 @@ class Knobs:
     preferred: tuple[int, ...]
     preprocess_instances: int | None = None
     lanes: int | None = None  # slices a batch runs as at once (onnx_cpu `lanes`; 1: off); None: not set
+    preprocess_threads: int | None = None  # images of one request preprocessed at once; None: not set
 
     def key(self) -> str:
         spin = {None: "default", True: "on", False: "off"}[self.spinning]
         pref = ",".join(map(str, self.preferred)) or "none"
+        pre = f"{self.preprocess_instances or '-'}" + (
+            f"x{self.preprocess_threads}" if self.preprocess_threads else ""
+        )
         return (
             f"{self.variant} i{self.instances} t{self.threads or '-'} l{self.lanes or '-'} spin={spin} "
-            f"delay={self.queue_delay_us}us pref={pref} pre={self.preprocess_instances or '-'}"
+            f"delay={self.queue_delay_us}us pref={pref} pre={pre}"
         )
 
     @classmethod
@@ -130,6 +135,7 @@ class Space:
     preferred: list[tuple[int, ...]]
     preprocess_instances: list[int | None] = field(default_factory=lambda: [None])
     lanes: list[bool] = field(default_factory=lambda: [False])
+    preprocess_threads: list[int | None] = field(default_factory=lambda: [None])
 
 
 def default_space(
@@ -145,7 +151,8 @@ def default_space(
     cores split among them, and one instance with a core left free (vitserve CPU backbones; other models
     keep their threads); spinning on/off; lanes off/on (a batch cut into 1-thread slices run at once);
     queue delays 0, 2 ms, 10 ms and the configured one; preferred sizes as configured, the largest batch the
-    highest concurrency can form, and max_batch_size; preprocess instances 1 and the cores (ensemble)."""
+    highest concurrency can form, and max_batch_size; preprocess instances 1 and the cores, each with 1 and
+    `cores` threads (ensemble; threads for the python preprocess model only: a request's images at once)."""
     instances = sorted({1, *(2**k for k in range(1, 8) if 2**k <= cores)})
     pairs: list[tuple[int, int | None]] = [(i, max(1, cores // i) if onnx_cpu else None) for i in instances]
     if onnx_cpu and cores > 1:  # one core left to Triton, the gRPC threads and the preprocess model
@@ -160,6 +167,9 @@ def default_space(
         preferred=list(dict.fromkeys(preferred)),
         preprocess_instances=pre,
         lanes=[False, True] if onnx_cpu else [False],
+        preprocess_threads=sorted({1, cores})
+        if ensemble and current.preprocess_threads is not None
+        else [None],
     )
 
 
@@ -187,7 +197,12 @@ def stage_plan(stage: str, space: Space, best: Knobs, current: Knobs) -> list[Kn
             for p in space.preferred
         ]
     elif stage == "preprocess":
-        plan = [replace(best, preprocess_instances=n) for n in space.preprocess_instances if n is not None]
+        plan = [
+            replace(best, preprocess_instances=n, preprocess_threads=t)
+            for n in space.preprocess_instances
+            if n is not None
+            for t in space.preprocess_threads
+        ]
     else:
         raise ConfigError(f"unknown tuning stage {stage!r}; stages: {', '.join(STAGES)}")
     return list(dict.fromkeys(plan))
@@ -254,6 +269,7 @@ KNOB_FIELDS = {
     "queue delay (us)": ("queue_delay_us",),
     "preferred batch sizes": ("preferred",),
     "preprocess instances": ("preprocess_instances",),
+    "preprocess threads": ("preprocess_threads",),
 }
 
 
@@ -434,9 +450,14 @@ def current_knobs(target: Target) -> Knobs:
         n = params.get("lanes")
         lanes = int(n) if str(n).isdigit() else None
     db = cfg.get("dynamic_batching") or {}
-    pre = None
+    pre = pre_threads = None
     if target.preprocess is not None:
-        pre = sum(int(g.get("count", 1)) for g in target.configs[target.preprocess].get("instance_group", []))
+        pre_cfg = target.configs[target.preprocess]
+        pre = sum(int(g.get("count", 1)) for g in pre_cfg.get("instance_group", []))
+        if "preprocess" in (pre_cfg.get("parameters") or {}):  # the python model (not DALI)
+            pre_threads = int(
+                json.loads(pre_cfg["parameters"]["preprocess"]["string_value"]).get("threads", 1)
+            )
     return Knobs(
         variant=variant,
         instances=sum(int(g.get("count", 1)) for g in cfg.get("instance_group", [])) or 1,
@@ -446,6 +467,7 @@ def current_knobs(target: Target) -> Knobs:
         preferred=tuple(int(b) for b in db.get("preferred_batch_size", [])),
         preprocess_instances=pre,
         lanes=lanes,
+        preprocess_threads=pre_threads,
     )
 
 
@@ -488,6 +510,10 @@ class Reloader:
             group = dict((pre.get("instance_group") or [{"kind": "KIND_CPU"}])[0])
             group["count"] = knobs.preprocess_instances
             pre["instance_group"] = [group]
+            if knobs.preprocess_threads is not None:
+                params = json.loads(pre["parameters"]["preprocess"]["string_value"])
+                params["threads"] = knobs.preprocess_threads
+                pre["parameters"]["preprocess"] = {"string_value": json.dumps(params)}
             want[t.preprocess] = pre
         if t.ensemble is not None:
             ens = copy.deepcopy(t.configs[t.ensemble])
@@ -554,9 +580,10 @@ class Reloader:
             pref = [int(b) for b in db.get("preferred_batch_size", [])]
             if knobs.preferred and pref != list(knobs.preferred):
                 problems.append(f"preferred_batch_size {pref} != {list(knobs.preferred)}")
-        params = (cfg.get("parameters") or {}).get("onnx_cpu")
-        if params is not None and (served.get("parameters") or {}).get("onnx_cpu") != params:
-            problems.append("onnx_cpu parameters differ")
+        for key in ("onnx_cpu", "preprocess"):  # the backbone's and the python preprocess model's settings
+            params = (cfg.get("parameters") or {}).get(key)
+            if params is not None and (served.get("parameters") or {}).get(key) != params:
+                problems.append(f"{key} parameters differ")
         if "ensemble_scheduling" in cfg:
             steps = [st["model_name"] for st in served.get("ensemble_scheduling", {}).get("step", [])]
             if steps != [st["model_name"] for st in cfg["ensemble_scheduling"]["step"]]:
@@ -786,12 +813,15 @@ def compare_in_process(measure: Measurer, chosen: Knobs, repository: Path, batch
             for r in rows
             if r["point"].shared_memory == "none"
         }
-        for p in measure(chosen, "check", tensor=False, batch_size=1, concurrencies=concurrencies):
-            t = tensor.get((chosen.variant, 1, p.concurrency))
-            ok = p.ok and t is not None and t.ok
-            ensemble_rows.append(
-                {"point": p, "tensor": t, "ratio": p.images_per_s / t.images_per_s if ok else None}
-            )
+        for b in sorted({1, *batches}):
+            if out_of_time() or not any(k[:2] == (chosen.variant, b) for k in tensor):
+                continue
+            for p in measure(chosen, "check", tensor=False, batch_size=b, concurrencies=concurrencies):
+                t = tensor.get((chosen.variant, b, p.concurrency))
+                ok = p.ok and t is not None and t.ok
+                ensemble_rows.append(
+                    {"point": p, "tensor": t, "ratio": p.images_per_s / t.images_per_s if ok else None}
+                )
     return {"cores": cores, "rounds": rounds, "in_process": inproc, "tensor": rows, "ensemble": ensemble_rows,
             "p99_budget_us": p99_budget_us, "summary": check_summary(rows, p99_budget_us)}  # fmt: skip
 
@@ -857,6 +887,8 @@ def tuned_section(knobs: Knobs, target: Target, *, host: str, p99_ms: float | No
     }
     if knobs.preprocess_instances is not None:
         out["preprocess_instances"] = knobs.preprocess_instances
+    if knobs.preprocess_threads is not None:
+        out["preprocess_threads"] = knobs.preprocess_threads
     out["host"] = host
     out["p99_budget_ms"] = p99_ms
     out["report"] = report
@@ -1473,15 +1505,15 @@ def _check_markdown(check: dict) -> list[str]:
         out += [
             "",
             "Bytes ensemble (JPEG in, preprocess + backbone on the same cores) vs the tensor path of the variant "
-            "it routes to, one image per request:",
+            "it routes to (gRPC, the median round), at the same images per request and concurrency:",
             "",
-            "| concurrency | ensemble img/s | p99 ms | tensor path img/s | ensemble / tensor |",
-            "|---:|---:|---:|---:|---:|",
+            "| batch | concurrency | ensemble img/s | p99 ms | tensor path img/s | ensemble / tensor |",
+            "|---:|---:|---:|---:|---:|---:|",
         ]
         for row in check["ensemble"]:
             p, t = row["point"], row["tensor"]
             out.append(
-                f"| {p.concurrency} | {_f(p.images_per_s)} | {_ms(p.p99_us)} | "
+                f"| {p.batch_size} | {p.concurrency} | {_f(p.images_per_s)} | {_ms(p.p99_us)} | "
                 f"{_f(t.images_per_s) if t else '-'} | {_f(row['ratio'], 2)} |"
             )
         out += ["", "Where the ensemble's time goes:", ""]

@@ -112,6 +112,35 @@ def test_hostile_inputs_behave_the_same_in_every_mode(mode):
     assert np.abs(out - P.transform(shown.convert("RGB"), cfg)).max() > 0.1
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_threads_give_each_image_its_one_thread_result_and_name_the_first_bad_one(threads):
+    """`threads`: a request's images are cut into runs preprocessed at once; every row equals that image
+    alone on one thread, bit for bit, in request order; a bad image fails the request naming its index, the
+    lowest one where several runs hold a bad image."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cfg = _cfg()
+    sizes = [None, (640, 427), (300, 451), (512, 512), (97, 61), (1200, 800), (224, 224)]
+    items = [_encode(_photo(i % 4, size)) for i, size in enumerate(sizes)]
+    items.append(_encode(_photo(2).convert("L"), "PNG"))
+    alone = np.stack([P.preprocess_bytes(b, cfg) for b in items])
+    with ThreadPoolExecutor(threads - 1) as pool:
+        got = P.preprocess_items(np.array(items, dtype=object), cfg, "image", pool, threads)
+        np.testing.assert_array_equal(got, alone)
+        assert got.dtype == np.float32 and got.shape == (len(items), 3, 224, 224)
+        one = P.preprocess_items(np.array(items[:1], dtype=object), cfg, "image", pool, threads)
+        np.testing.assert_array_equal(one, alone[:1])
+        bad = list(items)
+        bad[len(bad) - 2] = b"not an image"  # in the last run
+        with pytest.raises(P.ImageError, match=rf"^image\[{len(bad) - 2}\]: not a decodable image"):
+            P.preprocess_items(np.array(bad, dtype=object), cfg, "image", pool, threads)
+        bad[1] = bad[1][: len(bad[1]) // 3]  # and one in the first run: the lower index is reported
+        with pytest.raises(P.ImageError, match=r"^image\[1\]: corrupt or truncated image"):
+            P.preprocess_items(np.array(bad, dtype=object), cfg, "image", pool, threads)
+        with pytest.raises(P.ImageError, match=r"^image: empty input"):
+            P.preprocess_items(np.array([b""], dtype=object), cfg, "image", pool, threads)
+
+
 # -- models.yaml settings and the configs written ----------------------------------------------------------
 
 
@@ -131,6 +160,7 @@ def test_preprocess_defaults_follow_the_first_kind():
         ({"preprocess": "dali"}, "preprocess 'dali' needs Triton's DALI backend and a GPU"),
         ({"preprocess_instances": 0}, "preprocess_instances=0 must be an integer >= 1"),
         ({"preprocess_instances": "2"}, "preprocess_instances='2' must be an integer >= 1"),
+        ({"preprocess_threads": 0}, "preprocess_threads=0 must be an integer >= 1"),
     ],
 )
 def test_bad_preprocess_settings_are_refused_naming_the_model(entry, needle):
@@ -162,13 +192,23 @@ def test_python_preprocess_config_has_its_own_instances_and_mode(tmp_path, mode)
         write_config,
     )
 
-    spec = ModelSpec(name="m", backbone="ViT-B-32", preprocess=mode, preprocess_instances=3, instances=1)
+    spec = ModelSpec(
+        name="m",
+        backbone="ViT-B-32",
+        preprocess=mode,
+        preprocess_instances=3,
+        preprocess_threads=2,
+        instances=1,
+    )
     write_config(tmp_path / "m_preprocess", preprocess_config("m_preprocess", spec, _manifest()))
     cfg = read_config(tmp_path / "m_preprocess" / "config.pbtxt")
     assert cfg.backend == "python" and cfg.instance_group[0].count == 3
     assert not cfg.HasField("dynamic_batching")
     params = json.loads(cfg.parameters["preprocess"].string_value)
     assert params["mode"] == ("fast" if mode == "fast" else "exact") and params["size"] == 224
+    assert params["threads"] == 2
+    default = preprocess_config("m_preprocess", ModelSpec(name="m", backbone="ViT-B-32"), _manifest())
+    assert json.loads(default.parameters["preprocess"].string_value)["threads"] == 1
     ens = ensemble_config("m", spec, _manifest(), "m_fp32_cpu")
     assert ens.input[0].data_type == cfg.input[0].data_type and list(ens.input[0].dims) == [1]
     # defaults: the CPU backbone's threads take every core (1 left at least); pinned threads leave the rest

@@ -14,7 +14,9 @@ from vitserve.errors import ConfigError
 from vitserve.perf.tune import (
     Knobs,
     Point,
+    Reloader,
     Space,
+    Target,
     backbone_override,
     choose,
     default_space,
@@ -95,6 +97,15 @@ def test_default_space_splits_the_cores_among_instances():
     assert per_variant == [
         (1, 2, 1, True), (1, 2, 1, False), (1, 2, 2, True), (1, 2, 2, False), (1, 1, 1, None), (2, 1, 1, None),
     ]  # fmt: skip
+    assert s.preprocess_threads == [None]  # the served preprocess model has no `threads` (DALI, or older)
+    python_pre = replace(CURRENT, preprocess_threads=1)
+    s = default_space(["fp32", "cpu-int8"], 2, True, 16, [1, 4], python_pre, ensemble=True)
+    assert s.preprocess_threads == [1, 2]
+    best = replace(python_pre, queue_delay_us=0)
+    assert [(k.preprocess_instances, k.preprocess_threads) for k in stage_plan("preprocess", s, best, best)] == [
+        (1, 1), (1, 2), (2, 1), (2, 2),
+    ]  # fmt: skip
+    assert best.key().endswith("pre=1x1") and CURRENT.key().endswith("pre=1")
     s16 = default_space(["add_one"], 16, False, 8, [1, 8], CURRENT, ensemble=False)
     assert s16.instance_threads == [(1, None), (2, None), (4, None), (8, None), (16, None)]
     assert s16.spinning == [None] and s16.preprocess_instances == [None] and s16.lanes == [False]
@@ -206,6 +217,55 @@ def test_backbone_override_sets_instances_batching_threads_and_spinning():
     assert json.loads(with_lanes["parameters"]["onnx_cpu"]["string_value"])["lanes"] == 2
 
 
+def test_reload_plan_sets_the_preprocess_instances_and_threads_and_checks_them():
+    """What the tuner loads for the preprocess knobs (instance count, the python model's `threads` in its
+    JSON parameters, every other setting kept) and how a served config that did not take them is found."""
+    pre_params = {"size": 224, "mode": "exact", "threads": 1}
+    pre = {
+        "name": "m_preprocess",
+        "backend": "python",
+        "instance_group": [{"count": 1, "kind": "KIND_CPU"}],
+        "parameters": {"preprocess": {"string_value": json.dumps(pre_params)}},
+    }
+    backbone = {"name": "m_fp32_cpu", "instance_group": [{"count": 1, "kind": "KIND_CPU"}], "parameters": {}}
+    ens = {
+        "name": "m",
+        "ensemble_scheduling": {"step": [{"model_name": "m_preprocess"}, {"model_name": "m_fp32_cpu"}]},
+    }
+    target = Target(
+        "m",
+        {"fp32": "m_fp32_cpu"},
+        "m",
+        "m_preprocess",
+        False,
+        {"m_preprocess": pre, "m_fp32_cpu": backbone, "m": ens},
+    )
+    knobs = Knobs("fp32", 1, None, None, 0, (4,), 2, preprocess_threads=2)
+
+    class Served:  # the served configs, as tritonclient's get_model_config returns them
+        def __init__(self, configs):
+            self.configs = configs
+
+        def get_model_config(self, name, as_json=True):
+            return {"config": self.configs[name]}
+
+    reloader = Reloader(None, target)
+    want = reloader.wanted(knobs)
+    got = want["m_preprocess"]
+    assert got["instance_group"][0]["count"] == 2
+    assert json.loads(got["parameters"]["preprocess"]["string_value"]) == pre_params | {"threads": 2}
+    assert json.loads(pre["parameters"]["preprocess"]["string_value"])["threads"] == 1  # original kept
+    reloader.client = Served(want)
+    assert reloader.differs("m_preprocess", got, knobs) == []
+    reloader.client = Served({"m_preprocess": pre})  # a reload that kept the old threads is caught
+    assert reloader.differs("m_preprocess", got, knobs) == [
+        "instances 1 != 2",
+        "preprocess parameters differ",
+    ]
+    unset = reloader.wanted(replace(knobs, preprocess_threads=None))["m_preprocess"]
+    assert unset["parameters"] == pre["parameters"]  # threads left as served
+
+
 MODELS_YAML = """\
 # comment kept
 models:
@@ -229,6 +289,7 @@ TUNED = {
     "cpu_lanes": 1,
     "dynamic_batching": {"preferred_batch_sizes": [16], "max_queue_delay_us": 500},
     "preprocess_instances": 2,
+    "preprocess_threads": 2,
     "host": "test host; 2 usable core(s)",
     "p99_budget_ms": 300.0,
     "report": "perf/results/tune-vitb32",
@@ -252,6 +313,7 @@ def test_write_back_keeps_the_file_and_replaces_an_earlier_choice(tmp_path):
     served = spec.serving()
     assert (served.instances, served.cpu_threads, served.cpu_spinning, served.cpu_lanes) == (1, 1, False, 1)
     assert served.dynamic_batching.preferred_batch_sizes == (16,) and served.preprocess_instances == 2
+    assert served.preprocess_threads == 2 and spec.preprocess_threads == 1
     assert spec.instances == 1 and spec.dynamic_batching.max_queue_delay_us == 2000  # own fields kept
     with pytest.raises(ConfigError, match="no model named 'nope'"):
         write_tuned(path, "nope", TUNED)
@@ -264,6 +326,7 @@ def test_write_back_keeps_the_file_and_replaces_an_earlier_choice(tmp_path):
         ({"instances": 0}, "tuned instances=0"),
         ({"cpu_spinning": "yes"}, "cpu_spinning='yes'"),
         ({"cpu_lanes": 0}, "tuned cpu_lanes=0"),
+        ({"preprocess_threads": 0}, "tuned preprocess_threads=0"),
         ({"threads": 2}, r"unknown keys \['threads'\]"),
         ({"precision": "fp32", "dynamic_batching": {"max_queue_delay_us": -1}}, "max_queue_delay_us=-1"),
     ],
@@ -309,7 +372,11 @@ def test_tuned_settings_are_written_into_config_pbtxt(tmp_path):
         params = json.loads(cfg.parameters["onnx_cpu"].string_value)
         assert params["intra_op_threads"] == 1 and params["allow_spinning"] is False and params["lanes"] == 1
         assert "test host" in cfg.parameters["vitserve_tuned"].string_value
-    assert read_config(repo / "vitb32_preprocess" / "config.pbtxt").instance_group[0].count == 2
+    pre = read_config(repo / "vitb32_preprocess" / "config.pbtxt")
+    assert (
+        pre.instance_group[0].count == 2
+        and json.loads(pre.parameters["preprocess"].string_value)["threads"] == 2
+    )
     # cpu-int8 tuned but only fp32 published: the default order, no error
     spec8 = replace(spec, tuned=replace(spec.tuned, precision=Precision.CPU_INT8))
     write_model(tmp_path / "repo2", spec8, MANIFEST, variants[:1], None)
