@@ -18,7 +18,8 @@ input/infer/output per model, average batch: `vitserve.perf.server_stats`).
 
 How the space is searched, in stages (a full grid is days on a 2-core host): `compute` (variant x
 instances/threads x lanes x spinning, batching as configured), then `batching` (queue delay x preferred
-sizes around the best so far), then `preprocess` (instances x threads; ensemble only). The workload is every
+sizes around the best so far), then `preprocess` (instances x threads; ensemble only), then `refine` (the
+compute knobs again under the batching and preprocess chosen, and the other variants). The workload is every
 (concurrency, images per request) pair; a point is one configuration at one pair. The Pareto front is taken
 per pair (throughput up, p99 down); the choice is the configuration with the best geometric mean of its
 throughput over the best seen at each pair, p99 within the budget at every pair (`choose`). Bounded: no
@@ -51,7 +52,7 @@ from vitserve.errors import ClientError, ConfigError, ServerError, VitServeError
 
 log = logging.getLogger(__name__)
 
-STAGES = ("compute", "batching", "preprocess")
+STAGES = ("compute", "batching", "preprocess", "refine")
 MEASUREMENTS = "measurements.jsonl"
 # points stored by a tuner with other knobs (before `lanes`, before preprocess threads) are not reused
 KNOBS_VERSION = 3
@@ -203,6 +204,13 @@ def stage_plan(stage: str, space: Space, best: Knobs, current: Knobs) -> list[Kn
             if n is not None
             for t in space.preprocess_threads
         ]
+    elif stage == "refine":
+        # the compute knobs were chosen under the batching as configured; they interact with what came after
+        # (spinning pays with no queue delay and costs with one, lanes depend on the batches formed), so
+        # they are tried again under the batching and preprocess settings chosen since, and the other variants
+        # with the best's settings
+        plan = [k for k in stage_plan("compute", space, best, best) if k.variant == best.variant]
+        plan += [replace(best, variant=v) for v in space.variants if v != best.variant]
     else:
         raise ConfigError(f"unknown tuning stage {stage!r}; stages: {', '.join(STAGES)}")
     return list(dict.fromkeys(plan))

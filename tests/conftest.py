@@ -129,7 +129,9 @@ def vitb32_build(tmp_path_factory, linear_head) -> dict:
     from vitserve.exporter.pipeline import build_all
 
     root = tmp_path_factory.mktemp("vitb32_build")
-    config = write_models_yaml(root / "models.yaml", *linear_head)
+    # preprocess_threads 2: the served ensemble tests go through the threaded preprocess path (the
+    # hardened repository of test_reliability keeps the default, 1)
+    config = write_models_yaml(root / "models.yaml", *linear_head, preprocess_threads=2)
     # VITSERVE_TEST_ARTIFACTS: a folder kept between runs (development only; CI builds from nothing). The
     # build's own keyed caches decide what is reused, as they do for `make engines`.
     artifacts = Path(os.environ.get("VITSERVE_TEST_ARTIFACTS") or root / "artifacts")

@@ -140,12 +140,18 @@ SPACE = Space(
 class Recorded:
     """`measure` for `search`: recorded numbers instead of a server; counts what was asked."""
 
-    def __init__(self):
+    def __init__(self, recorded=_recorded):
         self.calls: list[Knobs] = []
+        self.stages: list[str] = []
+        self.recorded = recorded
 
     def __call__(self, knobs: Knobs, stage: str) -> list[Point]:
         self.calls.append(knobs)
-        return [_pt(*_recorded(knobs, c), knobs=knobs, c=c) for c in (1, 4)]
+        self.stages.append(stage)
+        return [replace(_pt(*self.recorded(knobs, c), knobs=knobs, c=c), stage=stage) for c in (1, 4)]
+
+    def of(self, stage: str) -> list[Knobs]:
+        return [k for k, s in zip(self.calls, self.stages, strict=True) if s == stage]
 
 
 def test_search_runs_the_stages_around_the_best_configuration():
@@ -156,13 +162,46 @@ def test_search_runs_the_stages_around_the_best_configuration():
     assert measure.calls[: len(compute)] == compute and len(compute) == 6  # 1 thread: no spinning
     best = choose([p for p in out.points if p.stage == "compute" or p.knobs in compute], 150_000)
     assert best.knobs.variant == "cpu-int8" and best.knobs.instances == 2 and best.knobs.spinning is None
-    batching = measure.calls[len(compute) :]
+    batching = measure.of("batching")
     assert all(k.variant == "cpu-int8" and k.instances == 2 and k.threads == 1 for k in batching)
     assert {k.queue_delay_us for k in batching} == {0, 2000, 10000}
     chosen = choose(out.points, 150_000)
     assert chosen.p99_us <= 150_000
-    assert chosen.knobs.preprocess_instances == 2  # the last stage found 5 % more
+    assert chosen.knobs.preprocess_instances == 2  # the preprocess stage found 5 % more
     assert len(set(measure.calls)) == len(measure.calls)  # nothing measured twice
+    # refine: the compute knobs again under the batching and preprocess chosen, and the other variant
+    refine = measure.of("refine")
+    assert {(k.queue_delay_us, k.preprocess_instances) for k in refine} == {
+        (chosen.knobs.queue_delay_us, chosen.knobs.preprocess_instances)
+    }
+    assert {(k.instances, k.threads, k.spinning) for k in refine if k.variant == "cpu-int8"} == {
+        (1, 2, True), (1, 2, False),
+    }  # fmt: skip  # (2, 1) is the best itself, measured already
+    assert [k.variant for k in refine if k.variant != "cpu-int8"] == ["fp32"]
+
+
+def _interacting(knobs: Knobs, concurrency: int) -> tuple[float, float]:
+    """A host where spinning pays only without a queue delay (as measured here: the spinning threads wait
+    out the delay on the cores the other requests need)."""
+    ips = {"fp32": 30.0, "cpu-int8": 60.0}[knobs.variant]
+    if knobs.spinning:
+        ips *= 1.2 if knobs.queue_delay_us == 0 else 0.8
+    ips *= 1.1 if knobs.queue_delay_us == 0 else 1.0
+    return ips, concurrency * 1000 / ips * 1.3
+
+
+def test_refine_finds_what_the_stages_miss_when_knobs_interact():
+    """Compute knobs chosen under the configured 2 ms delay (spinning off wins there), the batching stage
+    then picks no delay, under which spinning wins: only the refine stage measures that configuration."""
+    space = replace(SPACE, instance_threads=[(1, 2)], preprocess_instances=[1])
+    measure = Recorded(_interacting)
+    out = search(space, CURRENT, measure, p99_budget_us=None, out_of_time=lambda: False)
+    compute_best = choose([p for p in out.points if p.stage == "compute"], None).knobs
+    assert compute_best.spinning is False
+    before_refine = choose([p for p in out.points if p.stage != "refine"], None).knobs
+    assert before_refine.spinning is False and before_refine.queue_delay_us == 0
+    chosen = choose(out.points, None).knobs
+    assert chosen.spinning is True and chosen.queue_delay_us == 0 and chosen.variant == "cpu-int8"
 
 
 def test_search_is_bounded_in_time_and_resumes_where_it_stopped():
@@ -187,11 +226,13 @@ def test_knob_effects_compare_configurations_that_differ_in_one_knob():
     out = search(SPACE, CURRENT, Recorded(), p99_budget_us=150_000, out_of_time=lambda: False)
     effects = {(e["knob"], e["from"], e["to"], e["concurrency"]): e for e in knob_effects(out.points)}
     variant = effects[("variant", "cpu-int8", "fp32", 1)]
-    assert variant["images_per_s_x"] == pytest.approx(0.5) and variant["pairs"] == 3
-    split = effects[("instances x threads", "1 x 2, spin off", "2 x 1", 1)]  # one pair per variant
-    assert split["pairs"] == 2 and split["images_per_s_x"] == pytest.approx(1.15)
+    # 3 pairs from the compute stage, 1 from refine (fp32 with the settings chosen for cpu-int8)
+    assert variant["images_per_s_x"] == pytest.approx(0.5) and variant["pairs"] == 4
+    # one pair per variant in the compute stage, one more under the refined batching (cpu-int8)
+    split = effects[("instances x threads", "1 x 2, spin off", "2 x 1", 1)]
+    assert split["pairs"] == 3 and split["images_per_s_x"] == pytest.approx(1.15)
     spin = effects[("spinning", "off", "on", 4)]  # with 1 instance spinning cost nothing on this "host"
-    assert spin["pairs"] == 2 and spin["images_per_s_x"] == pytest.approx(1.0)
+    assert spin["pairs"] == 3 and spin["images_per_s_x"] == pytest.approx(1.0)
 
 
 def test_backbone_override_sets_instances_batching_threads_and_spinning():
