@@ -1046,7 +1046,7 @@ def run_tune(
         )
     if p99_ms is not None and p99_ms <= 0:
         raise ConfigError(f"--p99-ms must be > 0, got {p99_ms}")
-    check_batches = check_batches or [1, 8, 16]
+    check_batches = check_batches or [1, 2, 4, 8, 16]
     repository = Path(repository)
     budget_us = p99_ms * 1e3 if p99_ms is not None else None
     deadline = t0 + max_minutes * 60
@@ -1242,7 +1242,10 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-write", action="store_true", help="report only; leave models.yaml as it is")
     p.add_argument("--no-check", action="store_true", help="skip the served vs in-process comparison")
     p.add_argument(
-        "--check-batches", type=_ints, default=[1, 8, 16], help="request batch sizes of that comparison"
+        "--check-batches",
+        type=_ints,
+        default=[1, 2, 4, 8, 16],
+        help="request batch sizes of that comparison (the client picks the best whose p99 fits the budget)",
     )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_tune)
