@@ -431,6 +431,11 @@ class ModelSpec:
         pt = self.preprocess_threads
         if not isinstance(pt, int) or isinstance(pt, bool) or pt < 1:
             raise ConfigError(f"model {self.name}: preprocess_threads={pt!r} must be an integer >= 1")
+        if pt != 1 and self.preprocess == "dali":
+            raise ConfigError(
+                f"model {self.name}: preprocess_threads={pt} is for the python preprocess model (pillow | fast); "
+                "the DALI model runs its CPU work on num_threads = the cores"
+            )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:

@@ -161,6 +161,10 @@ def test_preprocess_defaults_follow_the_first_kind():
         ({"preprocess_instances": 0}, "preprocess_instances=0 must be an integer >= 1"),
         ({"preprocess_instances": "2"}, "preprocess_instances='2' must be an integer >= 1"),
         ({"preprocess_threads": 0}, "preprocess_threads=0 must be an integer >= 1"),
+        (
+            {"preprocess": "dali", "kinds": ["tensorrt"], "preprocess_threads": 2},
+            "preprocess_threads=2 is for the python preprocess model",
+        ),
     ],
 )
 def test_bad_preprocess_settings_are_refused_naming_the_model(entry, needle):
