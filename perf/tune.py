@@ -345,8 +345,10 @@ def search(
 ) -> SearchOutcome:
     """Run the stages. `measure(knobs, stage)` serves one configuration and returns its points;
     configurations already in `earlier` (a previous run, same settings) are not measured again, so a rerun
-    resumes where the last one stopped and, the choices being deterministic, plans the same stages. No
-    configuration starts once `out_of_time()`; what was measured is kept."""
+    resumes where the last one stopped. Every stage plans around the best of all points known, those of
+    later stages of the earlier run included: a rerun of a finished run searches again around its best (the
+    refine stage may have moved it) and stops when no stage plans anything new. No configuration starts once
+    `out_of_time()`; what was measured is kept."""
     points = [p for p in earlier or [] if p.ok]  # a configuration that failed (a server hiccup) is retried
     done = {p.knobs for p in points}
     out = SearchOutcome(points=points, measured=0, reused=len(done))
