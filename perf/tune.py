@@ -842,13 +842,20 @@ def _median_row(runs: list[dict]) -> dict:
 
 
 def _executor_ips(model_dir: Path, knobs: Knobs, batch: int, duration_s: float) -> float:
-    """Images/s of the served model's own code, in this process, with the chosen threads and lanes."""
+    """Images/s of the served model's own code, in this process, with the chosen threads, lanes and spinning
+    (as `backbone_override` serves them: None leaves onnxruntime's default, whatever the repository's file
+    says)."""
     import numpy as np
 
     from vitserve.exporter.triton_models.onnx_cpu import usable_cores
     from vitserve.perf.bench_lanes import images_per_s, load, read_dims
 
-    model = load(model_dir, intra_op_threads=knobs.threads or usable_cores(), lanes=knobs.lanes)
+    model = load(
+        model_dir,
+        intra_op_threads=knobs.threads or usable_cores(),
+        lanes=knobs.lanes,
+        allow_spinning=knobs.spinning,
+    )
     try:
         x = np.random.default_rng(0).standard_normal([batch, *read_dims(model_dir)]).astype(np.float32)
         return images_per_s(model, x, duration_s)
@@ -1500,7 +1507,7 @@ def _check_markdown(check: dict) -> list[str]:
         )
     out += [
         "",
-        "Same executor: against the served model's own code (onnx_cpu.py with the chosen threads and lanes) run "
+        "Same executor: against the served model's own code (onnx_cpu.py with the chosen threads, lanes and spinning) run "
         "in this process at the client's batch size, so what is left is the cost of serving (transfer, queue, "
         "the python stub). In-process runs:",
         "",
