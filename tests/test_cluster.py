@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vitserve.cluster import (
+from vitserve.perf.cluster import (
     HPA_QUERY,
     HPA_RECORD,
     format_table,
@@ -252,7 +252,7 @@ def _successes(server) -> int:
 def test_cluster_rehearsal_loses_nothing(vitb32_build, tmp_path):
     """`make cluster-demo` in small: 3 replicas from moto S3 behind nginx, prometheus; SIGKILL one and
     terminate another under load; every answer checked; nothing left behind."""
-    from vitserve.cluster import rehearse
+    from vitserve.perf.cluster import rehearse
 
     shm_before = set(os.listdir("/dev/shm"))
     lines: list[str] = []

@@ -123,7 +123,7 @@ def test_cpu_overlay_runs_vitserve_serve_and_gpu_overlay_the_serving_image(rende
 
 
 def test_hpa_scales_on_the_adapter_rule_the_rehearsal_evaluates(rendered):
-    from vitserve.cluster import HPA_QUERY, HPA_TARGET_US
+    from vitserve.perf.cluster import HPA_QUERY, HPA_TARGET_US
 
     hpa = find(rendered["overlays/cpu"], "HorizontalPodAutoscaler")
     assert hpa["apiVersion"] == "autoscaling/v2"

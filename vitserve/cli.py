@@ -194,7 +194,7 @@ def _published(args: argparse.Namespace) -> int:
 
 
 def _cluster_demo(args: argparse.Namespace) -> int:
-    from vitserve.cluster import run_cluster_demo
+    from vitserve.perf.cluster import run_cluster_demo
 
     return run_cluster_demo(args)
 

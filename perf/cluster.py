@@ -221,7 +221,7 @@ def nginx_config(
     http = "\n".join(f"        server 127.0.0.1:{r.http_port} max_fails=1 fail_timeout=5s;" for r in replicas)
     grpc = "\n".join(f"        server 127.0.0.1:{r.grpc_port} max_fails=1 fail_timeout=5s;" for r in replicas)
     w = workdir
-    return f"""# written by vitserve.cluster (the rehearsal's load balancer)
+    return f"""# written by vitserve.perf.cluster (the rehearsal's load balancer)
 worker_processes 1;
 daemon off;
 pid {w}/nginx.pid;
