@@ -11,11 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from vitserve.errors import ClientError
+from vitserve.exporter.triton_models.contract import EMBEDDINGS, IMAGE_INPUT, PIXELS, PROBS  # noqa: F401
 
-IMAGE_INPUT = "image"
-PIXELS = "pixel_values"
-EMBEDDINGS = "embeddings"
-PROBS = "probs"
 # (datatype, shape without the batch dimension) of the encoded-image input: the python preprocess takes one
 # BYTES element per image; Triton's DALI backend takes no BYTES, so a DALI ensemble takes each image's raw
 # bytes as a uint8 vector, one image per request (lengths differ), batched by the server (ragged batching)

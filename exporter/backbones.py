@@ -16,52 +16,18 @@ import json
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vitserve.errors import ConfigError, ExportError
+from vitserve.exporter.triton_models.contract import OPENAI_MEAN, Preprocess
 
 log = logging.getLogger(__name__)
 
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RANDOM_INIT_SEED = 0
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """Eval preprocessing: resize (shortest edge to `resize_size`, or squash), center crop, normalize.
-
-    `rgb` is where the library converts to RGB: "after_crop" (open_clip's eval transform) or "on_decode"
-    (timm, whose loader converts before its transform); it changes palette, RGBA, LA and CMYK results.
-    `exif_transpose` and `scale_16bit` are vitserve's two deliberate differences from the libraries
-    (upright by EXIF orientation; 16-bit greyscale scaled to 8 bits, where Pillow clips it): both on by
-    default, off for pixel-exact library behaviour.
-    """
-
-    size: int
-    resize_size: int
-    interpolation: str = "bicubic"
-    mean: tuple[float, float, float] = OPENAI_MEAN
-    std: tuple[float, float, float] = OPENAI_STD
-    resize_mode: str = "shortest"  # shortest | squash
-    rgb: str = "after_crop"  # after_crop | on_decode
-    exif_transpose: bool = True
-    scale_16bit: bool = True
-
-    def __post_init__(self) -> None:
-        if self.resize_mode not in ("shortest", "squash"):
-            raise ConfigError(f"resize_mode {self.resize_mode!r}: vitserve serves 'shortest' or 'squash'")
-        if self.rgb not in ("after_crop", "on_decode"):
-            raise ConfigError(f"rgb {self.rgb!r}: must be 'after_crop' (open_clip) or 'on_decode' (timm)")
-        if self.interpolation not in ("bicubic", "bilinear", "nearest", "lanczos"):
-            raise ConfigError(f"interpolation {self.interpolation!r}: bicubic, bilinear, nearest or lanczos")
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)

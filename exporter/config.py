@@ -11,31 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from vitserve.errors import ConfigError
-
-
-class Precision(enum.StrEnum):
-    """Numeric precision of a backbone variant.
-
-    FP16 and INT8 are made for TensorRT (AutoCast FP16, explicit symmetric Q/DQ INT8); CPU_INT8 is
-    onnxruntime's own quantization for the CPU serving kind (VNNI).
-    """
-
-    FP32 = "fp32"
-    FP16 = "fp16"
-    INT8 = "int8"
-    CPU_INT8 = "cpu-int8"
-
-
-class Kind(enum.StrEnum):
-    """How a backbone variant is served by Triton."""
-
-    TENSORRT = "tensorrt"  # tensorrt_plan, GPU (FP16/INT8 engines; FP32 too)
-    ONNXRUNTIME = "onnxruntime"  # onnxruntime_onnx backend (GPU hosts / NGC container)
-    CPU = "cpu"  # python backend running onnxruntime on the CPU (pip tritonserver)
-
-
-# How NAME_preprocess is served (ModelSpec.preprocess).
-PREPROCESS_MODES = ("dali", "pillow", "fast")
+from vitserve.exporter.triton_models.contract import (
+    MAX_IMAGE_PIXELS,
+    PREPROCESS_MODES,
+    ContractError,
+    Kind,
+    Precision,
+    Preprocess,
+    head_ensemble_name,
+)
 
 # Which precisions each serving kind can run.
 KIND_PRECISIONS: dict[Kind, tuple[Precision, ...]] = {
@@ -316,7 +300,7 @@ class ModelSpec:
     calibration: Calibration = field(default_factory=Calibration)
     gates: Gates = field(default_factory=Gates)
     force: bool = False  # publish variants that fail their gate
-    max_image_pixels: int = 40_000_000  # preprocess refuses larger images (decompression bombs)
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # preprocess refuses larger images (decompression bombs)
     # vitserve's two deliberate differences from the libraries' eval transforms (python preprocess model):
     # turn images upright from their EXIF orientation; scale 16/32-bit greyscale to 8 bits (Pillow clips it).
     exif_transpose: bool = True
@@ -325,7 +309,8 @@ class ModelSpec:
     # What the CPU kind serves of the precisions built. FP16 on onnxruntime's CPU runs at ~0.15x FP32 and the
     # TensorRT Q/DQ model runs slower than FP32 there: they are built (for the fidelity report and the GPU
     # kinds) but loaded on a CPU only when listed here.
-    cpu_precisions: tuple[Precision, ...] = (Precision.FP32, Precision.CPU_INT8)
+    # None: fp32 and cpu-int8, of those built; a list given must name built precisions only.
+    cpu_precisions: tuple[Precision, ...] | None = None
     # onnxruntime intra-op threads of each CPU backbone instance; None: decided when the model loads, from the
     # cores the server may use (affinity, cgroup quota) divided among its instances and the repository's
     # served CPU backbones.
@@ -380,6 +365,7 @@ class ModelSpec:
                 raise ConfigError(f"model {self.name}: {flag}={getattr(self, flag)!r} must be true or false")
         if Precision.FP32 not in self.precisions:
             raise ConfigError(f"model {self.name}: precisions must include 'fp32' (the reference)")
+        self._check_cpu_precisions()
         self._check_preprocess()
         self._check_heads()
         if self.cpu_int8_mode not in ("dynamic", "static"):
@@ -389,6 +375,36 @@ class ModelSpec:
         if Precision.CPU_INT8 in self.precisions and Kind.CPU not in self.kinds:
             # cpu-int8 is only ever published to the kinds that serve it; with none configured, refuse.
             check_kind_serves(self.kinds[0], Precision.CPU_INT8)
+
+    def _check_cpu_precisions(self) -> None:
+        if self.cpu_precisions is None:  # frozen: the default is resolved once, here
+            default = tuple(p for p in (Precision.FP32, Precision.CPU_INT8) if p in self.precisions)
+            object.__setattr__(self, "cpu_precisions", default)
+            return
+        outside = [p.value for p in self.cpu_precisions if p not in self.precisions]
+        if outside:
+            raise ConfigError(
+                f"model {self.name}: cpu_precisions {outside} are not built (precisions: "
+                f"{[p.value for p in self.precisions]}); add them to `precisions` or remove them"
+            )
+        if Kind.CPU in self.kinds and not self.cpu_precisions:
+            raise ConfigError(
+                f"model {self.name}: cpu_precisions is empty, so the cpu kind would serve nothing; "
+                "name at least one of `precisions` (e.g. [fp32])"
+            )
+
+    def served_preprocess(self, manifest: dict[str, Any]) -> Preprocess:
+        """The one pixel recipe of this model: what its weights imply (the export manifest's `preprocess`,
+        from the pretrained tag or the checkpoint's config) with this spec's `exif_transpose` and
+        `scale_16bit`. Everything that makes pixels for it (the served preprocess models, export parity,
+        calibration, fidelity, verify sets, train-head) follows this."""
+        try:
+            recipe = Preprocess.from_dict(
+                manifest["preprocess"], f"model {self.name} export manifest preprocess"
+            )
+        except ContractError as e:
+            raise ConfigError(f"{e}; re-export the model (make engines)") from None
+        return replace(recipe, exif_transpose=self.exif_transpose, scale_16bit=self.scale_16bit)
 
     def _check_heads(self) -> None:
         if not self.heads:
@@ -436,6 +452,14 @@ class ModelSpec:
                 f"model {self.name}: preprocess_threads={pt} is for the python preprocess model (pillow | fast); "
                 "the DALI model runs its CPU work on num_threads = the cores"
             )
+        # What the DALI pipeline cannot honour is refused, never ignored: its decoder always turns an image
+        # upright by its EXIF orientation and converts 16-bit images to 8 bits itself.
+        for flag in ("exif_transpose", "scale_16bit"):
+            if self.preprocess == "dali" and getattr(self, flag) is False:
+                raise ConfigError(
+                    f"model {self.name}: {flag}: false is not honoured by preprocess 'dali' (DALI's decoder "
+                    "cannot turn it off); use preprocess 'pillow' for {flag}: false, or drop the setting"
+                )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
@@ -488,8 +512,73 @@ def _resolve_head(folder: Path, value: Any) -> Any:
     return value
 
 
+def _resolve_paths(entry: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """A models.yaml entry with its files (labels, head, weights, heads, calibration images) resolved
+    against models.yaml's folder."""
+    entry = dict(entry)
+    if isinstance(entry.get("labels"), list):
+        entry["labels"] = tuple(str(x) for x in entry["labels"])
+    elif entry.get("labels"):
+        entry["labels"] = str((folder / str(entry["labels"])).resolve())
+    head = str(entry.get("head", "none"))
+    if ":" in head:
+        kind, file = head.split(":", 1)
+        entry["head"] = f"{kind}:{(folder / file).resolve()}"
+    weights = str(entry.get("weights", "pretrained"))
+    if weights not in ("pretrained", "random") and not weights.startswith("pretrained:"):
+        entry["weights"] = str((folder / weights).resolve())
+    if isinstance(entry.get("heads"), dict):
+        entry["heads"] = {n: _resolve_head(folder, h) for n, h in entry["heads"].items()}
+    cal = entry.get("calibration")
+    if isinstance(cal, dict) and cal.get("images"):
+        entry["calibration"] = {**cal, "images": str((folder / str(cal["images"])).resolve())}
+    return entry
+
+
+def check_sources(spec: ModelSpec) -> None:
+    """What a model needs before any work starts: a known backbone, existing weights / head / labels /
+    calibration files, and heads its backbone can have (zero-shot needs CLIP's text tower). Each refusal
+    names the model and the field. Fast (no torch): models.yaml is checked whole in well under a second."""
+    from vitserve.exporter.backbones import Weights, get_backbone
+
+    what = f"model {spec.name}"
+    try:
+        entry = get_backbone(spec.backbone)
+    except ConfigError as e:
+        raise ConfigError(f"{what} backbone: {e}") from None
+    if spec.weights != "random":
+        try:
+            w = Weights.parse(spec.weights, entry)
+        except ConfigError as e:
+            raise ConfigError(f"{what} weights: {e}") from None
+        if w.kind == "file" and not Path(w.value).is_file():
+            raise ConfigError(
+                f"{what} weights: checkpoint {w.value} does not exist; give an existing file (relative to "
+                "models.yaml), `pretrained[:TAG]`, or `random`"
+            )
+    heads = [("head", spec.head, spec.labels)] + [(f"heads.{h.name}", h.head, h.labels) for h in spec.heads]
+    for field_name, head, labels in heads:
+        kind, _, file = head.partition(":")
+        if file and not Path(file).is_file():
+            raise ConfigError(f"{what} {field_name}: head weights {file} do not exist")
+        if kind == "zeroshot" and not entry.is_clip:
+            raise ConfigError(
+                f"{what} {field_name}: a zeroshot head needs a CLIP text tower; {entry.name} ({entry.family}) "
+                "has none: train a linear head instead (vitserve train-head)"
+            )
+        if isinstance(labels, str) and not Path(labels).is_file():
+            raise ConfigError(f"{what} {field_name} labels: file {labels} does not exist")
+    if spec.calibration.images and not Path(spec.calibration.images).is_dir():
+        raise ConfigError(
+            f"{what} calibration.images: folder {spec.calibration.images} does not exist; give a folder of "
+            "jpg/png/webp images, or leave it out for the bundled photos"
+        )
+
+
 def load_models(path: str | Path) -> list[ModelSpec]:
-    """Read models.yaml (a `models:` list), resolving relative file paths against its folder."""
+    """Read models.yaml (a `models:` list), resolving relative file paths against its folder, and check it
+    whole before any work starts: every model's fields, its files (`check_sources`) and the rules across
+    models. All the models' errors are reported at once, each naming its model and field."""
     import yaml
 
     path = Path(path)
@@ -499,37 +588,31 @@ def load_models(path: str | Path) -> list[ModelSpec]:
         doc = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"model config {path} is not valid YAML: {e}") from e
-    models = doc.get("models")
+    models = doc.get("models") if isinstance(doc, dict) else None
     if not isinstance(models, list) or not models:
         raise ConfigError(f"model config {path}: expected a non-empty `models:` list")
-    specs = []
-    for entry in models:
-        entry = dict(entry)
-        if isinstance(entry.get("labels"), list):
-            entry["labels"] = tuple(str(x) for x in entry["labels"])
-        elif entry.get("labels"):
-            entry["labels"] = str((path.parent / entry["labels"]).resolve())
-        head = entry.get("head", "none")
-        if ":" in head:
-            kind, file = head.split(":", 1)
-            entry["head"] = f"{kind}:{(path.parent / file).resolve()}"
-        weights = entry.get("weights", "pretrained")
-        if weights not in ("pretrained", "random") and not weights.startswith("pretrained:"):
-            entry["weights"] = str((path.parent / weights).resolve())
-        if isinstance(entry.get("heads"), dict):
-            entry["heads"] = {n: _resolve_head(path.parent, h) for n, h in entry["heads"].items()}
-        if entry.get("calibration", {}).get("images"):
-            entry["calibration"] = {
-                **entry["calibration"],
-                "images": str((path.parent / entry["calibration"]["images"]).resolve()),
-            }
-        specs.append(ModelSpec.from_dict(entry))
-    names = [s.name for s in specs]
-    dupes = {n for n in names if names.count(n) > 1}
+    specs, errors = [], []
+    for i, entry in enumerate(models):
+        if not isinstance(entry, dict):
+            errors.append(f"models[{i}]: expected a mapping with name, backbone, ..., got {entry!r}")
+            continue
+        try:
+            spec = ModelSpec.from_dict(_resolve_paths(entry, path.parent))
+            check_sources(spec)
+        except ConfigError as e:
+            errors.append(str(e))
+            continue
+        specs.append(spec)
+    names = [str(m.get("name")) for m in models if isinstance(m, dict)]
+    dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-        raise ConfigError(f"model config {path}: duplicate model names {sorted(dupes)}")
+        errors.append(f"duplicate model names {dupes}")
     # a head's ensemble MODEL_HEAD must not be another model of the repository
-    clash = sorted({f"{s.name}_{h.name}" for s in specs for h in s.heads} & set(names))
+    clash = sorted({head_ensemble_name(s.name, h.name) for s in specs for h in s.heads} & set(names))
     if clash:
-        raise ConfigError(f"model config {path}: {clash} is both a model and a head's ensemble; rename one")
+        errors.append(f"{clash} is both a model and a head's ensemble; rename one")
+    if errors:
+        raise ConfigError(
+            f"model config {path}: " + ("\n  ".join(["", *errors]) if len(errors) > 1 else errors[0])
+        )
     return specs

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from vitserve.errors import ConfigError
+from vitserve.exporter.triton_models.contract import IMAGE_INPUT as INPUT  # the external source (Triton
+from vitserve.exporter.triton_models.contract import PIXELS as OUTPUT  # feeds the input of that name)
 
-INPUT = "image"  # the external source; Triton's DALI backend feeds the config input of the same name
-OUTPUT = "pixel_values"
 INSTALL_HINT = "pip install 'nvidia-dali-cuda120==2.4.0' (or: pip install -e '.[dali]')"
 
 

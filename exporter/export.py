@@ -26,14 +26,14 @@ import numpy as np
 
 from vitserve.errors import ConfigError, ExportError, ParityError
 from vitserve.exporter.compare import compare_outputs, concat_outputs, format_table
+from vitserve.exporter.triton_models.contract import LABELS_FILE as LABELS_NAME
+from vitserve.exporter.triton_models.contract import ONNX_FILE as ONNX_NAME
+from vitserve.exporter.triton_models.contract import PIXELS as INPUT_NAME
 
 log = logging.getLogger(__name__)
 
-ONNX_NAME = "model.onnx"
 EXTERNAL_DATA_NAME = "model.onnx.data"
 MANIFEST_NAME = "manifest.json"
-LABELS_NAME = "labels.txt"
-INPUT_NAME = "pixel_values"
 TWO_GB = 2**31 - 1
 PARITY_COSINE = 0.99999
 

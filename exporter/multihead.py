@@ -27,23 +27,24 @@ import numpy as np
 
 from vitserve.errors import ConfigError, ExportError, ParityError
 from vitserve.exporter.config import Kind, ModelSpec, NamedHead, Precision
+from vitserve.exporter.triton_models.contract import (
+    CPU_BACKBONE_SOURCE,
+    EMBEDDINGS,
+    FEATURES,
+    LABELS_FILE,
+    LOGITS,
+    ONNX_FILE,
+    PROBS,
+    CpuBackboneParams,
+    head_ensemble_name,
+    head_model_name,
+)
 
 log = logging.getLogger(__name__)
 
-FEATURES = "features"
 HEADS_DIR = "heads"
 HEAD_REPORT = "head.json"
 HEAD_PARITY_COSINE = 0.99999
-
-
-def head_model_name(model: str, head: str) -> str:
-    """The Triton model that runs head `head` of `model` on the backbone's features."""
-    return f"{model}_{head}_head"
-
-
-def head_ensemble_name(model: str, head: str) -> str:
-    """The ensemble image bytes -> that head's logits and probs."""
-    return f"{model}_{head}"
 
 
 def _digest(path: Path | None) -> str | None:
@@ -360,7 +361,7 @@ def _pb():
 def head_config(name: str, spec: ModelSpec, record: dict[str, Any]):
     """ModelConfig of a head model: features [D] -> logits [C], probs [C] (labels.txt), on onnxruntime:
     the python model (triton_models/onnx_cpu.py) for the CPU kind, onnxruntime_onnx on a GPU otherwise."""
-    from vitserve.exporter.repository import _common
+    from vitserve.exporter.repository import _common, set_params
 
     mc = _pb()
     cfg = mc.ModelConfig(name=name)
@@ -368,9 +369,7 @@ def head_config(name: str, spec: ModelSpec, record: dict[str, Any]):
     if cpu:
         cfg.backend = "python"
         # a few hundred kFLOP per image: one thread, never a share of the backbone's cores
-        cfg.parameters["onnx_cpu"].string_value = json.dumps(
-            {"intra_op_threads": 1, "share": 1, "optimization": "all"}
-        )
+        set_params(cfg, CpuBackboneParams(cpu_threads=1, share=1, optimization="all", cpu_lanes=1))
     else:
         cfg.platform, cfg.backend = "onnxruntime_onnx", "onnxruntime"
     _common(cfg, spec, gpu=not cpu)
@@ -379,8 +378,8 @@ def head_config(name: str, spec: ModelSpec, record: dict[str, Any]):
     cfg.dynamic_batching.max_queue_delay_microseconds = 0
     cfg.input.add(name=FEATURES, data_type=mc.TYPE_FP32, dims=[record["feature_dim"]])
     classes = record["num_classes"]
-    cfg.output.add(name="logits", data_type=mc.TYPE_FP32, dims=[classes])
-    cfg.output.add(name="probs", data_type=mc.TYPE_FP32, dims=[classes], label_filename="labels.txt")
+    cfg.output.add(name=LOGITS, data_type=mc.TYPE_FP32, dims=[classes])
+    cfg.output.add(name=PROBS, data_type=mc.TYPE_FP32, dims=[classes], label_filename=LABELS_FILE)
     return cfg
 
 
@@ -398,21 +397,21 @@ def _ensemble(
     cfg, bb = ensemble_front(name, spec, backbone)
     bb.output_map[FEATURES] = FEATURES
     if all_heads:
-        cfg.output.add(name="embeddings", data_type=mc.TYPE_FP32, dims=[feature_dim])
-        bb.output_map["embeddings"] = "embeddings"
+        cfg.output.add(name=EMBEDDINGS, data_type=mc.TYPE_FP32, dims=[feature_dim])
+        bb.output_map[EMBEDDINGS] = EMBEDDINGS
     for h, rec in heads.items():
         prefix = f"{h}_" if all_heads else ""
         step = cfg.ensemble_scheduling.step.add(model_name=head_model_name(spec.name, h), model_version=-1)
         step.input_map[FEATURES] = FEATURES
-        for out in ("logits", "probs"):
+        for out in (LOGITS, PROBS):
             step.output_map[out] = prefix + out
         classes = rec["num_classes"]
-        cfg.output.add(name=prefix + "logits", data_type=mc.TYPE_FP32, dims=[classes])
+        cfg.output.add(name=prefix + LOGITS, data_type=mc.TYPE_FP32, dims=[classes])
         cfg.output.add(
-            name=prefix + "probs",
+            name=prefix + PROBS,
             data_type=mc.TYPE_FP32,
             dims=[classes],
-            label_filename=f"labels_{h}.txt" if all_heads else "labels.txt",
+            label_filename=f"labels_{h}.txt" if all_heads else LABELS_FILE,
         )
     return cfg
 
@@ -423,7 +422,7 @@ def write_heads(
     """The head models and the ensembles of a many-heads model into `repo`: MODEL_NAME_head and
     MODEL_NAME per head, and MODEL (replacing the single-head ensemble write_model wrote), every ensemble
     routed to `backbone`. Returns what was written, by Triton model name."""
-    from vitserve.exporter.repository import _link_or_copy, write_config
+    from vitserve.exporter.repository import _link_or_copy, copy_served_source, write_config
 
     if set(heads) != {h.name for h in spec.heads}:
         raise ConfigError(
@@ -434,23 +433,21 @@ def write_heads(
         name = head_model_name(spec.name, h)
         mdir = repo / name
         write_config(mdir, head_config(name, spec, rec))
-        _link_or_copy(rec["dir"] / "model.onnx", mdir / "1" / "model.onnx")
-        _link_or_copy(rec["dir"] / "labels.txt", mdir / "labels.txt")
+        _link_or_copy(rec["dir"] / ONNX_FILE, mdir / "1" / ONNX_FILE)
+        _link_or_copy(rec["dir"] / LABELS_FILE, mdir / LABELS_FILE)
         if spec.kinds[0] is Kind.CPU:
-            from vitserve.exporter.repository import TRITON_MODELS
-
-            _link_or_copy(TRITON_MODELS / "onnx_cpu.py", mdir / "1" / "model.py")
+            copy_served_source(CPU_BACKBONE_SOURCE, mdir / "1")
         written[name] = {"role": "head", "head": h, "kind": rec["kind"], "num_classes": rec["num_classes"]}
         ens = head_ensemble_name(spec.name, h)
         write_config(repo / ens, _ensemble(ens, spec, backbone, feature_dim, {h: rec}, all_heads=False))
         (repo / ens / "1").mkdir(parents=True, exist_ok=True)
-        _link_or_copy(rec["dir"] / "labels.txt", repo / ens / "labels.txt")
+        _link_or_copy(rec["dir"] / LABELS_FILE, repo / ens / LABELS_FILE)
         written[ens] = {"role": "ensemble", "backbone": backbone, "heads": [h]}
     ens_dir = repo / spec.name
     write_config(ens_dir, _ensemble(spec.name, spec, backbone, feature_dim, heads, all_heads=True))
     (ens_dir / "1").mkdir(parents=True, exist_ok=True)
     for h, rec in heads.items():
-        _link_or_copy(rec["dir"] / "labels.txt", ens_dir / f"labels_{h}.txt")
+        _link_or_copy(rec["dir"] / LABELS_FILE, ens_dir / f"labels_{h}.txt")
     written[spec.name] = {"role": "ensemble", "backbone": backbone, "heads": list(heads)}
     return written
 

@@ -14,25 +14,16 @@ from pathlib import Path
 
 import numpy as np
 
-# One vocabulary for graph optimization levels, shared with triton_models/onnx_cpu.py (a self-contained
-# copy there: the Triton model cannot import vitserve).
-OPTIMIZATION_LEVELS = ("all", "extended", "basic", "disabled")
+from vitserve.exporter.triton_models.onnx_cpu import graph_optimization_level
+
 QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
 
 
 def _options(threads: int | None, optimization: str):
     import onnxruntime as ort
 
-    if optimization not in OPTIMIZATION_LEVELS:
-        raise ValueError(f"optimization {optimization!r}: expected one of {OPTIMIZATION_LEVELS}")
-    levels = {
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    }
     so = ort.SessionOptions()
-    so.graph_optimization_level = levels[optimization]
+    so.graph_optimization_level = graph_optimization_level(optimization)
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads

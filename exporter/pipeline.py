@@ -33,13 +33,8 @@ from vitserve.exporter.export import (
     labels_file,
     read_manifest,
 )
-from vitserve.exporter.repository import (
-    REPOSITORY_MANIFEST,
-    WARMUP_FILE,
-    Variant,
-    backbone_model_name,
-    write_model,
-)
+from vitserve.exporter.repository import REPOSITORY_MANIFEST, WARMUP_FILE, Variant, write_model
+from vitserve.exporter.triton_models.contract import PIXELS, backbone_model_name, preprocess_model_name
 
 log = logging.getLogger(__name__)
 
@@ -263,11 +258,11 @@ def build_model_engines(repo: Path, spec: ModelSpec, names: list[str], cache_dir
         # build_engine_cached uses the one under artifacts/.
         settings = EngineSettings(profile=spec.profile, timing_cache=mdir / "timing.cache")
         if reason is not None:
-            write_build_script(plan.parent, onnx, plan, "pixel_values", chw, settings)
+            write_build_script(plan.parent, onnx, plan, PIXELS, chw, settings)
             engines[name] = {"built": False, "build_script": f"{name}/1/build.sh", "reason": reason}
             continue
         meta = build_engine_cached(
-            onnx, plan, "pixel_values", chw, settings, cache_dir, max_batch_size=spec.profile.max
+            onnx, plan, PIXELS, chw, settings, cache_dir, max_batch_size=spec.profile.max
         )
         precision = Precision(name.removeprefix(f"{spec.name}_").removesuffix(f"_{Kind.TENSORRT.value}"))
         fidelity = meta.get("fidelity") if meta.get("cached") else None
@@ -382,7 +377,7 @@ def publish_engines(
         if not ens.is_file():  # a head's ensemble, before multihead.write_heads
             continue
         cfg = read_config(ens)
-        steps = [s for s in cfg.ensemble_scheduling.step if not s.model_name.endswith("_preprocess")]
+        steps = [s for s in cfg.ensemble_scheduling.step if s.model_name != preprocess_model_name(spec.name)]
         if steps and steps[0].model_name != backbone:
             print(f"[{ensemble}] ensemble routes to {backbone} (was {steps[0].model_name})")
             steps[0].model_name = backbone

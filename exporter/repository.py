@@ -24,12 +24,30 @@ from typing import Any
 from vitserve.errors import ConfigError
 from vitserve.exporter.config import Kind, ModelSpec, Precision, check_kind_serves
 from vitserve.exporter.precision import PROBE_MIN_COSINE
+from vitserve.exporter.triton_models.contract import (
+    CONTRACT_SOURCE,
+    CPU_BACKBONE_SOURCE,
+    EMBEDDINGS,
+    FEATURES,
+    IMAGE_INPUT,
+    LABELS_FILE,
+    LOGITS,
+    ONNX_FILE,
+    PIXELS,
+    PREPROCESS_SOURCE,
+    PROBE_FILE,
+    PROBS,
+    ContractError,
+    CpuBackboneParams,
+    PreprocessParams,
+    TunedMark,
+    backbone_model_name,
+    preprocess_model_name,
+)
 
 log = logging.getLogger(__name__)
 TRITON_MODELS = Path(__file__).parent / "triton_models"
 REPOSITORY_MANIFEST = "vitserve-manifest.json"
-IMAGE_INPUT = "image"
-PIXELS = "pixel_values"
 
 
 def _pb():
@@ -59,16 +77,34 @@ def read_config(path: str | Path):
     return text_format.Parse(Path(path).read_text(), _pb().ModelConfig())
 
 
-def backbone_model_name(model: str, precision: Precision | str, kind: Kind | str) -> str:
-    return f"{model}_{Precision(precision).value}_{Kind(kind).value}"
+def set_params(cfg, params) -> None:
+    """Put a served model's typed parameters (contract.py) into its ModelConfig."""
+    cfg.parameters[params.KEY].string_value = params.to_json()
+
+
+def read_params(cfg, cls):
+    """A served model's typed parameters (contract.py) from its ModelConfig, validated."""
+    from google.protobuf import json_format
+
+    return cls.from_model_config(json_format.MessageToDict(cfg, preserving_proto_field_name=True))
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
+    """Artifacts (ONNX, labels, probe) are hard-linked where possible: they are large, and written once
+    under a new name by every build (atomic_directory), never edited in place."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
+
+
+def copy_served_source(source: str, version_dir: Path) -> None:
+    """A python model's code into its version folder: `source` as model.py and the contract it imports,
+    copied (never linked: editing a served model must not edit the package)."""
+    version_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(TRITON_MODELS / source, version_dir / "model.py")
+    shutil.copyfile(TRITON_MODELS / CONTRACT_SOURCE, version_dir / CONTRACT_SOURCE)
 
 
 def _dtype(dtype: str):
@@ -120,20 +156,19 @@ def backbone_config(
         cfg.backend = "python"
         # Threads are the serving host's, decided when the model loads (onnx_cpu.py), unless models.yaml
         # sets cpu_threads; `share` is how many CPU backbones of this repository serve at once.
-        params: dict[str, Any] = {
-            "intra_op_threads": spec.cpu_threads or "auto",
-            "share": cpu_share,
+        flavours = {k: f.name for k, f in variant.flavours if k != "probe"}
+        params = CpuBackboneParams(
+            cpu_threads=spec.cpu_threads or "auto",
+            share=cpu_share,
             # the INT8 Q/DQ graph is FP16 outside its quantized matmuls (make_int8): extended, like FP16
-            "optimization": "extended" if variant.precision in (Precision.FP16, Precision.INT8) else "all",
-        }
-        if spec.cpu_spinning is not None:
-            params["allow_spinning"] = spec.cpu_spinning
-        params["lanes"] = spec.cpu_lanes or "auto"
-        if variant.flavours:
-            params["flavours"] = {k: f.name for k, f in variant.flavours if k != "probe"}
-            params["probe"] = "probe.npz"
-            params["probe_min_cosine"] = PROBE_MIN_COSINE
-        cfg.parameters["onnx_cpu"].string_value = json.dumps(params)
+            optimization="extended" if variant.precision in (Precision.FP16, Precision.INT8) else "all",
+            cpu_spinning=spec.cpu_spinning,
+            cpu_lanes=spec.cpu_lanes or "auto",
+            flavours=flavours,
+            probe=PROBE_FILE if flavours else None,
+            probe_min_cosine=PROBE_MIN_COSINE if flavours else None,
+        )
+        set_params(cfg, params)
     elif variant.kind is Kind.ONNXRUNTIME:
         cfg.platform = "onnxruntime_onnx"
         cfg.backend = "onnxruntime"
@@ -172,20 +207,18 @@ def _mark_tuned(cfg, spec: ModelSpec) -> None:
     """Say in config.pbtxt (parameter `vitserve_tuned`) that `vitserve tune` chose these settings, where."""
     if spec.tuned is not None:
         t = spec.tuned
-        cfg.parameters["vitserve_tuned"].string_value = json.dumps(
-            {"host": t.host, "p99_budget_ms": t.p99_budget_ms, "report": t.report, "tuned_at": t.tuned_at}
-        )
+        set_params(cfg, TunedMark(t.host, t.p99_budget_ms, t.report, t.tuned_at))
 
 
 def _add_outputs(cfg, manifest: dict[str, Any]) -> None:
     mc = _pb()
-    cfg.output.add(name="embeddings", data_type=mc.TYPE_FP32, dims=[manifest["feature_dim"]])
-    if "features" in manifest["outputs"]:  # a backbone shared by several heads (multihead.py)
-        cfg.output.add(name="features", data_type=mc.TYPE_FP32, dims=[manifest["feature_dim"]])
+    cfg.output.add(name=EMBEDDINGS, data_type=mc.TYPE_FP32, dims=[manifest["feature_dim"]])
+    if FEATURES in manifest["outputs"]:  # a backbone shared by several heads (multihead.py)
+        cfg.output.add(name=FEATURES, data_type=mc.TYPE_FP32, dims=[manifest["feature_dim"]])
     classes = manifest["head"]["num_classes"]
     if classes:
-        cfg.output.add(name="logits", data_type=mc.TYPE_FP32, dims=[classes])
-        cfg.output.add(name="probs", data_type=mc.TYPE_FP32, dims=[classes], label_filename="labels.txt")
+        cfg.output.add(name=LOGITS, data_type=mc.TYPE_FP32, dims=[classes])
+        cfg.output.add(name=PROBS, data_type=mc.TYPE_FP32, dims=[classes], label_filename=LABELS_FILE)
 
 
 def preprocess_instances(spec: ModelSpec) -> int:
@@ -212,6 +245,21 @@ def _image_input(cfg, spec: ModelSpec) -> None:
         cfg.input.add(name=IMAGE_INPUT, data_type=mc.TYPE_STRING, dims=[1])
 
 
+def preprocess_params(spec: ModelSpec, manifest: dict[str, Any]) -> PreprocessParams:
+    """The python NAME_preprocess model's parameters: the model's one pixel recipe
+    (`ModelSpec.served_preprocess`) and how it is served."""
+    recipe = spec.served_preprocess(manifest)
+    try:
+        return PreprocessParams(
+            **recipe.as_dict(),
+            max_image_pixels=spec.max_image_pixels,
+            preprocess=spec.preprocess,
+            preprocess_threads=spec.preprocess_threads,
+        )
+    except ContractError as e:
+        raise ConfigError(f"model {spec.name}: {e}") from None
+
+
 def preprocess_config(name: str, spec: ModelSpec, manifest: dict[str, Any]):
     """NAME_preprocess: the python model (pillow / fast) or the DALI model (`model.dali`)."""
     mc = _pb()
@@ -230,17 +278,7 @@ def preprocess_config(name: str, spec: ModelSpec, manifest: dict[str, Any]):
         # (a prefix past its buffer), before model.py runs; parallelism comes from the instances (and, within
         # one request of several images, from `preprocess_threads`).
         cfg.ClearField("dynamic_batching")
-        mode = "fast" if spec.preprocess == "fast" else "exact"
-        cfg.parameters["preprocess"].string_value = json.dumps(
-            {
-                **manifest["preprocess"],
-                "max_pixels": spec.max_image_pixels,
-                "mode": mode,
-                "exif_transpose": spec.exif_transpose,
-                "scale_16bit": spec.scale_16bit,
-                "threads": spec.preprocess_threads,
-            }
-        )
+        set_params(cfg, preprocess_params(spec, manifest))
     _image_input(cfg, spec)
     cfg.output.add(name=PIXELS, data_type=mc.TYPE_FP32, dims=[3, size, size])
     return cfg
@@ -251,7 +289,7 @@ def ensemble_front(name: str, spec: ModelSpec, backbone: str):
     (config, the backbone's step) for the caller to add outputs and further steps."""
     cfg = _pb().ModelConfig(name=name, platform="ensemble", max_batch_size=spec.profile.max)
     _image_input(cfg, spec)
-    pre = cfg.ensemble_scheduling.step.add(model_name=f"{spec.name}_preprocess", model_version=-1)
+    pre = cfg.ensemble_scheduling.step.add(model_name=preprocess_model_name(spec.name), model_version=-1)
     pre.input_map[IMAGE_INPUT] = IMAGE_INPUT
     pre.output_map[PIXELS] = PIXELS
     step = cfg.ensemble_scheduling.step.add(model_name=backbone, model_version=-1)
@@ -307,7 +345,7 @@ def write_model(
     (each ensemble routes to one), among which a CPU model divides the host's cores. The spec's `tuned:`
     settings (`vitserve tune`) win over its own serving fields."""
     if spec.tuned is not None and spec.tuned.host:
-        from vitserve.hostinfo import cpu_summary
+        from vitserve.exporter.hostinfo import cpu_summary
 
         if spec.tuned.host != cpu_summary():
             log.warning(
@@ -317,34 +355,35 @@ def write_model(
             )  # fmt: skip
     spec = spec.serving()
     written: dict[str, Any] = {}
-    pre_name = f"{spec.name}_preprocess"
+    pre_name = preprocess_model_name(spec.name)
     pre_dir = repo / pre_name
     write_config(pre_dir, preprocess_config(pre_name, spec, manifest))
     if spec.preprocess == "dali":
         from vitserve.exporter import dali
 
-        dali.write_model_file(manifest["preprocess"], pre_dir / "1" / "model.dali", spec.profile.max)
+        recipe = spec.served_preprocess(manifest).as_dict()
+        dali.write_model_file(recipe, pre_dir / "1" / "model.dali", spec.profile.max)
     else:
-        _link_or_copy(TRITON_MODELS / "preprocess.py", pre_dir / "1" / "model.py")
+        copy_served_source(PREPROCESS_SOURCE, pre_dir / "1")
     written[pre_name] = {"role": "preprocess", "preprocess": spec.preprocess}
     for v in variants:
         name = backbone_model_name(spec.name, v.precision, v.kind)
         mdir = repo / name
         write_config(mdir, backbone_config(name, spec, manifest, v, cpu_share))
         if labels is not None:
-            _link_or_copy(labels, mdir / "labels.txt")
+            _link_or_copy(labels, mdir / LABELS_FILE)
         if v.kind is Kind.CPU:
-            _link_or_copy(TRITON_MODELS / "onnx_cpu.py", mdir / "1" / "model.py")
+            copy_served_source(CPU_BACKBONE_SOURCE, mdir / "1")
             for _, f in v.flavours:
-                if f.name != "model.onnx":
+                if f.name != ONNX_FILE:
                     _link_or_copy(f, mdir / "1" / f.name)
         if v.kind in (Kind.CPU, Kind.ONNXRUNTIME):
-            _link_or_copy(v.onnx, mdir / "1" / "model.onnx")
+            _link_or_copy(v.onnx, mdir / "1" / ONNX_FILE)
             if v.external_data is not None:
                 _link_or_copy(v.external_data, mdir / "1" / v.external_data.name)
         else:
             # the ONNX travels with the repository so build.sh can run inside the serving container
-            _link_or_copy(v.onnx, mdir / "onnx" / "model.onnx")
+            _link_or_copy(v.onnx, mdir / "onnx" / ONNX_FILE)
             if v.external_data is not None:
                 _link_or_copy(v.external_data, mdir / "onnx" / v.external_data.name)
             (mdir / "1").mkdir(parents=True, exist_ok=True)
@@ -355,7 +394,7 @@ def write_model(
     write_config(ens_dir, ensemble_config(spec.name, spec, manifest, serve_name))
     (ens_dir / "1").mkdir(parents=True, exist_ok=True)
     if labels is not None:
-        _link_or_copy(labels, ens_dir / "labels.txt")
+        _link_or_copy(labels, ens_dir / LABELS_FILE)
     written[spec.name] = {"role": "ensemble", "backbone": serve_name}
     return written
 

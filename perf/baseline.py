@@ -18,7 +18,7 @@ import numpy as np
 
 from vitserve.errors import ConfigError, missing_extra
 from vitserve.exporter import onnxrt
-from vitserve.exporter.onnxrt import OPTIMIZATION_LEVELS
+from vitserve.exporter.triton_models.contract import OPTIMIZATION_LEVELS
 
 # Names a python-backend model config may use for its onnxruntime settings, either as parameters of their
 # own or inside a JSON-valued parameter (the CPU backbone model keeps

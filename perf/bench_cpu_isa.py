@@ -157,7 +157,7 @@ def write(rows: list[dict], host: dict[str, Any], command: str, threads: int, ba
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vitserve.hostinfo import cpu_info
+    from vitserve.exporter.hostinfo import cpu_info
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backbones", nargs="+", default=["ViT-B-32"])

@@ -368,7 +368,7 @@ def write(summary, rows, host, command: str, pa_command, args, onnx_bytes: int, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vitserve.hostinfo import cpu_info
+    from vitserve.exporter.hostinfo import cpu_info
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", default="artifacts/bench_heads", help="build folder, reused between runs")

@@ -59,7 +59,7 @@ def images_per_s(model, x: np.ndarray, seconds: float) -> float:
 
 def run(repository: Path, models: list[str], batches: list[int], rounds: int, seconds: float) -> dict:
     from vitserve.exporter.triton_models.onnx_cpu import usable_cores
-    from vitserve.hostinfo import cpu_summary
+    from vitserve.exporter.hostinfo import cpu_summary
 
     cores = usable_cores()
     out = {"host": cpu_summary(), "cores": cores, "rounds": rounds, "seconds": seconds, "models": {}}

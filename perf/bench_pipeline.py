@@ -30,7 +30,7 @@ NOTE = "RANDOM-INIT weights (offline machine): speeds are the real architectures
 
 
 def _machine() -> dict[str, Any]:
-    from vitserve.hostinfo import cpu_summary
+    from vitserve.exporter.hostinfo import cpu_summary
 
     return {
         "cpu": cpu_summary(),

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vitserve.hostinfo import cpu_summary
+from vitserve.exporter.hostinfo import cpu_summary
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from vitserve.errors import ClientError, ConfigError, ServerError, VitServeError
-from vitserve.hostinfo import cpu_summary
+from vitserve.exporter.hostinfo import cpu_summary
 from vitserve.perf import server_stats
 from vitserve.perf.baseline import BaselineResult, ort_settings_from_config, run_baseline
 from vitserve.perf.inputs import (

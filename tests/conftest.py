@@ -29,7 +29,7 @@ def _have_tensorrt_gpu() -> str | None:
 
 def pytest_report_header(config):
     """The host's CPU and its int8-relevant ISA, at the top of every test run."""
-    from vitserve.hostinfo import cpu_summary
+    from vitserve.exporter.hostinfo import cpu_summary
 
     return f"host CPU: {cpu_summary()}"
 

@@ -21,10 +21,10 @@ so everything that depends on the serving host is decided here, when the model l
   1.07x (fp32) the images/s of one 2-thread session, while a lone image on 2 threads takes about half the
   time it takes on 1. The narrow session holds a second copy of the weights: `lanes` 1 turns it off, and
   "auto" does so above LANES_AUTO_MAX_BYTES of weights.
-Parameters (JSON in `onnx_cpu`): intra_op_threads ("auto" or N), share, lanes ("auto" or N; 1: off),
-optimization, flavours, probe, probe_min_cosine, isa (vnni | avx2: pin the int8 ISA instead of detecting
-it), allow_spinning (true | false: onnxruntime's `session.intra_op.allow_spinning` of the wide session;
-absent: onnxruntime's default, on).
+Parameters: `CpuBackboneParams` of contract.py (JSON in config.pbtxt `onnx_cpu`), validated when the model
+loads: cpu_threads ("auto" or N), share, cpu_lanes ("auto" or N; 1: off), optimization, cpu_spinning (true |
+false: onnxruntime's `session.intra_op.allow_spinning` of the wide session; absent: onnxruntime's default,
+on), flavours, probe, probe_min_cosine, isa (vnni | avx2: pin the int8 ISA instead of detecting it).
 """
 
 from __future__ import annotations
@@ -36,6 +36,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+try:  # in the package (the exporter, perf, tests)
+    from .contract import EMBEDDINGS, INT8_ISAS, ONNX_FILE, OPTIMIZATION_LEVELS, PIXELS, CpuBackboneParams
+except ImportError:  # served by Triton: contract.py is copied next to this model.py
+    from contract import EMBEDDINGS, INT8_ISAS, ONNX_FILE, OPTIMIZATION_LEVELS, PIXELS, CpuBackboneParams
+
 try:
     import triton_python_backend_utils as pb_utils
 except ImportError:
@@ -43,10 +48,22 @@ except ImportError:
 
 ISA_ENV = "VITSERVE_CPU_ISA"
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
-# Same names as vitserve.exporter.onnxrt.OPTIMIZATION_LEVELS (self-contained copy: no vitserve import here).
-OPTIMIZATION_LEVELS = ("all", "extended", "basic", "disabled")
 # `lanes: auto` keeps one session (no second copy of the weights) for models larger than this
 LANES_AUTO_MAX_BYTES = 2 * 1024**3
+
+
+def graph_optimization_level(name: str):
+    """onnxruntime's GraphOptimizationLevel for one of contract.OPTIMIZATION_LEVELS."""
+    import onnxruntime as ort
+
+    if name not in OPTIMIZATION_LEVELS:
+        raise ValueError(f"optimization {name!r}: expected one of {OPTIMIZATION_LEVELS}")
+    return {
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    }[name]
 
 
 def cpu_flags(cpuinfo: str | None = None) -> set[str]:
@@ -71,8 +88,8 @@ def int8_isa(flags: set[str], env: dict[str, str] | None = None, forced: str | N
     for source, value in (("isa parameter", forced), (ISA_ENV, env.get(ISA_ENV))):
         value = (value or "").strip().lower()
         if value:
-            if value not in ("vnni", "avx2"):
-                raise ValueError(f"{source}={value!r}: expected 'vnni' or 'avx2'")
+            if value not in INT8_ISAS:
+                raise ValueError(f"{source}={value!r}: expected one of {', '.join(INT8_ISAS)}")
             return value
     return "vnni" if any(f in flags for f in VNNI_FLAGS) else "avx2"
 
@@ -172,21 +189,14 @@ class TritonPythonModel:
         import onnxruntime as ort
 
         config = json.loads(args["model_config"])
-        params = json.loads(config["parameters"]["onnx_cpu"]["string_value"])
+        params = CpuBackboneParams.from_model_config(config)  # a malformed parameter fails the load, by name
         name = config["name"]
         folder = os.path.join(args["model_repository"], args["model_version"])
         instances = sum(int(g.get("count", 1)) for g in config.get("instance_group", [])) or 1
         cores = usable_cores()
-        threads = choose_threads(
-            params.get("intra_op_threads"), cores, instances, int(params.get("share", 1))
-        )
-        level = {
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        }[params.get("optimization", "all")]
-        spinning = params.get("allow_spinning")
+        threads = choose_threads(params.cpu_threads, cores, instances, params.share)
+        level = graph_optimization_level(params.optimization)
+        spinning = params.cpu_spinning
 
         def session(path: str, n_threads: int):
             so = ort.SessionOptions()
@@ -202,19 +212,19 @@ class TritonPythonModel:
         self.input_name = config["input"][0]["name"]
         self.outputs = [o["name"] for o in config["output"]]
         self.pool = None
-        flavours = params.get("flavours") or {}
+        flavours = params.flavours
         if not flavours:
-            path = os.path.join(folder, "model.onnx")
+            path = os.path.join(folder, ONNX_FILE)
             self.session = session(path, threads)
-            self._start_lanes(name, params.get("lanes"), threads, path, session, None)
+            self._start_lanes(name, params.cpu_lanes, threads, path, session, None)
             _log(
                 f"{name}: onnxruntime CPU, {threads} thread(s) ({cores} usable core(s), {instances} instance(s)), "
                 f"spinning {'default' if spinning is None else spinning}, {self.lanes_note}"
             )
             return
-        isa = int8_isa(cpu_flags(), forced=params.get("isa"))
-        probe = np.load(os.path.join(folder, params["probe"]))
-        min_cos = float(params["probe_min_cosine"])
+        isa = int8_isa(cpu_flags(), forced=params.isa)
+        probe = np.load(os.path.join(folder, params.probe))
+        min_cos = float(params.probe_min_cosine)
         tried = []
         for flavour in flavour_order(isa, list(flavours)):
             path = os.path.join(folder, flavours[flavour])
@@ -225,7 +235,7 @@ class TritonPythonModel:
                 self.session = wide
                 # the narrow session runs other kernels' thread partitioning: it proves itself on the probe too
                 narrow_cos = self._start_lanes(
-                    name, params.get("lanes"), threads, path, session, (probe, flavour, min_cos)
+                    name, params.cpu_lanes, threads, path, session, (probe, flavour, min_cos)
                 )
                 _log(
                     f"{name}: cpu-int8 flavour '{flavour}' for host int8 ISA '{isa}' "
@@ -250,8 +260,8 @@ class TritonPythonModel:
         )
 
     def _probe(self, session, probe, flavour: str) -> float:
-        got = session.run(["embeddings"], {self.input_name: probe["pixel_values"]})[0]
-        return min_cosine(probe[f"embeddings_{flavour}"], got)
+        got = session.run([EMBEDDINGS], {self.input_name: probe[PIXELS]})[0]
+        return min_cosine(probe[f"{EMBEDDINGS}_{flavour}"], got)
 
     def _start_lanes(self, name, setting, threads, path, session, probe) -> str:
         """Open the narrow session and the threads that run a batch's slices at once (see the module

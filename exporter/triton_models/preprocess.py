@@ -13,11 +13,12 @@ Two deliberate differences from the libraries, on by default, each switchable of
 - `exif_transpose`: turn the image upright from its EXIF orientation (the libraries use stored pixels);
 - `scale_16bit`: scale 16/32-bit greyscale to 8 bits (Pillow's `convert("RGB")` clips it at 255).
 
-Parameters (config.pbtxt `parameters`, JSON in `preprocess`): size, resize_size, interpolation, mean,
-std, resize_mode, rgb, exif_transpose, scale_16bit, max_pixels, mode (`exact`: Pillow's numerics;
-`fast`: large JPEGs decoded at a reduced DCT scale, see `decode`), threads (images of one request
-preprocessed at once, default 1: Pillow's decode and resize release the GIL, so a request of several images
-is done sooner while the backbone waits for it; every image's result is the same as on one thread).
+Parameters: `PreprocessParams` of contract.py (JSON in config.pbtxt `preprocess`), validated when the model
+loads: the recipe (size, resize_size, interpolation, mean, std, resize_mode, rgb, exif_transpose,
+scale_16bit), max_image_pixels, preprocess (`pillow`: Pillow's numerics; `fast`: large JPEGs decoded at a
+reduced DCT scale, see `decode`), preprocess_threads (images of one request preprocessed at once, default 1:
+Pillow's decode and resize release the GIL, so a request of several images is done sooner while the
+backbone waits for it; every image's result is the same as on one thread).
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+try:  # in the package (the exporter, perf, tests)
+    from .contract import PreprocessParams
+except ImportError:  # served by Triton: contract.py is copied next to this model.py
+    from contract import PreprocessParams
 
 try:
     import triton_python_backend_utils as pb_utils
@@ -158,14 +164,24 @@ def normalize(rgb: np.ndarray, cfg: dict, out: np.ndarray | None = None) -> np.n
     return out
 
 
-def preprocess_bytes(data: bytes, cfg: dict) -> np.ndarray:
+def checked_params(cfg: dict | PreprocessParams) -> dict:
+    """`cfg` as PreprocessParams' dict, validated (an unknown or malformed key raises ContractError)."""
+    if not isinstance(cfg, PreprocessParams):
+        cfg = PreprocessParams.from_dict(cfg)
+    return cfg.as_dict()
+
+
+def preprocess_bytes(data: bytes, cfg: dict | PreprocessParams) -> np.ndarray:
+    """One encoded image -> float32 (3, size, size) with the parameters `cfg` (PreprocessParams or its dict)."""
+    return _preprocess_one(data, checked_params(cfg))
+
+
+def _preprocess_one(data: bytes, cfg: dict) -> np.ndarray:
     draft = None
-    if cfg.get("mode", "exact") == "fast":
+    if cfg["preprocess"] == "fast":
         # DCT downscale only while the decoded image keeps twice the pixels the resize needs
-        draft = 2 * int(
-            cfg["resize_size"] if cfg.get("resize_mode", "shortest") == "shortest" else cfg["size"]
-        )
-    im = decode(data, int(cfg.get("max_pixels", 40_000_000)), bool(cfg.get("exif_transpose", True)), draft)
+        draft = 2 * int(cfg["resize_size"] if cfg["resize_mode"] == "shortest" else cfg["size"])
+    im = decode(data, cfg["max_image_pixels"], cfg["exif_transpose"], draft)
     return transform(im, cfg)
 
 
@@ -175,13 +191,14 @@ def preprocess_items(
     """A request's encoded images -> float32 (N, 3, size, size). With `pool` (`threads` - 1 workers), the
     images are cut into `threads` contiguous runs done at once (this thread does the first). A bad image
     raises ImageError naming its index (the first bad one when several are)."""
+    cfg = checked_params(cfg)
     n = len(items)
     out = np.empty((n, 3, int(cfg["size"]), int(cfg["size"])), dtype=np.float32)
 
     def run(start: int, stop: int) -> tuple[int, ImageError] | None:
         for i in range(start, stop):
             try:
-                out[i] = preprocess_bytes(bytes(items[i]), cfg)
+                out[i] = _preprocess_one(bytes(items[i]), cfg)
             except ImageError as e:
                 return i, e
         return None
@@ -200,11 +217,12 @@ def preprocess_items(
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
-        self.cfg = json.loads(config["parameters"]["preprocess"]["string_value"])
+        params = PreprocessParams.from_model_config(config)  # a malformed parameter fails the load, by name
+        self.cfg = params.as_dict()
         self.input_name = config["input"][0]["name"]
         self.output_name = config["output"][0]["name"]
         self.logger = pb_utils.Logger
-        self.threads = max(1, int(self.cfg.get("threads", 1)))
+        self.threads = params.preprocess_threads
         self.pool = None
         if self.threads > 1:
             self.pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="preprocess")

@@ -1,6 +1,6 @@
 """What the host's CPU is, for perf results and test headers: model name, ISA flags that decide speed and
 int8 exactness (AVX2, AVX-512, VNNI, AMX), usable cores. The detection itself lives in the CPU backbone
-model (`triton_models/onnx_cpu.py`), which makes the same decisions when it loads on a serving host."""
+model (`triton_models/onnx_cpu.py`, imported from here: the served model is the one owner), which makes the same decisions when it loads on a serving host."""
 
 from __future__ import annotations
 

@@ -1,0 +1,340 @@
+"""The served-model contract: every name and parameter that crosses from the build to a served model.
+
+What is defined here and nowhere else: the tensor names, the Triton model names of a configured model
+(`NAME`, `NAME_preprocess`, `NAME_{precision}_{kind}`, heads), the config.pbtxt parameter keys, the pixel
+recipe the weights imply (`Preprocess`), and one typed parameter object per served python model
+(`PreprocessParams`, `CpuBackboneParams`), serialised to the JSON string that config.pbtxt carries and read
+back by the same code. Writers (exporter/repository.py, exporter/multihead.py, the tuner) and readers (the
+served `model.py` files, perf, the tuner's read-back) all go through these classes; a malformed parameter is
+refused at load with a message naming the key.
+
+Self-contained (standard library only): the repository copies this file next to each served `model.py`,
+which imports it from there (`from contract import ...`), so a repository serves in any Triton container.
+One knob has one name from models.yaml to the served model (`cpu_threads`, `cpu_spinning`, `cpu_lanes`,
+`preprocess_threads`, `max_image_pixels`, ...).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar
+
+
+class ContractError(ValueError):
+    """A served-model name or parameter is malformed; the message names the key and what is expected."""
+
+
+class Precision(enum.StrEnum):
+    """Numeric precision of a backbone variant.
+
+    FP16 and INT8 are made for TensorRT (AutoCast FP16, explicit symmetric Q/DQ INT8); CPU_INT8 is
+    onnxruntime's own quantization for the CPU serving kind (VNNI).
+    """
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT8 = "int8"
+    CPU_INT8 = "cpu-int8"
+
+
+class Kind(enum.StrEnum):
+    """How a backbone variant is served by Triton."""
+
+    TENSORRT = "tensorrt"  # tensorrt_plan, GPU (FP16/INT8 engines; FP32 too)
+    ONNXRUNTIME = "onnxruntime"  # onnxruntime_onnx backend (GPU hosts / NGC container)
+    CPU = "cpu"  # python backend running onnxruntime on the CPU (pip tritonserver)
+
+
+# ------------------------------------------------------------------------------------ tensor names
+IMAGE_INPUT = "image"  # encoded image bytes (the ensemble's and NAME_preprocess's input)
+PIXELS = "pixel_values"  # float32 [N, 3, H, W]: the backbone's input, NAME_preprocess's output
+EMBEDDINGS = "embeddings"  # L2-normalised image embedding
+FEATURES = "features"  # pooled features of a backbone shared by several heads
+LOGITS = "logits"
+PROBS = "probs"
+LABELS_FILE = "labels.txt"  # the classification extension's label file of `probs`
+
+# ------------------------------------------------------------------------- config.pbtxt parameters
+PREPROCESS_PARAM = "preprocess"  # PreprocessParams of NAME_preprocess (python backend)
+CPU_BACKBONE_PARAM = "onnx_cpu"  # CpuBackboneParams of every onnx_cpu.py model (backbones, heads)
+TUNED_PARAM = "vitserve_tuned"  # where and for what `vitserve tune` chose a model's settings
+
+ONNX_FILE = "model.onnx"  # a served ONNX model's file in its version folder
+PROBE_FILE = "probe.npz"  # the cpu-int8 load-time probe (onnx_cpu.py)
+# the served python models' source files: copied (never linked) into each model's version folder
+PREPROCESS_SOURCE = "preprocess.py"
+CPU_BACKBONE_SOURCE = "onnx_cpu.py"
+CONTRACT_SOURCE = "contract.py"
+
+# --------------------------------------------------------------------------------- model names
+_BACKBONE_NAME = re.compile(
+    r"^(?P<model>.+)_(?P<precision>"
+    + "|".join(re.escape(p.value) for p in Precision)
+    + r")_(?P<kind>"
+    + "|".join(re.escape(k.value) for k in Kind)
+    + r")$"
+)
+
+
+def backbone_model_name(model: str, precision: Precision | str, kind: Kind | str) -> str:
+    """`NAME_{precision}_{kind}`: one backbone variant of model NAME."""
+    return f"{model}_{Precision(precision).value}_{Kind(kind).value}"
+
+
+def parse_backbone_model_name(name: str) -> tuple[str, Precision, Kind] | None:
+    """(model, precision, kind) of a backbone model name, None for any other name."""
+    m = _BACKBONE_NAME.match(name)
+    return (m["model"], Precision(m["precision"]), Kind(m["kind"])) if m else None
+
+
+def preprocess_model_name(model: str) -> str:
+    """`NAME_preprocess`: encoded images -> pixel_values for model NAME."""
+    return f"{model}_preprocess"
+
+
+def head_ensemble_name(model: str, head: str) -> str:
+    """`NAME_HEAD`: the ensemble of one named head of a many-heads model (images -> its logits/probs)."""
+    return f"{model}_{head}"
+
+
+def head_model_name(model: str, head: str) -> str:
+    """`NAME_HEAD_head`: one named head on its own (features -> logits, probs)."""
+    return f"{model}_{head}_head"
+
+
+# ---------------------------------------------------------------------------- parameter checks
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _positive_int(what: str, v: Any) -> int:
+    if not _is_int(v) or v < 1:
+        raise ContractError(f"{what}={v!r}: expected an integer >= 1")
+    return v
+
+
+def _auto_or_positive_int(what: str, v: Any) -> str | int:
+    if v == "auto":
+        return v
+    if not _is_int(v) or v < 1:
+        raise ContractError(f"{what}={v!r}: expected 'auto' or an integer >= 1")
+    return v
+
+
+def _bool(what: str, v: Any, optional: bool = False) -> bool | None:
+    if v is None and optional:
+        return v
+    if not isinstance(v, bool):
+        raise ContractError(f"{what}={v!r}: expected true or false" + (" (or absent)" if optional else ""))
+    return v
+
+
+def _one_of(what: str, v: Any, choices: tuple[str, ...]) -> str:
+    if v not in choices:
+        raise ContractError(f"{what}={v!r}: expected one of {', '.join(repr(c) for c in choices)}")
+    return v
+
+
+def _three_floats(what: str, v: Any) -> tuple[float, float, float]:
+    if not isinstance(v, list | tuple) or len(v) != 3 or not all(isinstance(x, int | float) for x in v):
+        raise ContractError(f"{what}={v!r}: expected three numbers (R, G, B)")
+    return tuple(float(x) for x in v)  # type: ignore[return-value]
+
+
+class _Params:
+    """JSON (config.pbtxt string parameter) <-> a frozen dataclass, strictly: unknown or malformed keys are
+    refused naming the key."""
+
+    KEY: ClassVar[str]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Any, what: str | None = None):
+        what = what or f"parameter {cls.KEY!r}"
+        if not isinstance(data, dict):
+            raise ContractError(f"{what}: expected a JSON object, got {data!r}")
+        names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ContractError(f"{what}: unknown key(s) {unknown}; known: {sorted(names)}")
+        try:
+            return cls(**data)
+        except TypeError as e:  # a missing required key
+            raise ContractError(f"{what}: {e}") from None
+        except ContractError as e:
+            raise ContractError(f"{what}: {e}") from None
+
+    @classmethod
+    def from_json(cls, text: str, what: str | None = None):
+        what = what or f"parameter {cls.KEY!r}"
+        try:
+            data = json.loads(text)
+        except (TypeError, ValueError) as e:
+            raise ContractError(f"{what}: not JSON ({e}): {text!r}") from None
+        return cls.from_dict(data, what)
+
+    @classmethod
+    def from_model_config(cls, config: dict[str, Any]):
+        """From Triton's JSON model config (what a python model's `initialize` gets in `model_config`, and
+        what the server's model-config API returns as JSON)."""
+        name = config.get("name", "?")
+        entry = (config.get("parameters") or {}).get(cls.KEY)
+        if not isinstance(entry, dict) or "string_value" not in entry:
+            raise ContractError(
+                f"model {name}: config.pbtxt has no parameter {cls.KEY!r}; rebuild the repository"
+            )
+        return cls.from_json(entry["string_value"], f"model {name} parameter {cls.KEY!r}")
+
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalisation (open_clip's default)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+RESIZE_MODES = ("shortest", "squash")
+RGB_MODES = ("after_crop", "on_decode")
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos")
+
+
+@dataclass(frozen=True)
+class Preprocess(_Params):
+    """The pixel recipe: resize (shortest edge to `resize_size`, or squash), center crop, normalize.
+
+    What the weights imply (a pretrained tag's or a checkpoint's preprocess config, resolved by the exporter
+    and written to the export's manifest), plus vitserve's two deliberate differences from the libraries,
+    both on by default: `exif_transpose` (upright by EXIF orientation) and `scale_16bit` (16-bit greyscale
+    scaled to 8 bits, where Pillow clips it). `rgb` is where the library converts to RGB: "after_crop"
+    (open_clip's eval transform) or "on_decode" (timm, whose loader converts before its transform); it
+    changes palette, RGBA, LA and CMYK results. Every producer of pixels (served or at build time) follows it.
+    """
+
+    KEY: ClassVar[str] = "preprocess recipe"
+
+    size: int
+    resize_size: int
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = OPENAI_MEAN
+    std: tuple[float, float, float] = OPENAI_STD
+    resize_mode: str = "shortest"
+    rgb: str = "after_crop"
+    exif_transpose: bool = True
+    scale_16bit: bool = True
+
+    def __post_init__(self) -> None:
+        _positive_int("size", self.size)
+        _positive_int("resize_size", self.resize_size)
+        _one_of("interpolation", self.interpolation, INTERPOLATIONS)
+        object.__setattr__(self, "mean", _three_floats("mean", self.mean))
+        object.__setattr__(self, "std", _three_floats("std", self.std))
+        if any(s <= 0 for s in self.std):
+            raise ContractError(f"std={self.std!r}: expected three numbers > 0")
+        _one_of("resize_mode", self.resize_mode, RESIZE_MODES)
+        _one_of("rgb", self.rgb, RGB_MODES)
+        _bool("exif_transpose", self.exif_transpose)
+        _bool("scale_16bit", self.scale_16bit)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(Preprocess)}
+
+
+# How NAME_preprocess is served (models.yaml `preprocess`); the python model serves the first two.
+PREPROCESS_MODES = ("pillow", "fast", "dali")
+PYTHON_PREPROCESS_MODES = ("pillow", "fast")
+MAX_IMAGE_PIXELS = 40_000_000  # default decompression-bomb guard (models.yaml max_image_pixels)
+
+
+@dataclass(frozen=True)
+class PreprocessParams(Preprocess):
+    """NAME_preprocess (python backend, triton_models/preprocess.py): the recipe plus how it is served.
+
+    `preprocess`: pillow (Pillow's exact numerics) | fast (large JPEGs decoded at a reduced DCT scale);
+    `max_image_pixels`: larger images are refused from their header; `preprocess_threads`: the images of
+    one request done at once (each image's result is the same as on one thread)."""
+
+    KEY: ClassVar[str] = PREPROCESS_PARAM
+
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+    preprocess: str = "pillow"
+    preprocess_threads: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive_int("max_image_pixels", self.max_image_pixels)
+        _one_of("preprocess", self.preprocess, PYTHON_PREPROCESS_MODES)
+        _positive_int("preprocess_threads", self.preprocess_threads)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def recipe(self) -> Preprocess:
+        return Preprocess(**{f.name: getattr(self, f.name) for f in fields(Preprocess)})
+
+
+# onnxruntime graph optimization levels, by name (exporter/onnxrt.py and onnx_cpu.py map them)
+OPTIMIZATION_LEVELS = ("all", "extended", "basic", "disabled")
+INT8_ISAS = ("vnni", "avx2")  # cpu-int8 flavours, by the int8 ISA they are exact on (onnx_cpu.py)
+
+
+@dataclass(frozen=True)
+class CpuBackboneParams(_Params):
+    """Every onnx_cpu.py model (a CPU backbone variant, a head): onnxruntime on the CPU.
+
+    `cpu_threads`: intra-op threads ("auto": the usable cores divided among the instances and the `share`
+    CPU backbones of the repository that serve at once); `cpu_spinning`: onnxruntime's
+    `session.intra_op.allow_spinning` (None: onnxruntime's default, on); `cpu_lanes`: slices a batch runs as
+    at once ("auto": one per thread; 1: off); `optimization`: the graph optimization level. cpu-int8:
+    `flavours` (int8 ISA -> file), the `probe` file and the cosine `probe_min_cosine` a flavour must reach on
+    it; `isa` pins the int8 ISA instead of detecting it."""
+
+    KEY: ClassVar[str] = CPU_BACKBONE_PARAM
+
+    cpu_threads: str | int = "auto"
+    share: int = 1
+    optimization: str = "all"
+    cpu_spinning: bool | None = None
+    cpu_lanes: str | int = "auto"
+    flavours: dict[str, str] = field(default_factory=dict)
+    probe: str | None = None
+    probe_min_cosine: float | None = None
+    isa: str | None = None
+
+    def __post_init__(self) -> None:
+        _auto_or_positive_int("cpu_threads", self.cpu_threads)
+        _positive_int("share", self.share)
+        _one_of("optimization", self.optimization, OPTIMIZATION_LEVELS)
+        _bool("cpu_spinning", self.cpu_spinning, optional=True)
+        _auto_or_positive_int("cpu_lanes", self.cpu_lanes)
+        if not isinstance(self.flavours, dict) or not all(
+            k in INT8_ISAS and isinstance(v, str) and v for k, v in self.flavours.items()
+        ):
+            raise ContractError(
+                f"flavours={self.flavours!r}: expected {{isa: file}} with isa in {', '.join(INT8_ISAS)}"
+            )
+        if self.flavours:
+            if not isinstance(self.probe, str) or not self.probe:
+                raise ContractError(f"probe={self.probe!r}: cpu-int8 flavours need their probe file")
+            c = self.probe_min_cosine
+            if not isinstance(c, int | float) or isinstance(c, bool) or not 0 < c <= 1:
+                raise ContractError(f"probe_min_cosine={c!r}: expected a number in (0, 1]")
+        if self.isa is not None:
+            _one_of("isa", self.isa, INT8_ISAS)
+
+
+@dataclass(frozen=True)
+class TunedMark(_Params):
+    """Where and for what `vitserve tune` chose a served model's settings (config.pbtxt `vitserve_tuned`)."""
+
+    KEY: ClassVar[str] = TUNED_PARAM
+
+    host: str | None = None
+    p99_budget_ms: float | None = None
+    report: str | None = None
+    tuned_at: str | None = None
