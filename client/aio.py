@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from vitserve.apikey import API_KEY_ENV, key_file
 from vitserve.client import images as images_mod
 from vitserve.client import shm
 from vitserve.client.config import ClientConfig, Protocol
@@ -47,6 +48,7 @@ from vitserve.client.schema import (
 from vitserve.client.shm import SharedMemory
 from vitserve.client.slots import SlotPool
 from vitserve.client.transport import (
+    FORBIDDEN,
     INPUT,
     RETRY,
     TIMEOUT,
@@ -74,14 +76,25 @@ class _Target:
     image_datatype: str | None = None  # the ensemble's `image`: "BYTES" [N, 1] or "UINT8" [1, len] (DALI)
 
 
+def _key_hint(e: BaseException) -> str:
+    if error_kind(e) != FORBIDDEN:
+        return ""
+    return (
+        f"; the server's control APIs need its key: set ${API_KEY_ENV} (or pass api_key=) to the key the "
+        f"operator set, or, on the server's host and account, the one in {key_file()}"
+    )
+
+
 class AsyncVitClient:
     """Asyncio client for a vitserve deployment (see the module docstring); use `async with` or `close()`.
 
     `url` is host:port (default localhost:8001 for gRPC, :8000 for HTTP); `model` the ensemble taking
     encoded images; `backbone` the model for preprocessed tensors (default: the ensemble's own backbone
     step). `shared_memory` ("system" or "cuda") moves tensors through shared memory when the server runs on
-    this host; elsewhere, or when it cannot be set up, it falls back to the network with a warning. A
-    client is bound to the event loop it first runs in."""
+    this host; elsewhere, or when it cannot be set up, it falls back to the network with a warning.
+    `api_key` (default `$VITSERVE_API_KEY` or the key file) opens the server's restricted control APIs
+    (shared memory, the repository index); `tls` / `ca_file` (or an https:// or grpcs:// url) for a TLS
+    endpoint such as the proxy of deploy/. A client is bound to the event loop it first runs in."""
 
     def __init__(
         self,
@@ -96,6 +109,9 @@ class AsyncVitClient:
         retries: int = 3,
         shared_memory: SharedMemory | str = SharedMemory.NONE,
         cuda_device: int = 0,
+        api_key: str | None = None,
+        tls: bool = False,
+        ca_file: str | None = None,
     ) -> None:
         self.config = ClientConfig(
             url,
@@ -108,6 +124,9 @@ class AsyncVitClient:
             retries,
             shared_memory=shared_memory,
             cuda_device=cuda_device,
+            api_key=api_key,
+            tls=tls,
+            ca_file=ca_file,
         )
         self._transport: Transport | None = None
         self._targets: dict[tuple[bool, str | None], _Target] = {}
@@ -173,7 +192,7 @@ class AsyncVitClient:
                 f"{self._where()} did not answer within {self.config.timeout_s:g} s while {doing}; "
                 "raise timeout_s or check the server's load"
             )
-        return ClientError(f"{self._where()} refused {doing}: {error_text(e)}")
+        return ClientError(f"{self._where()} refused {doing}: {error_text(e)}{_key_hint(e)}")
 
     async def wait_until_ready(self, timeout_s: float | None = None) -> None:
         """Wait until the server and `model` are ready; ClientError saying what was missing after `timeout_s`
@@ -326,8 +345,8 @@ class AsyncVitClient:
             if error_kind(e) in (RETRY, TIMEOUT):
                 raise self._error(e, "registering shared memory") from e
             warnings.warn(
-                f"{kind.value} shared memory could not be set up for model {info.name} ({error_text(e)}); "
-                "sending tensors over the network",
+                f"{kind.value} shared memory could not be set up for model {info.name} ({error_text(e)}"
+                f"{_key_hint(e)}); sending tensors over the network",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -432,7 +451,7 @@ class AsyncVitClient:
         except ClientError:
             raise
         except Exception as e:
-            if error_kind(e) != INPUT:
+            if error_kind(e, dali=target.image_datatype == "UINT8") != INPUT:
                 first, last = items[0].index, items[-1].index
                 span = f"image {first}" if first == last else f"images {first}-{last}"
                 raise self._error(e, f"running model {target.info.name!r} on {span}") from e

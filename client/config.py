@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum, StrEnum
+from pathlib import Path
 
+from vitserve.apikey import check_key, read_key
 from vitserve.client.shm import SharedMemory
 from vitserve.errors import ConfigError
 
@@ -15,6 +17,7 @@ class Protocol(StrEnum):
 
 
 DEFAULT_PORTS = {Protocol.GRPC: 8001, Protocol.HTTP: 8000}
+TLS_SCHEMES = ("https", "grpcs")
 
 
 def _enum(cls, value, what: str):
@@ -32,9 +35,10 @@ def normalize_url(url: str | None, protocol: Protocol) -> str:
     url = str(url).strip()
     if "://" in url:
         scheme, url = url.split("://", 1)
-        if scheme.lower() not in ("http", "grpc"):
+        if scheme.lower() not in TLS_SCHEMES and scheme.lower() not in ("http", "grpc"):
             raise ConfigError(
-                f"url {scheme}://{url}: only plain http:// or grpc:// endpoints (host:port) are supported"
+                f"url {scheme}://{url}: only http://, grpc:// or, with TLS, https:// and grpcs:// endpoints "
+                "(host:port) are supported"
             )
     url = url.rstrip("/")
     if "/" in url or not url:
@@ -50,7 +54,10 @@ class ClientConfig:
     `batch_size` images go in one request (lowered to the model's max_batch_size; one per request for a
     DALI ensemble, whose `image` is UINT8 [-1]), at most `max_in_flight`
     requests are outstanding at once, every call to the server ends after `timeout_s`, and a request that
-    could not reach the server is tried `retries` more times with exponential backoff from `backoff_s`."""
+    could not reach the server is tried `retries` more times with exponential backoff from `backoff_s`.
+    `api_key` goes with every call in the header the server's restricted APIs check (vitserve/apikey.py);
+    None reads `$VITSERVE_API_KEY` or the key file, "" sends none. `tls` (or an https:// / grpcs:// url)
+    speaks TLS, trusting `ca_file` (PEM) or the system's CAs."""
 
     url: str | None
     model: str = "vitb32"
@@ -63,11 +70,23 @@ class ClientConfig:
     backoff_s: float = 0.2
     shared_memory: SharedMemory | str = SharedMemory.NONE
     cuda_device: int = 0
+    api_key: str | None = field(default=None, repr=False)
+    tls: bool = False
+    ca_file: str | None = None
 
     def __post_init__(self) -> None:
         self.protocol = _enum(Protocol, self.protocol, "protocol")
         self.shared_memory = _enum(SharedMemory, self.shared_memory, "shared_memory")
+        if self.url and str(self.url).strip().lower().startswith(tuple(s + "://" for s in TLS_SCHEMES)):
+            self.tls = True
         self.url = normalize_url(self.url, self.protocol)
+        self.api_key = (
+            read_key() if self.api_key is None else (check_key(self.api_key) if self.api_key else "")
+        )
+        if self.ca_file is not None:
+            self.tls = True
+            if not Path(self.ca_file).is_file():
+                raise ConfigError(f"ca_file {self.ca_file!r} is not a file (a PEM bundle of trusted CAs)")
         if not self.model or not isinstance(self.model, str):
             raise ConfigError(f"model {self.model!r} must be a model name, e.g. 'vitb32'")
         for name in ("batch_size", "max_in_flight"):

@@ -58,6 +58,9 @@ class VitClient:
         retries: int = 3,
         shared_memory: SharedMemory | str = SharedMemory.NONE,
         cuda_device: int = 0,
+        api_key: str | None = None,
+        tls: bool = False,
+        ca_file: str | None = None,
     ) -> None:
         self._async = AsyncVitClient(
             url,
@@ -70,6 +73,9 @@ class VitClient:
             retries=retries,
             shared_memory=shared_memory,
             cuda_device=cuda_device,
+            api_key=api_key,
+            tls=tls,
+            ca_file=ca_file,
         )
         self.config = self._async.config
         self._loop = asyncio.new_event_loop()

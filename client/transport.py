@@ -6,11 +6,27 @@ from __future__ import annotations
 
 import asyncio
 
+from vitserve.apikey import headers
 from vitserve.client.config import ClientConfig, Protocol
 from vitserve.errors import missing_extra
 
-# What an exception from tritonclient means for the request: try again, give up, or blame the input.
-RETRY, TIMEOUT, INPUT, NOT_FOUND, OTHER = "retry", "timeout", "input", "not_found", "other"
+# What an exception from tritonclient means for the request: try again, give up, blame the input, or the key.
+RETRY, TIMEOUT, INPUT, NOT_FOUND, FORBIDDEN, OTHER = (
+    "retry",
+    "timeout",
+    "input",
+    "not_found",
+    "forbidden",
+    "other",
+)
+# tritonserver refuses a restricted API without its key with HTTP 403, and over gRPC with UNAVAILABLE and
+# this message (which must not be retried as if the server were down)
+_RESTRICTED = "is restricted, expecting header"
+# dali_backend reports every error of a request, a bad image's decode failure included, as
+# TRITONSERVER_ERROR_UNKNOWN ("DALI error: ..." / "Runtime error: ...": ErrorHandler() in its
+# src/dali_model_instance.cc). tritonserver's HTTP endpoint answers UNKNOWN with 400, its gRPC endpoint with
+# StatusCode.UNKNOWN: for a DALI ensemble the two mean what INVALID_ARGUMENT means elsewhere.
+_DALI_STATUS_KIND = {"StatusCode.UNKNOWN": INPUT}
 _STATUS_KIND = {
     "StatusCode.UNAVAILABLE": RETRY,
     "503": RETRY,
@@ -33,12 +49,19 @@ _UNANSWERED = {
 }
 
 
-def error_kind(e: BaseException) -> str:
-    """RETRY (server unreachable), TIMEOUT, INPUT (the request's data was refused), NOT_FOUND or OTHER."""
+def error_kind(e: BaseException, dali: bool = False) -> str:
+    """RETRY (server unreachable), TIMEOUT, INPUT (the request's data was refused), NOT_FOUND, FORBIDDEN
+    (a restricted API without the right key) or OTHER. `dali`: the request went to a DALI ensemble (its
+    decode errors come back as UNKNOWN)."""
     from tritonclient.utils import InferenceServerException
 
     if isinstance(e, InferenceServerException):
-        return _STATUS_KIND.get(str(e.status()), OTHER)
+        status = str(e.status())
+        if status == "403" or _RESTRICTED in (e.message() or ""):
+            return FORBIDDEN
+        if dali and status in _DALI_STATUS_KIND:
+            return _DALI_STATUS_KIND[status]
+        return _STATUS_KIND.get(status, OTHER)
     if isinstance(e, TimeoutError):  # asyncio's and aiohttp's timeouts; checked before OSError, its base
         return TIMEOUT
     if isinstance(e, OSError):
@@ -80,6 +103,8 @@ class Transport:
 
                 self.client = aio.InferenceServerClient(
                     config.url,
+                    ssl=config.tls,
+                    root_certificates=config.ca_file,
                     channel_args=[
                         ("grpc.max_send_message_length", module.MAX_GRPC_MESSAGE_SIZE),
                         ("grpc.max_receive_message_length", module.MAX_GRPC_MESSAGE_SIZE),
@@ -91,12 +116,22 @@ class Transport:
                 import tritonclient.http as module
                 import tritonclient.http.aio as aio
 
+                ssl_context = None
+                if config.tls:
+                    import ssl
+
+                    ssl_context = ssl.create_default_context(cafile=config.ca_file)
                 self.client = aio.InferenceServerClient(
-                    config.url, conn_limit=max(8, 2 * config.max_in_flight), conn_timeout=config.timeout_s
+                    config.url,
+                    conn_limit=max(8, 2 * config.max_in_flight),
+                    conn_timeout=config.timeout_s,
+                    ssl=config.tls,
+                    ssl_context=ssl_context,
                 )
         except (ImportError, RuntimeError) as e:  # tritonclient.http.aio raises RuntimeError without aiohttp
             raise missing_extra(f"tritonclient[{config.protocol.value}]", "client") from e
         self.module = module
+        self.headers = headers(config.api_key, self.grpc)
         self.loop = asyncio.get_running_loop()
 
     async def call(self, method: str, *args, timeout_s: float | None = None, as_json: bool = False, **kwargs):
@@ -105,6 +140,8 @@ class Transport:
             kwargs["client_timeout"] = timeout_s
             if as_json:
                 kwargs["as_json"] = True
+        if self.headers:
+            kwargs["headers"] = self.headers
         # the protocol's own deadline ends the call; this one is the backstop for anything it misses
         return await asyncio.wait_for(getattr(self.client, method)(*args, **kwargs), timeout_s + 1.0)
 

@@ -26,6 +26,15 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "keeps reporting such a model ready); with --model-control-mode=explicit only that model is reloaded",
     )
     p.add_argument("--poll-s", type=float, default=2.0, help="supervisor polling period (with --supervise)")
+    p.add_argument(
+        "--open-apis",
+        default="",
+        metavar="APIS",
+        help="control APIs left open to every client: 'all', or some of model-repository,shared-memory,"
+        "statistics,trace,logging (perf_analyzer over gRPC cannot send the key: it needs 'statistics', and "
+        "'shared-memory' for its shared-memory runs). Default: all behind the key ($VITSERVE_API_KEY or the "
+        "key file)",
+    )
     p.add_argument("extra", nargs="*", help="extra tritonserver flags, after --")
     p.set_defaults(func=_serve)
 
@@ -34,8 +43,12 @@ def _serve(args: argparse.Namespace) -> int:
     import signal
     import threading
 
+    from vitserve.apikey import API_KEY_ENV, API_KEY_HEADER, CONTROL_APIS, GRPC_API_KEY_HEADER, check_apis
     from vitserve.server import TritonServer
 
+    opened = (
+        CONTROL_APIS if args.open_apis == "all" else check_apis([a for a in args.open_apis.split(",") if a])
+    )
     server = TritonServer(
         args.repository,
         args.http_port,
@@ -43,9 +56,17 @@ def _serve(args: argparse.Namespace) -> int:
         args.metrics_port,
         log_path=args.log,
         extra_args=args.extra,
+        restricted=tuple(a for a in CONTROL_APIS if a not in opened),
     )
     server.start()
     print(f"tritonserver ready: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}")
+    if server.restricted:
+        print(
+            f"{', '.join(server.restricted)}: need header {API_KEY_HEADER} (gRPC: {GRPC_API_KEY_HEADER}), "
+            f"key from {server.key_source}; clients read ${API_KEY_ENV} or that file"
+        )
+    else:
+        print("WARNING: every control API is open to every client (--open-apis all)")
     # flushed: whatever runs `vitserve serve` reads these lines through a pipe while it runs
     print(f"log: {server.log_path}   (Ctrl-C stops it)", flush=True)
     done = threading.Event()

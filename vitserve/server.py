@@ -7,6 +7,9 @@ running Python, the wheel's bundled libraries on LD_LIBRARY_PATH, free ports, a 
 
     with TritonServer("model_repository") as server:
         print(server.http_url, server.grpc_url)
+
+`restricted` puts tritonserver APIs behind the operator's key (vitserve/apikey.py: CONTROL_APIS,
+API_KEY_HEADER, API_KEY_ENV); `vitserve serve` and the cluster rehearsal restrict the control APIs by default.
 """
 
 from __future__ import annotations
@@ -30,6 +33,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vitserve.apikey import (  # noqa: F401 (re-exported)
+    API_KEY_ENV,
+    API_KEY_HEADER,
+    CONTROL_APIS,
+    GRPC_API_KEY_HEADER,
+    check_apis,
+    check_key,
+    headers,
+    restricted_args,
+    server_key,
+)
 from vitserve.errors import ServerError
 
 _PY_TAG = f"{sys.version_info.major}.{sys.version_info.minor}"
@@ -101,7 +115,8 @@ class TritonServer:
 
     Ports left at 0 are chosen free. `log_path` keeps the server log (default: a file next to nothing,
     in the temp dir, named in every error). `extra_args` go to tritonserver verbatim, e.g.
-    `["--exit-timeout-secs=10"]`.
+    `["--exit-timeout-secs=10"]`. `restricted` (e.g. CONTROL_APIS) are the APIs that need the key
+    `api_key` (default: the operator's, see vitserve/apikey.py); `api()` and `control_headers` carry it.
     """
 
     repository: str | Path
@@ -112,6 +127,9 @@ class TritonServer:
     extra_args: list[str] = field(default_factory=list)
     verbose: int = 0
     startup_timeout_s: float = 180.0
+    restricted: tuple[str, ...] = ()
+    api_key: str | None = field(default=None, repr=False)
+    key_source: str | None = field(default=None, init=False)  # "$VITSERVE_API_KEY", the key file, "given"
     process: subprocess.Popen | None = field(default=None, init=False, repr=False)
     _started: bool = field(default=False, init=False, repr=False)
 
@@ -127,8 +145,19 @@ class TritonServer:
     def metrics_url(self) -> str:
         return f"http://localhost:{self.metrics_port}/metrics"
 
+    def __post_init__(self) -> None:
+        self.restricted = check_apis(tuple(self.restricted))
+        if self.api_key:
+            self.api_key, self.key_source = check_key(self.api_key), "given"
+        elif self.restricted:
+            self.api_key, self.key_source = server_key()
+
+    def control_headers(self, grpc: bool) -> dict[str, str]:
+        """The header with the key (for tritonclient's `headers=`), {} when nothing is restricted."""
+        return headers(self.api_key, grpc) if self.restricted else {}
+
     def command(self) -> list[str]:
-        """The exact tritonserver command line (also written at the top of the log)."""
+        """The exact tritonserver command line (written at the top of the log with the key hidden)."""
         return [
             str(tritonserver_binary()),
             f"--model-repository={self.repository}",
@@ -138,6 +167,7 @@ class TritonServer:
             f"--metrics-port={self.metrics_port}",
             "--allow-metrics=true",
             f"--log-verbose={self.verbose}",
+            *restricted_args(self.restricted, self.api_key or ""),
             *self.extra_args,
         ]
 
@@ -177,7 +207,8 @@ class TritonServer:
         cmd = self.command()
         # a restart appends: the log of the run that died is what explains why
         with open(self.log_path, "a" if self._started else "w") as log:
-            log.write("# " + " ".join(cmd) + "\n")
+            shown = " ".join(cmd).replace(self.api_key, "<key>") if self.api_key else " ".join(cmd)
+            log.write("# " + shown + "\n")
             log.flush()
             self.process = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, env=self.environment(), start_new_session=True
@@ -244,7 +275,12 @@ class TritonServer:
         """(HTTP status, parsed JSON body or None) of one call to the server's HTTP API, e.g.
         `api("POST", "/v2/repository/index")`; status 0 when the server cannot be reached."""
         body = b"{}" if method == "POST" else None
-        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=body, method=method)
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.http_port}{path}",
+            data=body,
+            method=method,
+            headers=self.control_headers(False),
+        )
         try:
             with urllib.request.urlopen(req, timeout=timeout_s) as r:
                 data = r.read()
