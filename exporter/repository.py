@@ -134,7 +134,7 @@ class Variant:
     flavours: tuple[tuple[str, Path], ...] = ()
 
 
-WARMUP_FILE = "pixel_values.bin"  # warmup/ of each GPU backbone model: one preprocessed photo (pipeline)
+WARMUP_FILE = f"{PIXELS}.bin"  # warmup/ of each GPU backbone model: one preprocessed photo (pipeline)
 
 
 def backbone_config(

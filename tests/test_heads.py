@@ -165,7 +165,7 @@ def test_head_models_and_ensembles_configs(tmp_path):
         ("probs", [10], "labels.txt"),
     ]
     assert head.dynamic_batching.max_queue_delay_microseconds == 0
-    assert json.loads(head.parameters["onnx_cpu"].string_value)["intra_op_threads"] == 1
+    assert json.loads(head.parameters["onnx_cpu"].string_value)["cpu_threads"] == 1
     assert (repo / "m_sp_head" / "1" / "model.py").is_file()
     one = read_config(repo / "m_tags" / "config.pbtxt")
     assert [s.model_name for s in one.ensemble_scheduling.step] == [

@@ -33,7 +33,7 @@ def _photo(i: int = 0, size: tuple[int, int] | None = None) -> Image.Image:
 
 
 def _cfg(backbone: str = "ViT-B-32", **kw) -> dict:
-    return get_backbone(backbone).preprocess.as_dict() | {"max_pixels": 40_000_000} | kw
+    return get_backbone(backbone).preprocess.as_dict() | {"max_image_pixels": 40_000_000} | kw
 
 
 def test_lookup_normalize_is_bit_identical_to_the_float_arithmetic():
@@ -65,7 +65,7 @@ def test_fast_mode_is_exact_below_twice_the_resize_and_close_above(backbone, big
     """`fast` decodes a JPEG at a reduced DCT scale only while both sides keep >= 2x the resize size: a
     640x480 photo is untouched (224 and 518 px), a 2400x1800 one decodes at 1/2 or 1/4 and stays close.
     PNGs are never drafted."""
-    exact, fast = _cfg(backbone), _cfg(backbone, mode="fast")
+    exact, fast = _cfg(backbone), _cfg(backbone, preprocess="fast")
     small = _encode(_photo(0, (640, 480)))
     np.testing.assert_array_equal(P.preprocess_bytes(small, fast), P.preprocess_bytes(small, exact))
     big_im = _photo(0, big_size)
@@ -79,11 +79,11 @@ def test_fast_mode_is_exact_below_twice_the_resize_and_close_above(backbone, big
     np.testing.assert_array_equal(P.preprocess_bytes(png, fast), P.preprocess_bytes(png, exact))
 
 
-@pytest.mark.parametrize("mode", ["exact", "fast"])
+@pytest.mark.parametrize("mode", ["pillow", "fast"])
 def test_hostile_inputs_behave_the_same_in_every_mode(mode):
     """Empty, non-image, truncated and bomb inputs are refused with the same messages; EXIF orientation
     and animated first frames are handled (a large image, so that `fast` drafts it)."""
-    cfg = _cfg(mode=mode, max_pixels=3_000_000)
+    cfg = _cfg(preprocess=mode, max_image_pixels=3_000_000)
     big = _photo(1, (1600, 1200))
     jpeg = _encode(big)
     cases = {
@@ -106,7 +106,7 @@ def test_hostile_inputs_behave_the_same_in_every_mode(mode):
     gif = _encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=80)
     shown = Image.open(io.BytesIO(gif))
     out = P.preprocess_bytes(gif, cfg)
-    np.testing.assert_array_equal(out, P.preprocess_bytes(gif, _cfg(mode="exact")))
+    np.testing.assert_array_equal(out, P.preprocess_bytes(gif, _cfg(preprocess="pillow")))
     np.testing.assert_array_equal(out, P.transform(shown, cfg))  # frame 0
     shown.seek(1)
     assert np.abs(out - P.transform(shown.convert("RGB"), cfg)).max() > 0.1
@@ -209,10 +209,10 @@ def test_python_preprocess_config_has_its_own_instances_and_mode(tmp_path, mode)
     assert cfg.backend == "python" and cfg.instance_group[0].count == 3
     assert not cfg.HasField("dynamic_batching")
     params = json.loads(cfg.parameters["preprocess"].string_value)
-    assert params["mode"] == ("fast" if mode == "fast" else "exact") and params["size"] == 224
-    assert params["threads"] == 2
+    assert params["preprocess"] == mode and params["size"] == 224
+    assert params["preprocess_threads"] == 2
     default = preprocess_config("m_preprocess", ModelSpec(name="m", backbone="ViT-B-32"), _manifest())
-    assert json.loads(default.parameters["preprocess"].string_value)["threads"] == 1
+    assert json.loads(default.parameters["preprocess"].string_value)["preprocess_threads"] == 1
     ens = ensemble_config("m", spec, _manifest(), "m_fp32_cpu")
     assert ens.input[0].data_type == cfg.input[0].data_type and list(ens.input[0].dims) == [1]
     # defaults: the CPU backbone's threads take every core (1 left at least); pinned threads leave the rest

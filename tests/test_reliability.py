@@ -471,13 +471,13 @@ def test_exif_orientation_gives_the_upright_result(vitb32_server):
 
 
 def test_decompression_bomb_limit_comes_from_models_yaml(hardened_repository, hardened_server, vitb32_server):
-    """`max_image_pixels` of models.yaml becomes the preprocess model's `max_pixels`; an image above it is
+    """`max_image_pixels` of models.yaml becomes the preprocess model's `max_image_pixels`; an image above it is
     refused from its header with the limit in the message, one below it is served. The session server,
     built with the default limit, serves the same image."""
     from vitserve.exporter.repository import read_config
 
     cfg = read_config(hardened_repository / "vitb32_preprocess" / "config.pbtxt")
-    assert json.loads(cfg.parameters["preprocess"].string_value)["max_pixels"] == MAX_PIXELS
+    assert json.loads(cfg.parameters["preprocess"].string_value)["max_image_pixels"] == MAX_PIXELS
     above = _encode(Image.new("RGB", (600, 500), (20, 90, 160)))  # 300,000 px
     below = _encode(Image.new("RGB", (500, 400), (20, 90, 160)))  # 200,000 px
     for protocol in ("http", "grpc"):

@@ -245,7 +245,7 @@ class Preprocess(_Params):
 
 
 # How NAME_preprocess is served (models.yaml `preprocess`); the python model serves the first two.
-PREPROCESS_MODES = ("pillow", "fast", "dali")
+PREPROCESS_MODES = ("dali", "pillow", "fast")
 PYTHON_PREPROCESS_MODES = ("pillow", "fast")
 MAX_IMAGE_PIXELS = 40_000_000  # default decompression-bomb guard (models.yaml max_image_pixels)
 
