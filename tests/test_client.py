@@ -409,3 +409,85 @@ def test_client_imports_without_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok"
+
+
+def test_restricted_and_dali_answers_are_classed_by_what_they_mean():
+    """tritonserver refuses a restricted API over gRPC with UNAVAILABLE ("This protocol is restricted"): not
+    a server to wait for. dali_backend fails a bad image with UNKNOWN (gRPC) / 400 (HTTP): an input error
+    for a DALI ensemble only; INTERNAL stays a server failure everywhere."""
+    from tritonclient.utils import InferenceServerException as E
+
+    from vitserve.client.transport import FORBIDDEN, INPUT, OTHER, RETRY, error_kind
+
+    restricted = "This protocol is restricted, expecting header 'triton-grpc-protocol-vitserve-api-key'"
+    assert error_kind(E(restricted, status="StatusCode.UNAVAILABLE")) == FORBIDDEN
+    assert (
+        error_kind(E("This API is restricted, expecting header 'vitserve-api-key'", status="403"))
+        == FORBIDDEN
+    )
+    assert error_kind(E("Server not ready", status="StatusCode.UNAVAILABLE")) == RETRY
+    dali_error = E("Runtime error: Critical error in pipeline: ...", status="StatusCode.UNKNOWN")
+    assert error_kind(dali_error, dali=True) == INPUT
+    assert error_kind(dali_error) == OTHER
+    assert error_kind(E("Stub process is not healthy.", status="StatusCode.INTERNAL"), dali=True) == OTHER
+
+
+@pytest.fixture(scope="module")
+def keyed_uint8_server(tmp_path_factory):
+    """The DALI-shaped stand-in ensembles of test_client_uint8 behind a key (control APIs restricted)."""
+    from test_client_uint8 import BATCH_FAILING, MODEL, _add_model
+
+    from vitserve.apikey import CONTROL_APIS
+    from vitserve.server import TritonServer
+
+    repo = tmp_path_factory.mktemp("keyed_uint8_repo")
+    _add_model(repo, MODEL, batch_errors=False)
+    _add_model(repo, BATCH_FAILING, batch_errors=True)
+    log = tmp_path_factory.mktemp("logs") / "keyed_uint8_server.log"
+    with TritonServer(repo, log_path=log, restricted=CONTROL_APIS, api_key="client-test-key") as server:
+        yield server
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_the_client_sends_the_key_for_shared_memory_and_says_which_when_it_has_none(
+    keyed_uint8_server, protocol, tmp_path
+):
+    import warnings
+
+    from test_client_uint8 import MODEL, _check_rows, _inputs
+
+    images = _inputs(tmp_path)
+    url = _url(keyed_uint8_server, protocol)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # shared memory registered: no fallback
+        with VitClient(url, MODEL, protocol=protocol, shared_memory="system", api_key="client-test-key") as c:
+            result = c.embed(images)
+    _check_rows(images, result.embeddings, result.errors)
+    with (
+        pytest.warns(RuntimeWarning, match=r"restricted[\s\S]*VITSERVE_API_KEY"),
+        VitClient(url, MODEL, protocol=protocol, shared_memory="system", api_key="") as c,
+    ):
+        result = c.embed(images)  # over the network instead
+    _check_rows(images, result.embeddings, result.errors)
+
+
+def test_a_dali_ensemble_failing_every_image_is_answered_with_bounded_retries(keyed_uint8_server):
+    """Every image refused (as a broken DALI model would do): over gRPC each is reported, after at most
+    two requests per image (its own, and the one-at-a-time re-send), and nothing else ran."""
+    import tritonclient.grpc as grpcclient
+    from test_client_uint8 import BATCH_FAILING
+
+    bad = [b"\x89PNG\r\n\x1a\n not an image %d" % i for i in range(5)]
+    with VitClient(
+        keyed_uint8_server.grpc_url, BATCH_FAILING, max_in_flight=5, api_key="client-test-key"
+    ) as c:
+        result = c.embed(bad)
+    assert sorted(result.errors) == list(range(5)) and "Critical error in pipeline" in result.errors[0]
+    assert np.isnan(result.embeddings).all()
+    # requests the DALI-shaped step ran (its error responses count as its successes; the ensemble counts
+    # each failed request twice)
+    stats = grpcclient.InferenceServerClient(keyed_uint8_server.grpc_url).get_inference_statistics(
+        f"{BATCH_FAILING}_preprocess", headers=keyed_uint8_server.control_headers(grpc=True), as_json=True
+    )
+    ran = int(stats["model_stats"][0]["inference_stats"]["success"]["count"])
+    assert len(bad) <= ran <= 2 * len(bad)

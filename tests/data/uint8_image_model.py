@@ -5,7 +5,11 @@ image's raw encoded bytes per batch row, ragged batching. For each request it re
 `embeddings` FP32 [8] = [byte count, crc32 >> 16, crc32 & 0xffff, decoded width, decoded height, first
 byte, last byte, requests in this execution], and `probs` FP32 [3], one-hot on byte count % 3 (labels a b c).
 Bytes Pillow cannot decode fail that request alone with INVALID_ARG, as the python preprocess does; with
-the config parameter `batch_errors` "true" they fail every request of the execution, as DALI does.
+the config parameter `batch_errors` "true" they fail every request of the execution with the code and the
+kind of message dali_backend sends: TRITONSERVER_ERROR_UNKNOWN, "Runtime error: ..." (ErrorHandler() in
+triton-inference-server/dali_backend src/dali_model_instance.cc, commit 01783f8: every DALI exception of a
+batch becomes UNKNOWN, copied to each response of the batch). tritonserver answers UNKNOWN with HTTP 400 but
+gRPC StatusCode.UNKNOWN.
 """
 
 import io
@@ -29,10 +33,12 @@ class TritonPythonModel:
         failed = [r for r in results if isinstance(r, str)]
         responses = []
         for result in results:
+            code = pb_utils.TritonError.INVALID_ARG
             if self.batch_errors and failed:
-                result = f"batch failed: {failed[0]}"
+                result = f"Runtime error: Critical error in pipeline:\nbatch failed: {failed[0]}"
+                code = pb_utils.TritonError.UNKNOWN
             if isinstance(result, str):
-                err = pb_utils.TritonError(result, pb_utils.TritonError.INVALID_ARG)
+                err = pb_utils.TritonError(result, code)
                 responses.append(pb_utils.InferenceResponse(error=err))
                 continue
             data, w, h = result
