@@ -49,15 +49,24 @@ def concat_outputs(chunks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]
     return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
 
 
-def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    """A plain aligned text table."""
+def format_table(
+    rows: list[dict[str, Any]], columns: list[str], *, markdown: bool = False, float_format: str | None = None
+) -> str:
+    """`rows` (dicts) under `columns`: a plain aligned text table, or with `markdown` a Markdown pipe table
+    (a missing or None cell is empty). Floats are written with `float_format` (a format spec, e.g. ".4g");
+    by default with 6 decimals, or 3 significant digits from 1e4 up."""
 
     def fmt(v):
         if isinstance(v, float):
+            if float_format is not None:
+                return format(v, float_format)
             return f"{v:.6f}" if abs(v) < 1e4 else f"{v:.3g}"
-        return str(v)
+        return "" if v is None and markdown else str(v)
 
     cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))

@@ -383,7 +383,7 @@ def head_config(name: str, spec: ModelSpec, record: dict[str, Any]):
     return cfg
 
 
-def _ensemble(
+def heads_ensemble_config(
     name: str,
     spec: ModelSpec,
     backbone: str,
@@ -391,6 +391,8 @@ def _ensemble(
     heads: dict[str, dict[str, Any]],
     all_heads: bool,
 ):
+    """The ensemble `name`: images -> preprocess -> `backbone` (its features) -> each head of `heads`; with
+    `all_heads` the embeddings and every head's outputs (labels_HEAD.txt), else the one head's logits/probs."""
     from vitserve.exporter.repository import ensemble_front
 
     mc = _pb()
@@ -439,12 +441,16 @@ def write_heads(
             copy_served_source(CPU_BACKBONE_SOURCE, mdir / "1")
         written[name] = {"role": "head", "head": h, "kind": rec["kind"], "num_classes": rec["num_classes"]}
         ens = head_ensemble_name(spec.name, h)
-        write_config(repo / ens, _ensemble(ens, spec, backbone, feature_dim, {h: rec}, all_heads=False))
+        write_config(
+            repo / ens, heads_ensemble_config(ens, spec, backbone, feature_dim, {h: rec}, all_heads=False)
+        )
         (repo / ens / "1").mkdir(parents=True, exist_ok=True)
         _link_or_copy(rec["dir"] / LABELS_FILE, repo / ens / LABELS_FILE)
         written[ens] = {"role": "ensemble", "backbone": backbone, "heads": [h]}
     ens_dir = repo / spec.name
-    write_config(ens_dir, _ensemble(spec.name, spec, backbone, feature_dim, heads, all_heads=True))
+    write_config(
+        ens_dir, heads_ensemble_config(spec.name, spec, backbone, feature_dim, heads, all_heads=True)
+    )
     (ens_dir / "1").mkdir(parents=True, exist_ok=True)
     for h, rec in heads.items():
         _link_or_copy(rec["dir"] / LABELS_FILE, ens_dir / f"labels_{h}.txt")

@@ -99,12 +99,13 @@ def pixel_values(url: str, model: str, images: list[bytes]) -> np.ndarray:
     """The images preprocessed with the server's own preprocess parameters (read from its config)."""
     import tritonclient.grpc as grpcclient
 
+    from vitserve.exporter.triton_models.contract import PreprocessParams, preprocess_model_name
     from vitserve.exporter.triton_models.preprocess import preprocess_bytes
 
-    cfg = grpcclient.InferenceServerClient(url).get_model_config(f"{model}_preprocess", as_json=True)[
-        "config"
-    ]
-    params = json.loads(cfg["parameters"]["preprocess"]["string_value"])
+    name = preprocess_model_name(model)
+    params = PreprocessParams.from_model_config(
+        grpcclient.InferenceServerClient(url).get_model_config(name, as_json=True)["config"]
+    )
     return np.stack([preprocess_bytes(b, params) for b in images])
 
 

@@ -126,8 +126,9 @@ def add_ensembles(repo: Path, config: Path, artifacts: Path, summary: dict[str, 
     import shutil
 
     from vitserve.exporter.config import load_models
-    from vitserve.exporter.multihead import _ensemble, head_config
-    from vitserve.exporter.repository import TRITON_MODELS, write_config
+    from vitserve.exporter.multihead import head_config, heads_ensemble_config
+    from vitserve.exporter.repository import copy_served_source, write_config
+    from vitserve.exporter.triton_models.contract import CPU_BACKBONE_SOURCE
 
     spec = next(s for s in load_models(config) if s.name == "mh")
     backbone = summary["models"]["mh"]["triton_models"]["mh"]["backbone"]
@@ -139,17 +140,17 @@ def add_ensembles(repo: Path, config: Path, artifacts: Path, summary: dict[str, 
     for n in (1, 2):
         name = f"mh_all{n}"
         subset = {h: records[h] for h in HEADS[:n]}
-        write_config(repo / name, _ensemble(name, spec, backbone, 512, subset, all_heads=True))
+        write_config(repo / name, heads_ensemble_config(name, spec, backbone, 512, subset, all_heads=True))
         (repo / name / "1").mkdir(parents=True, exist_ok=True)
         for h in subset:
             shutil.copy(records[h]["dir"] / "labels.txt", repo / name / f"labels_{h}.txt")
     # the folded alternative: one head model computing all four heads
     folded = "mh_folded4_heads"
     fold_heads({h: records[h]["dir"] / "model.onnx" for h in HEADS}, repo / folded / "1" / "model.onnx")
-    shutil.copy(TRITON_MODELS / "onnx_cpu.py", repo / folded / "1" / "model.py")
+    copy_served_source(CPU_BACKBONE_SOURCE, repo / folded / "1")
     cfg = head_config(folded, spec, records[HEADS[0]])
     del cfg.output[:]
-    ens = _ensemble("mh_folded4", spec, backbone, 512, records, all_heads=True)
+    ens = heads_ensemble_config("mh_folded4", spec, backbone, 512, records, all_heads=True)
     for o in ens.output:
         if o.name != "embeddings":
             cfg.output.add(name=o.name, data_type=o.data_type, dims=list(o.dims))

@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(RESULTS / "int8_qdq_fp16"))
     args = ap.parse_args(argv)
     command = "python -m vitserve.perf.bench_int8_qdq " + " ".join(argv if argv is not None else sys.argv[1:])
-    from vitserve.perf.bench_pipeline import _machine, _md_table
+    from vitserve.exporter.compare import format_table
+    from vitserve.perf.bench_pipeline import machine
 
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as work:
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     except OSError:
         cpu = "?"
-    table = _md_table(
+    table = format_table(
         [
             {**r, **{k: r["placement"][k] for k in ("matmul_with_int8_weight", "matmul_without_qdq")}}
             for r in rows
@@ -181,15 +182,17 @@ def main(argv: list[str] | None = None) -> int:
             "matmul_with_int8_weight",
             "matmul_without_qdq",
         ],
+        markdown=True,
+        float_format=".4g",
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    data = {"command": command, "note": NOTE, "machine": _machine(), "cpu": cpu, "rows": rows}
+    data = {"command": command, "note": NOTE, "machine": machine(), "cpu": cpu, "rows": rows}
     out.with_suffix(".json").write_text(json.dumps(data, indent=2, default=str) + "\n")
     placements = "\n".join(f"- {r['backbone']} {r['variant']}: {json.dumps(r['placement'])}" for r in rows)
     out.with_suffix(".md").write_text(
         f"# FP16 and INT8 (Q/DQ + FP16) ONNX variants for TensorRT, scored on the CPU\n\n"
-        f"Command: `{command}`\n\n{NOTE}\n\nMachine: {_machine()}; CPU: {cpu}\n\n{table}\n\n"
+        f"Command: `{command}`\n\n{NOTE}\n\nMachine: {machine()}; CPU: {cpu}\n\n{table}\n\n"
         f"Graph placement (MatMul/Gemm with a dequantized int8 constant weight; those without any Q/DQ are "
         f"the attention matmuls; initializer dtypes):\n\n{placements}\n"
     )

@@ -21,11 +21,15 @@ import io
 import json
 import platform
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from vitserve.exporter.compare import format_table
+from vitserve.exporter.triton_models.contract import PreprocessParams
 
 RESULTS = Path(__file__).parent / "results"
 COMMAND = "python -m vitserve.perf.bench_parity"
@@ -108,10 +112,10 @@ def compare(backbone: str, photos: list[tuple[str, Image.Image]], setting: str =
     from vitserve.exporter.triton_models.preprocess import preprocess_bytes
 
     entry = get_backbone(backbone)
-    cfg = entry.preprocess.as_dict() | {"max_pixels": 40_000_000}
+    cfg = PreprocessParams(**entry.preprocess.as_dict())
     pre = entry.preprocess
     if setting == "exact":
-        cfg |= {"exif_transpose": False, "scale_16bit": False}
+        cfg = replace(cfg, exif_transpose=False, scale_16bit=False)
     tf = library_transform(entry)
     rows = []
     for name, photo in photos:
@@ -129,7 +133,7 @@ def compare(backbone: str, photos: list[tuple[str, Image.Image]], setting: str =
                 "max_abs_err": float(np.abs(served - ref).max()),
             }
             if entry.preprocess.rgb == "after_crop":
-                row["rgb_first"] = cosine(preprocess_bytes(data, cfg | {"rgb": "on_decode"}), ref)
+                row["rgb_first"] = cosine(preprocess_bytes(data, replace(cfg, rgb="on_decode")), ref)
             rows.append(row)
     return rows
 
@@ -177,25 +181,9 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def _table(summary: list[dict]) -> str:
-    cols = [
-        "family",
-        "backbone",
-        "setting",
-        "mode",
-        "decoded_as",
-        "images",
-        "cosine_min",
-        "max_abs_err",
-        "rgb_first_cosine_min",
-        "passed",
-    ]
-
-    def fmt(v):
-        return f"{v:.7f}" if isinstance(v, float) else ("" if v is None else str(v))
-
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in summary]
-    return "\n".join(lines)
+    cols = ["family", "backbone", "setting", "mode", "decoded_as", "images", "cosine_min", "max_abs_err",
+            "rgb_first_cosine_min", "passed"]  # fmt: skip
+    return format_table(summary, cols, markdown=True, float_format=".7f")
 
 
 def main(argv: list[str] | None = None) -> int:

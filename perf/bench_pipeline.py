@@ -12,6 +12,7 @@ architectures; fidelity numbers are those of untrained models and say nothing ab
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import os
@@ -25,11 +26,17 @@ from typing import Any
 
 import numpy as np
 
+from vitserve.exporter.compare import format_table
+from vitserve.exporter.triton_models.contract import Kind, PreprocessParams, backbone_model_name
+
 RESULTS = Path(__file__).parent / "results"
+# the results files' tables (exporter/compare.py owns the helper)
+_md = functools.partial(format_table, markdown=True, float_format=".4g")
 NOTE = "RANDOM-INIT weights (offline machine): speeds are the real architectures'; fidelity is of untrained models."
 
 
-def _machine() -> dict[str, Any]:
+def machine() -> dict[str, Any]:
+    """This host, as every results file of these benchmarks names it."""
     from vitserve.exporter.hostinfo import cpu_summary
 
     return {
@@ -42,20 +49,11 @@ def _machine() -> dict[str, Any]:
 
 def _write(name: str, data: dict[str, Any], table: str, command: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    data = {"command": command, "note": NOTE, "machine": _machine(), **data}
+    data = {"command": command, "note": NOTE, "machine": machine(), **data}
     (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
-    md = f"# {name}\n\nCommand: `{command}`\n\n{NOTE}\n\nMachine: {_machine()}\n\n{table}\n"
+    md = f"# {name}\n\nCommand: `{command}`\n\n{NOTE}\n\nMachine: {machine()}\n\n{table}\n"
     (RESULTS / f"{name}.md").write_text(md)
     print(md)
-
-
-def _md_table(rows: list[dict[str, Any]], cols: list[str]) -> str:
-    def fmt(v):
-        return f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))
-
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def _run_child(cmd: list[str], timeout_s: float) -> tuple[int, float, float, str]:
@@ -110,7 +108,7 @@ def bench_export(backbones: list[str], out_root: Path) -> None:
         "onnx_gib",
         "min_cosine",
     ]
-    _write("export", {"rows": rows}, _md_table(rows, cols), "python -m vitserve.perf.bench_pipeline export")
+    _write("export", {"rows": rows}, _md(rows, cols), "python -m vitserve.perf.bench_pipeline export")
 
 
 def _export_one(name: str, out: str) -> None:
@@ -217,7 +215,7 @@ def bench_precision(
             if s["backbone"] == r["backbone"] and s["variant"] == "fp32" and s["batch"] == r["batch"]
         )
         r["vs_fp32"] = round(r["images_per_s"] / base["images_per_s"], 2)
-    table = _md_table(
+    table = _md(
         rows,
         [
             "backbone",
@@ -233,7 +231,7 @@ def bench_precision(
         ],
     )
     table += "\n\nonnxruntime CPU speed (2 threads; FP16 at ORT_ENABLE_EXTENDED):\n\n"
-    table += _md_table(speed_rows, ["backbone", "variant", "batch", "images_per_s", "vs_fp32"])
+    table += _md(speed_rows, ["backbone", "variant", "batch", "images_per_s", "vs_fp32"])
     _write(
         f"precision_{'_'.join(backbones)}_{'_'.join(precisions)}",
         {"rows": rows, "speed": speed_rows},
@@ -269,7 +267,7 @@ def bench_preprocess(seconds: float = 10.0) -> None:
 
     rows = []
     for name in ("ViT-B-32", "DINOv2-S"):
-        cfg = get_backbone(name).preprocess.as_dict() | {"max_pixels": 40_000_000}
+        cfg = PreprocessParams(**get_backbone(name).preprocess.as_dict())
         im = eval_photos()[0][1].resize((640, 480), Image.Resampling.BICUBIC)
         b = io.BytesIO()
         im.save(b, format="JPEG", quality=90)
@@ -283,14 +281,14 @@ def bench_preprocess(seconds: float = 10.0) -> None:
             {
                 "backbone": name,
                 "input": "640x480 JPEG q90",
-                "output": f"3x{cfg['size']}x{cfg['size']}",
+                "output": f"3x{cfg.size}x{cfg.size}",
                 "images_per_s_per_core": round(n / (time.perf_counter() - t0), 1),
             }
         )
     _write(
         "preprocess",
         {"rows": rows},
-        _md_table(rows, list(rows[0])),
+        _md(rows, list(rows[0])),
         "python -m vitserve.perf.bench_pipeline preprocess",
     )
 
@@ -339,7 +337,7 @@ def bench_serving(backbones: list[str], duration_s: float) -> None:
     with TritonServer(work / "repo", log_path=work / "server.log") as server:
         for row in rows:
             n = names[row["backbone"]]
-            model = f"{n}_{row['variant']}_cpu"
+            model = backbone_model_name(n, row["variant"], Kind.CPU)
             conc = 4 if row["batch"] == 1 else 2
             res = run_sweep(
                 server.grpc_url,
@@ -374,7 +372,7 @@ def bench_serving(backbones: list[str], duration_s: float) -> None:
         fidelity[b] = {
             k: r["fidelity"]["outputs"]["embeddings"][k] for k in ("cosine_min", "cosine_mean")
         } | {"gate": r["gate"]}
-    table = _md_table(
+    table = _md(
         rows,
         [
             "backbone",
@@ -390,7 +388,7 @@ def bench_serving(backbones: list[str], duration_s: float) -> None:
         ],
     )
     table += "\n\nCPU INT8 fidelity vs FP32 (32 held-out photo views):\n\n"
-    table += _md_table(
+    table += _md(
         [{"backbone": k, **v} for k, v in fidelity.items()], ["backbone", "cosine_min", "cosine_mean", "gate"]
     )
     _write(

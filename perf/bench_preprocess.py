@@ -20,6 +20,7 @@ The DALI model itself runs only in Triton's DALI backend on a GPU host (not meas
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import shutil
@@ -27,12 +28,22 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from vitserve.exporter.compare import format_table
+from vitserve.exporter.triton_models.contract import (
+    PREPROCESS_SOURCE,
+    PreprocessParams,
+    preprocess_model_name,
+)
+
 RESULTS = Path(__file__).parent / "results"
+# the results file's tables (exporter/compare.py owns the helper)
+_md = functools.partial(format_table, markdown=True, float_format=".6g")
 COMMAND = "python -m vitserve.perf.bench_preprocess"
 BACKBONES = {"ViT-B-32": 224, "EVA02-L-14-336": 336, "DINOv2-L": 518}
 INPUTS = {"640x480 JPEG q90": (640, 480), "4032x3024 JPEG q90": (4032, 3024)}
@@ -82,29 +93,29 @@ def _rate(fn, seconds: float, per_call: int = 1, windows: int = 5) -> float:
     return best
 
 
-def _before(data: bytes, cfg: dict, exif_copy: bool = True) -> np.ndarray:
+def _before(data: bytes, cfg: PreprocessParams, exif_copy: bool = True) -> np.ndarray:
     """The exact path as it was before this change (RGB photos): EXIF transpose into a copy (`exif_copy`;
     else in place, as now), float normalize. Used only where its output equals today's."""
     from PIL import ImageOps
 
     from vitserve.exporter.triton_models import preprocess as P
 
-    im = P.decode(data, int(cfg["max_pixels"]), exif_transpose=False)
+    im = P.decode(data, cfg.max_image_pixels, exif_transpose=False)
     if exif_copy:
         im = ImageOps.exif_transpose(im)
     else:
         ImageOps.exif_transpose(im, in_place=True)
-    size, resize_size = int(cfg["size"]), int(cfg["resize_size"])
+    size, resize_size = cfg.size, cfg.resize_size
     im = P.to_rgb(im)
     w, h = im.size
     short, long = (w, h) if w <= h else (h, w)
     new_long = int(resize_size * long / short)
     new_w, new_h = (resize_size, new_long) if w <= h else (new_long, resize_size)
-    im = im.resize((new_w, new_h), P._INTERPOLATION[cfg["interpolation"]])
+    im = im.resize((new_w, new_h), P._INTERPOLATION[cfg.interpolation])
     top, left = round((new_h - size) / 2.0), round((new_w - size) / 2.0)
     im = im.crop((left, top, left + size, top + size))
     x = np.asarray(im, dtype=np.float32) / np.float32(255.0)
-    mean, std = np.asarray(cfg["mean"], np.float32), np.asarray(cfg["std"], np.float32)
+    mean, std = np.asarray(cfg.mean, np.float32), np.asarray(cfg.std, np.float32)
     return np.ascontiguousarray(((x - mean) / std).transpose(2, 0, 1))
 
 
@@ -120,17 +131,19 @@ def in_process(seconds: float) -> list[dict[str, Any]]:
     for label, size in INPUTS.items():
         data = _jpeg(size)
         for backbone, px in BACKBONES.items():
-            cfg = get_backbone(backbone).preprocess.as_dict() | {"max_pixels": 40_000_000}
+            cfg = PreprocessParams(**get_backbone(backbone).preprocess.as_dict())
             exact = preprocess_bytes(data, cfg)
             row: dict[str, Any] = {"input": label, "output": f"3x{px}x{px}", "backbone": backbone}
-            fast = cfg | {"mode": "fast"}
+            fast = replace(cfg, preprocess="fast")
             if np.array_equal(_before(data, cfg), exact):
                 row["exact_before"] = round(_rate(lambda d=data, c=cfg: _before(d, c), seconds), 1)
                 row["exact_no_lut"] = round(_rate(lambda d=data, c=cfg: _before(d, c, False), seconds), 1)
             row["exact"] = round(_rate(lambda d=data, c=cfg: preprocess_bytes(d, c), seconds), 1)
             row["fast"] = round(_rate(lambda d=data, c=fast: preprocess_bytes(d, c), seconds), 1)
             if dali is not None:
-                pipe = dali.build_pipeline(cfg, 8, gpu=False, num_threads=1, prefetch_queue_depth=1)
+                pipe = dali.build_pipeline(
+                    cfg.recipe.as_dict(), 8, gpu=False, num_threads=1, prefetch_queue_depth=1
+                )
                 pipe.build()
                 arr = np.frombuffer(data, dtype=np.uint8)
 
@@ -163,10 +176,13 @@ def fast_parity() -> list[dict[str, Any]]:
             images.append(b.getvalue())
     rows = []
     for backbone in BACKBONES:
-        cfg = get_backbone(backbone).preprocess.as_dict() | {"max_pixels": 40_000_000}
+        cfg = PreprocessParams(**get_backbone(backbone).preprocess.as_dict())
         cos, same = [], 0
         for d in images:
-            a, b = preprocess_bytes(d, cfg | {"mode": "fast"}).ravel(), preprocess_bytes(d, cfg).ravel()
+            a, b = (
+                preprocess_bytes(d, replace(cfg, preprocess="fast")).ravel(),
+                preprocess_bytes(d, cfg).ravel(),
+            )
             same += int(np.array_equal(a, b))
             cos.append(float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)))
         rows.append(
@@ -184,9 +200,9 @@ def fast_parity() -> list[dict[str, Any]]:
 
 def dali_parity() -> list[dict[str, Any]]:
     try:
-        from vitserve.exporter import dali
+        import nvidia.dali  # noqa: F401
 
-        dali._dali()
+        from vitserve.exporter import dali
     except Exception as e:  # not installed: say so in the results
         return [{"backbone": "-", "operators": f"DALI unavailable: {e}"}]
     return [dali.parity(b) for b in BACKBONES]
@@ -196,27 +212,25 @@ def _preprocess_repository(root: Path) -> list[str]:
     """NAME_preprocess models only (no backbone needed): exact and fast, 224 / 336 / 518 px, 1 instance."""
     from vitserve.exporter.backbones import get_backbone
     from vitserve.exporter.config import ModelSpec
-    from vitserve.exporter.repository import TRITON_MODELS, preprocess_config, read_config, write_config
+    from vitserve.exporter.repository import copy_served_source, preprocess_config, read_config, write_config
 
     names = []
     for backbone, px in BACKBONES.items():
         entry = get_backbone(backbone)
         manifest = {"input": {"shape": [-1, 3, px, px]}, "preprocess": entry.preprocess.as_dict()}
         for mode in ("pillow", "fast"):
-            name = f"p{px}_{mode}_preprocess"
             spec = ModelSpec(name=f"p{px}_{mode}", backbone=backbone, preprocess=mode, preprocess_instances=1)
+            name = preprocess_model_name(spec.name)
             write_config(root / name, preprocess_config(name, spec, manifest))
-            (root / name / "1").mkdir(parents=True, exist_ok=True)
-            shutil.copy(TRITON_MODELS / "preprocess.py", root / name / "1" / "model.py")
+            copy_served_source(PREPROCESS_SOURCE, root / name / "1")
             names.append(name)
     # measurement only (the repository never writes it, see repository.preprocess_config): what dynamic
     # batching would give the python model, 224 px exact
-    cfg = read_config(root / "p224_pillow_preprocess" / "config.pbtxt")
-    cfg.name = "p224_pillow_batched_preprocess"
+    cfg = read_config(root / preprocess_model_name("p224_pillow") / "config.pbtxt")
+    cfg.name = preprocess_model_name("p224_pillow_batched")
     cfg.dynamic_batching.max_queue_delay_microseconds = 2000
     write_config(root / cfg.name, cfg)
-    (root / cfg.name / "1").mkdir(parents=True, exist_ok=True)
-    shutil.copy(TRITON_MODELS / "preprocess.py", root / cfg.name / "1" / "model.py")
+    copy_served_source(PREPROCESS_SOURCE, root / cfg.name / "1")
     names.append(cfg.name)
     return names
 
@@ -309,16 +323,6 @@ def _point(server, model: str, duration_s: float, images: Path | None):
     return res.points[0]
 
 
-def _table(rows: list[dict[str, Any]], cols: list[str]) -> str:
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-
-    def fmt(v):
-        return "" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v)
-
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog=COMMAND)
     p.add_argument("--duration-s", type=float, default=8.0, help="per served measurement")
@@ -375,7 +379,7 @@ def report(data: dict[str, Any]) -> str:
         "resize); `dali_cpu` the DALI graph with CPU operators, 1 thread, batch 8 (the GPU model runs nvJPEG "
         "and GPU resize instead).",
         "",
-        _table(
+        _md(
             data["in_process"],
             ["input", "output", "backbone", "exact_before", "exact_no_lut", "exact", "fast", "dali_cpu"],
         ),
@@ -384,14 +388,14 @@ def report(data: dict[str, Any]) -> str:
         "",
         "Bundled photos and calibration views as JPEG q92, each at 1x and 3x its size.",
         "",
-        _table(data["fast_parity"], ["backbone", "images", "identical", "cosine_min", "cosine_mean"]),
+        _md(data["fast_parity"], ["backbone", "images", "identical", "cosine_min", "cosine_mean"]),
         "",
         "## DALI graph (CPU operators) against the backbone's reference transform",
         "",
         "Bundled photos as JPEG and PNG plus portrait crops; GPU operators are checked with "
         "`make gpu-check` on a GPU host.",
         "",
-        _table(
+        _md(
             data["dali_cpu_parity"],
             ["backbone", "operators", "images", "cosine_min", "worst_image", "max_abs"],
         ),
@@ -406,7 +410,7 @@ def report(data: dict[str, Any]) -> str:
             "Best of 3 round-robin rounds. `p224_pillow_batched` is the 224 px model with dynamic batching, "
             "measured for comparison only (the repository does not batch it: README, Operating it).",
             "",
-            _table(data["served"], ["model", "input", "instances", "concurrency", "images_per_s", "p99_ms"]),
+            _md(data["served"], ["model", "input", "instances", "concurrency", "images_per_s", "p99_ms"]),
             "",
             "## Bytes ensemble vs tensor path, one server, concurrency 4, batch 1",
             "",
