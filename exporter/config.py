@@ -5,6 +5,7 @@ Every value is validated in `__post_init__` and a refusal names the value, the f
 
 from __future__ import annotations
 
+import contextlib
 import enum
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -38,10 +39,17 @@ def check_kind_serves(kind: Kind, precision: Precision) -> None:
         )
 
 
-def _enum(cls: type[enum.Enum], value: Any, what: str):
+def enum_value(cls: type[enum.Enum], value: Any, what: str):
+    """`value` as a member of the string enum `cls` (a member, or its value in any letter case); else
+    ConfigError naming `what`, the value and the choices. Shared with the client (vitserve.client.config)."""
+    if isinstance(value, cls):
+        return value
     try:
         return cls(value)
     except ValueError:
+        if isinstance(value, str) and value.lower() != value:
+            with contextlib.suppress(ValueError):
+                return cls(value.lower())
         choices = ", ".join(repr(m.value) for m in cls)
         raise ConfigError(f"{what}: {value!r} is not one of {choices}") from None
 
@@ -249,7 +257,7 @@ class Tuned:
             raise ConfigError(f"{what}: expected a mapping, got {data!r}")
         data = dict(data)
         if data.get("precision") is not None:
-            data["precision"] = _enum(Precision, data["precision"], f"{what} precision")
+            data["precision"] = enum_value(Precision, data["precision"], f"{what} precision")
         if data.get("dynamic_batching") is not None:
             data["dynamic_batching"] = _build(
                 DynamicBatching, data["dynamic_batching"], f"{what} dynamic_batching"
@@ -474,14 +482,14 @@ class ModelSpec:
                 raise ConfigError(f"model {name}: missing required key {key!r}")
         if "precisions" in data:
             data["precisions"] = tuple(
-                _enum(Precision, p, f"model {name} precision") for p in data["precisions"]
+                enum_value(Precision, p, f"model {name} precision") for p in data["precisions"]
             )
         if "cpu_precisions" in data:
             data["cpu_precisions"] = tuple(
-                _enum(Precision, p, f"model {name} cpu_precisions") for p in data["cpu_precisions"]
+                enum_value(Precision, p, f"model {name} cpu_precisions") for p in data["cpu_precisions"]
             )
         if "kinds" in data:
-            data["kinds"] = tuple(_enum(Kind, k, f"model {name} kind") for k in data["kinds"])
+            data["kinds"] = tuple(enum_value(Kind, k, f"model {name} kind") for k in data["kinds"])
         if "profile" in data:
             data["profile"] = BatchProfile.parse(data["profile"])
         if data.get("heads"):
