@@ -69,11 +69,13 @@ perf: setup
 	  --max-total-s 900 --images $(PERF_IMAGES) --repository $(REPO) \
 	  --out perf/results/$(PERF_MODEL)
 
-# The GPU path (a GPU host with Docker + the NVIDIA container toolkit). The NGC release and its TensorRT
-# come from exporter/gpu_release.py only; DRY_RUN=1 prints every docker/trtexec/perf_analyzer command.
+# The GPU path (a GPU host with Docker + the NVIDIA container toolkit). The NGC release comes from
+# exporter/gpu_release.py only, its TensorRT from the image itself; DRY_RUN=1 prints every
+# docker/trtexec/perf_analyzer command.
 GPU_CONFIG ?= models.gpu.yaml
 GPU_CHECK = $(BIN)/python -m vitserve.perf.gpu_check $(if $(DRY_RUN),--dry-run)
-# The serving image: nvcr.io/nvidia/tritonserver:<release>-py3 + vitserve + the release's TensorRT.
+# The serving image: nvcr.io/nvidia/tritonserver:<release>-py3 + vitserve + the TensorRT Python package of
+# the image's own libnvinfer (recorded in /opt/vitserve/tensorrt.json).
 image: setup
 	$(GPU_CHECK) image
 # Build + verify every TensorRT plan of $(REPO) inside that image on this host's GPU (after make engines).

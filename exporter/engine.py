@@ -49,7 +49,7 @@ import numpy as np
 from vitserve.errors import ConfigError, ExportError
 from vitserve.exporter.config import BatchProfile
 from vitserve.exporter.export import sha256_file
-from vitserve.exporter.gpu_release import TENSORRT_VERSION, TRITON_IMAGE, version_tuple
+from vitserve.exporter.gpu_release import IMAGE_TENSORRT_RECORD, TENSORRT_VERSION, TRITON_IMAGE, version_tuple
 
 log = logging.getLogger(__name__)
 
@@ -231,8 +231,9 @@ def write_build_script(
     script = f"""#!/usr/bin/env bash
 # Builds the TensorRT plan {shlex.quote(_flag_value(cmd, "--saveEngine="))} (written by vitserve.exporter.engine).
 #
-# Run it INSIDE the NGC Triton container that will serve the plan ({TRITON_IMAGE}, TensorRT
-# {TENSORRT_VERSION}; `make engines-gpu` does this for every plan, with caching and verification), on the
+# Run it INSIDE the NGC Triton container that will serve the plan ({TRITON_IMAGE}: TensorRT
+# {TENSORRT_VERSION} expected, unverified; the serving image records its own in {IMAGE_TENSORRT_RECORD};
+# `make engines-gpu` does this for every plan, with caching and verification), on the
 # GPU model it will run on: a plan only loads in the TensorRT version that built it and, unless built
 # with a hardware compatibility level, on the same GPU architecture. trtexec prints its TensorRT version
 # on its first line.
@@ -405,7 +406,7 @@ def strongly_typed_flags(trt) -> int:
         raise ExportError(
             f"TensorRT {getattr(trt, '__version__', '?')} cannot build strongly typed networks "
             "(NetworkDefinitionCreationFlag.STRONGLY_TYPED, TensorRT 9.1 and later); the FP16/INT8 "
-            f"variants need them. Build inside {TRITON_IMAGE} (TensorRT {TENSORRT_VERSION}): make engines-gpu"
+            f"variants need them. Build inside the serving image ({TRITON_IMAGE} and its TensorRT): make engines-gpu"
         )
     return 1 << int(flag)
 
@@ -581,8 +582,8 @@ def provenance_problems(name: str, recorded: dict[str, Any], host: dict[str, Any
     Each message names both sides and how to rebuild.
     """
     rebuild = (
-        f"rebuild it on this host: `make engines-gpu` (builds inside {TRITON_IMAGE}, TensorRT "
-        f"{TENSORRT_VERSION}), or run {name}/1/build.sh inside the serving container"
+        f"rebuild it on this host: `make engines-gpu` (builds inside {TRITON_IMAGE}, with the TensorRT "
+        f"that image serves with), or run {name}/1/build.sh inside the serving container"
     )
     built_trt, host_trt = recorded.get("tensorrt_version"), host.get("tensorrt_version")
     built_cc, host_cc = recorded.get("compute_capability"), host.get("compute_capability")

@@ -15,8 +15,11 @@
                 fidelity of each plan, the exact versions and commands
 The equivalent trtexec command of each plan is printed too (it is each plan's build.sh).
 
-`self-check` runs inside the image while it is built: the image's libnvinfer and the TensorRT Python
-package must both be the pinned TensorRT, else the build stops naming the versions.
+`image` builds on the pinned release only: the image reads its own libnvinfer while it is built and
+installs the TensorRT Python package of that version (`gpu_release.py image-tensorrt`), then shows what it
+recorded (`IMAGE_TENSORRT_RECORD`). `self-check` runs inside the image while it is built: the libnvinfer
+Triton loads and the TensorRT Python package must be one TensorRT, the one recorded, else the build stops
+naming the versions.
 """
 
 from __future__ import annotations
@@ -34,12 +37,14 @@ from pathlib import Path
 from typing import Any
 
 from vitserve.exporter.gpu_release import (
-    TENSORRT_PIP,
+    IMAGE_TENSORRT_RECORD,
     TENSORRT_VERSION,
     TRITON_IMAGE,
     TRITON_RELEASE,
     version_tuple,
 )
+from vitserve.exporter.repository import WARMUP_FILE
+from vitserve.exporter.triton_models.contract import PIXELS
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE_TAG = f"vitserve-triton:{TRITON_RELEASE}"
@@ -50,14 +55,27 @@ CONCURRENCY = (1, 4, 16)
 
 
 def image_build_command(tag: str = IMAGE_TAG) -> list[str]:
-    """`docker build` of the serving image, its base and TensorRT pin filled from gpu_release."""
+    """`docker build` of the serving image on the release gpu_release names; no TensorRT version is
+    passed: the build reads the image's own (docker/Dockerfile)."""
     return [
         "docker", "build", "-f", "docker/Dockerfile",
         "--build-arg", f"TRITON_IMAGE={TRITON_IMAGE}",
-        "--build-arg", f"TENSORRT_PIP={TENSORRT_PIP}",
-        "--build-arg", f"TENSORRT_VERSION={TENSORRT_VERSION}",
         "-t", tag, ".",
     ]  # fmt: skip
+
+
+def image_record_command(tag: str = IMAGE_TAG) -> list[str]:
+    """What the built image recorded about its TensorRT (libnvinfer and the Python package)."""
+    return ["docker", "run", "--rm", "--entrypoint", "cat", tag, IMAGE_TENSORRT_RECORD]
+
+
+# What the image build runs to pick its TensorRT (docker/Dockerfile), shown by `image --dry-run`.
+IMAGE_TENSORRT_STEPS = (
+    f"python3 exporter/gpu_release.py image-tensorrt {IMAGE_TENSORRT_RECORD}"
+    "   # reads `dpkg-query -W 'libnvinfer*'` (else libnvinfer.so.X.Y.Z) and CUDA, prints tensorrt-cuNN==X.Y.Z.B.*",
+    'python3 -m pip install ... "tensorrt-cuNN==<that version>.*"',
+    "python3 -m vitserve.perf.gpu_check self-check   # libnvinfer == tensorrt Python == recorded, else stop",
+)
 
 
 def _user() -> list[str]:
@@ -120,7 +138,7 @@ def trtexec_commands(config: Path, repository: Path) -> list[list[str]]:
                 trtexec_command(
                     mdir / "onnx" / "model.onnx",
                     mdir / "1" / "model.plan",
-                    "pixel_values",
+                    PIXELS,
                     (3, size, size),
                     settings,
                 )
@@ -131,29 +149,36 @@ def trtexec_commands(config: Path, repository: Path) -> list[list[str]]:
 # ----------------------------------------------------------------------------------------- inside the image
 
 
-def image_tensorrt_problems(
-    lib_version: str | None, python_version: str | None, pinned: str = TENSORRT_VERSION
-) -> list[str]:
+def image_tensorrt_problems(lib_version: str | None, python_version: str | None, recorded: str) -> list[str]:
     """Why the image's TensorRT (libnvinfer, which Triton loads, and the Python package, which builds the
-    plans) is not the pinned one; empty when both match on major.minor.patch."""
+    plans) is not the one the image recorded while it was built (`recorded`, read from its libnvinfer
+    package or file); empty when both match it on major.minor.patch."""
     problems = []
     for what, found in (
         ("libnvinfer (Triton's TensorRT backend)", lib_version),
         ("tensorrt Python", python_version),
     ):
         if found is None:
-            problems.append(f"{what}: not found in the image (expected TensorRT {pinned})")
-        elif version_tuple(found) != version_tuple(pinned):
+            problems.append(f"{what}: not found in the image (its libnvinfer is TensorRT {recorded})")
+        elif version_tuple(found) != version_tuple(recorded):
             problems.append(
-                f"{what} is TensorRT {found}, but vitserve.exporter.gpu_release pins {pinned} for {TRITON_IMAGE}; "
-                "change TENSORRT_VERSION there to the image's version (all pins follow), then make image"
+                f"{what} is TensorRT {found}, but this image's libnvinfer is {recorded} "
+                f"({IMAGE_TENSORRT_RECORD}): a plan built with one does not load in the other; rebuild the "
+                "image (make image) and report the versions if it persists"
             )
     return problems
 
 
-def self_check() -> int:
+def self_check(record_path: str = IMAGE_TENSORRT_RECORD) -> int:
+    """Inside the image: the loaded libnvinfer and `import tensorrt` against the recorded TensorRT; adds
+    the Python package's version to the record."""
     import ctypes
 
+    try:
+        record = json.loads(Path(record_path).read_text())
+    except (OSError, ValueError) as e:
+        print(f"error: {record_path} unreadable ({e}); build the image with make image", file=sys.stderr)
+        return 1
     lib = None
     for name in ("libnvinfer.so.10", "libnvinfer.so.11"):
         try:
@@ -169,12 +194,20 @@ def self_check() -> int:
     except (ImportError, OSError) as e:
         py = None
         print(f"import tensorrt failed: {e}", file=sys.stderr)
-    problems = image_tensorrt_problems(lib, py)
+    problems = image_tensorrt_problems(lib, py, record["tensorrt"])
     for p in problems:
         print(f"error: {p}", file=sys.stderr)
-    if not problems:
-        print(f"TensorRT {lib} (libnvinfer) and {py} (Python) match the pinned {TENSORRT_VERSION}")
-    return 1 if problems else 0
+    if problems:
+        return 1
+    record.update(libnvinfer_loaded=lib, tensorrt_python=py)
+    Path(record_path).write_text(json.dumps(record, indent=1) + "\n")
+    print(f"TensorRT {record['tensorrt']} ({record['source']}): libnvinfer {lib} and Python {py} match")
+    if version_tuple(record["tensorrt"]) != version_tuple(TENSORRT_VERSION):
+        print(
+            f"NOTE: vitserve.exporter.gpu_release documents TensorRT {TENSORRT_VERSION} (unverified) for "
+            f"{TRITON_IMAGE}; this image carries {record['tensorrt']}: update that note and the `gpu` extra"
+        )
+    return 0
 
 
 # ----------------------------------------------------------------------------------------- report
@@ -209,11 +242,11 @@ def slug(text: str) -> str:
 
 def write_report(out_dir: Path, data: dict[str, Any]) -> Path:
     """report.md + report.json from the collected points, plan records and versions."""
-    from vitserve.perf.bench_pipeline import _md_table
+    from vitserve.exporter.compare import format_table
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
-    plans = _md_table(
+    plans = format_table(
         data["plans"],
         [
             "plan",
@@ -224,10 +257,14 @@ def write_report(out_dir: Path, data: dict[str, Any]) -> Path:
             "emb_cos_min",
             "gate",
         ],
+        markdown=True,
+        float_format=".4g",
     )
-    points = _md_table(
+    points = format_table(
         data["points"],
         ["model", "precision", "batch", "concurrency", "images_per_s", "p50_ms", "p99_ms", "gpu_util"],
+        markdown=True,
+        float_format=".4g",
     )
     versions = "\n".join(f"- {k}: {v}" for k, v in data["versions"].items())
     commands = "\n".join(f"    {c}" for c in data["commands"])
@@ -314,9 +351,18 @@ def main(argv: list[str] | None = None) -> int:
         return self_check()
     run = Runner(args.dry_run)
     repo, cache = Path(args.repository), Path(args.artifacts) / "engines"
-    print(f"NGC release {TRITON_RELEASE}: {TRITON_IMAGE}, TensorRT {TENSORRT_VERSION} ({TENSORRT_PIP})")
+    print(
+        f"NGC release {TRITON_RELEASE}: {TRITON_IMAGE}; its TensorRT is read from the image while it is built"
+    )
+    image_record: dict[str, Any] = {}
     if args.step in ("all", "image"):
         run(image_build_command())
+        for step in IMAGE_TENSORRT_STEPS:
+            print(f"  (inside the build) {step}")
+        out = run(image_record_command(), capture=True)
+        if out:
+            print(out.strip())
+            image_record = json.loads(out)
     if args.step == "image":
         return 0
     if args.step == "all":
@@ -362,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
             inputs = out_dir / "inputs" / name
             if not args.dry_run:
                 inputs.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(repo / name / "warmup" / "pixel_values.bin", inputs / "pixel_values")
+                shutil.copyfile(repo / name / "warmup" / WARMUP_FILE, inputs / PIXELS)
             for b in (b for b in batches if b <= max_batch):
                 for c in concurrencies:
                     csv_path = out_dir / "csv" / f"{name}_b{b}_c{c}.csv"
@@ -407,7 +453,8 @@ def main(argv: list[str] | None = None) -> int:
             "gpu": gpu,
             "driver": driver,
             "triton_image": TRITON_IMAGE,
-            "tensorrt": TENSORRT_VERSION,
+            "tensorrt": image_record.get("tensorrt", "see " + IMAGE_TENSORRT_RECORD),
+            "tensorrt_python": image_record.get("tensorrt_python"),
             "perf_analyzer_image": SDK_IMAGE,
             "vitserve_git": git,
         },

@@ -37,26 +37,133 @@ HOST = {"tensorrt_version": "10.13.3", "compute_capability": "9.0", "gpu_name": 
 # -- one place names the release ------------------------------------------------------------------
 
 
-def test_dockerfile_base_and_tensorrt_pin_come_from_gpu_release():
+def _instructions(dockerfile: str) -> list[str]:
+    """A Dockerfile's instructions, comments dropped and continuation lines joined."""
+    lines = [ln for ln in dockerfile.splitlines() if not ln.lstrip().startswith("#")]
+    return [i.strip() for i in re.sub(r"\\\n", " ", "\n".join(lines)).splitlines() if i.strip()]
+
+
+def test_dockerfile_base_comes_from_gpu_release_and_tensorrt_from_the_image():
     dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
-    # The base and the pin are ARGs without defaults: only `make image` (gpu_check) fills them.
+    # The base is an ARG without a default: only `make image` (gpu_check) fills it.
     assert re.search(r"^ARG TRITON_IMAGE$", dockerfile, flags=re.M)
     assert re.search(r"^FROM \$\{TRITON_IMAGE\}$", dockerfile, flags=re.M)
-    assert re.search(r"^ARG TENSORRT_PIP$", dockerfile, flags=re.M)
-    assert '"${TENSORRT_PIP}"' in dockerfile
     assert "nvcr.io" not in dockerfile and "tensorrt-cu" not in dockerfile
+    # No TensorRT version goes in: the build reads the image's own libnvinfer, installs the Python package
+    # gpu_release prints for it, and records both (self-check adds the Python side).
+    assert "TENSORRT_PIP" not in dockerfile and "TENSORRT_VERSION" not in dockerfile
+    runs = [i.removeprefix("RUN ") for i in _instructions(dockerfile) if i.startswith("RUN ")]
+    (install,) = [r for r in runs if "image-tensorrt" in r]
+    assert f"exporter/gpu_release.py image-tensorrt {gpu_release.IMAGE_TENSORRT_RECORD}" in install
+    assert 'tensorrt_pip="$(' in install and '"${tensorrt_pip}"' in install and "pip install" in install
+    assert runs.index(install) < runs.index("python3 -m vitserve.perf.gpu_check self-check")
     cmd = gpu_check.image_build_command()
-    assert f"TRITON_IMAGE={gpu_release.TRITON_IMAGE}" in cmd
-    assert f"TENSORRT_PIP={gpu_release.TENSORRT_PIP}" in cmd
-    assert f"TENSORRT_VERSION={gpu_release.TENSORRT_VERSION}" in cmd
+    assert [a for a in cmd if a.startswith(("TRITON_IMAGE=", "TENSORRT"))] == [
+        f"TRITON_IMAGE={gpu_release.TRITON_IMAGE}"
+    ]
     assert cmd[cmd.index("-f") + 1] == "docker/Dockerfile"
-    # The pip extra pins the TensorRT of that same release.
+    # The host-side pip extra pins the documented (unverified) TensorRT of that release.
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert extras["gpu"] == [gpu_release.TENSORRT_PIP]
     assert gpu_release.TENSORRT_PIP == "tensorrt-cu13==10.13.3.*"
     assert gpu_release.TRITON_IMAGE.startswith("nvcr.io/nvidia/tritonserver:" + gpu_release.TRITON_RELEASE)
     # The README's GPU section names the same release.
     assert gpu_release.TRITON_IMAGE in (ROOT / "README.md").read_text()
+
+
+def test_image_keeps_nvidias_entrypoint_then_checks_engines():
+    """NGC's entrypoint (driver check, CUDA compat set-up) runs first and execs vitserve's, which execs
+    the command: nothing of the image's own entrypoint is lost."""
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    (entry,) = [
+        i.removeprefix("ENTRYPOINT ") for i in _instructions(dockerfile) if i.startswith("ENTRYPOINT")
+    ]
+    assert json.loads(entry) == ["/opt/nvidia/nvidia_entrypoint.sh", "/opt/vitserve/entrypoint.sh"]
+    assert "COPY docker/entrypoint.sh /opt/vitserve/entrypoint.sh" in dockerfile
+
+
+# -- the image's own TensorRT, read while it is built ---------------------------------------------
+
+# `dpkg-query -W -f='${Package}\t${Version}\t${db:Status-Abbrev}\n' 'libnvinfer*'` as dpkg prints it
+# (tab-separated; "ii " installed, "un " known but not installed, empty version), with the version form
+# of NVIDIA's TensorRT packages (UPSTREAM-REVISION+cudaMAJOR.MINOR).
+DPKG_CU13 = (
+    "libnvinfer-bin\t10.13.3.9-1+cuda13.0\tii \n"
+    "libnvinfer-dev\t\tun \n"
+    "libnvinfer-dispatch10\t10.13.3.9-1+cuda13.0\tii \n"
+    "libnvinfer-lean10\t10.13.3.9-1+cuda13.0\tii \n"
+    "libnvinfer-plugin10\t10.13.3.9-1+cuda13.0\tii \n"
+    "libnvinfer-vc-plugin10\t10.13.3.9-1+cuda13.0\tii \n"
+    "libnvinfer10\t10.13.3.9-1+cuda13.0\tii \n"
+    "libnvinfer9\t\tun \n"
+)
+# A TensorRT 10 library directory (the tarball's lib/ and the packages' files alike).
+LIB_FILES = [
+    "libcudart.so.13", "libcudart.so.13.0.96", "libnvinfer.so", "libnvinfer.so.10", "libnvinfer.so.10.13.3",
+    "libnvinfer_builder_resource.so.10.13.3", "libnvinfer_dispatch.so.10", "libnvinfer_dispatch.so.10.13.3",
+    "libnvinfer_lean.so.10", "libnvinfer_lean.so.10.13.3", "libnvinfer_plugin.so.10",
+    "libnvinfer_plugin.so.10.13.3", "libnvonnxparser.so.10", "libnvonnxparser.so.10.13.3",
+]  # fmt: skip
+
+
+def test_image_tensorrt_from_dpkg_and_library_files():
+    from packaging.requirements import Requirement
+
+    assert gpu_release.parse_dpkg_libnvinfer(DPKG_CU13) == ("10.13.3.9", 13)
+    record = gpu_release.image_tensorrt(DPKG_CU13, LIB_FILES, None)
+    assert record["tensorrt"] == "10.13.3.9" and record["cuda_major"] == 13
+    assert record["requirement"] == "tensorrt-cu13==10.13.3.9.*"
+    # PyPI's package for that build is 10.13.3.9.post1 (ENVIRONMENT.md); another TensorRT is not accepted.
+    spec = Requirement(record["requirement"]).specifier
+    assert "10.13.3.9.post1" in spec and "10.13.3.9" in spec and "10.14.1.48" not in spec
+    # A CUDA 12 image gets the cu12 package; an epoch in the Debian version is allowed.
+    cu12 = "libnvinfer10\t1:10.7.0.23-1+cuda12.6\tii \n"
+    assert gpu_release.image_tensorrt(cu12, [], None)["requirement"] == "tensorrt-cu12==10.7.0.23.*"
+    # No dpkg record (a tarball install): the library file's three numbers and the image's CUDA_VERSION.
+    assert gpu_release.parse_libnvinfer_files(LIB_FILES) == "10.13.3"
+    assert (
+        gpu_release.image_tensorrt("", LIB_FILES, "13.0.2.006")["requirement"] == "tensorrt-cu13==10.13.3.*"
+    )
+    assert gpu_release.image_tensorrt(None, LIB_FILES, None)["cuda_major"] == 13  # from libcudart.so.13
+    # Two sources that disagree, or nothing to read, stop the build with what was seen.
+    with pytest.raises(gpu_release.ImageTensorRTError, match=r"10\.13\.3\.9.*libnvinfer\.so\.10\.14\.1"):
+        gpu_release.image_tensorrt(DPKG_CU13, ["libnvinfer.so.10.14.1"], None)
+    with pytest.raises(gpu_release.ImageTensorRTError, match=r"no libnvinfer in this image.*dpkg-query"):
+        gpu_release.image_tensorrt("libnvinfer10\t\tun \n", ["libnvinfer.so.10"], None)
+
+
+def test_image_tensorrt_command_writes_the_record(tmp_path):
+    """`gpu_release.py image-tensorrt RECORD` with a bare python3, as the Dockerfile runs it: the real
+    dpkg-query of this (TensorRT-less) machine finds nothing, so the build would stop; with a libnvinfer
+    file on LD_LIBRARY_PATH it records that version and prints the requirement to install."""
+    script = [sys.executable, "-S", str(ROOT / "exporter" / "gpu_release.py"), "image-tensorrt"]
+    record = tmp_path / "opt" / "tensorrt.json"
+    env = {"PATH": os.environ["PATH"]}
+    none = subprocess.run([*script, str(record)], capture_output=True, text=True, env=env)
+    assert none.returncode == 1 and "no libnvinfer in this image" in none.stderr and not record.exists()
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    for name in ("libnvinfer.so.10.13.3", "libnvinfer_plugin.so.10.13.3"):
+        (lib / name).write_bytes(b"")
+    env |= {"LD_LIBRARY_PATH": str(lib), "CUDA_VERSION": "13.0.2.006"}
+    out = subprocess.run([*script, str(record)], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "tensorrt-cu13==10.13.3.*"
+    assert json.loads(record.read_text()) == {
+        "tensorrt": "10.13.3", "cuda_major": 13, "requirement": "tensorrt-cu13==10.13.3.*",
+        "source": "libnvinfer.so.10.13.3",
+    }  # fmt: skip
+
+
+def test_make_image_dry_run_shows_how_the_image_picks_its_tensorrt(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "vitserve.perf.gpu_check", "--dry-run", "image"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    build, record = [ln for ln in out.stdout.splitlines() if ln.startswith("[dry-run] docker")]
+    assert "--build-arg TENSORRT" not in build and f"TRITON_IMAGE={gpu_release.TRITON_IMAGE}" in build
+    assert "gpu_release.py image-tensorrt" in out.stdout and "dpkg-query" in out.stdout
+    assert record.endswith(f"cat {gpu_check.IMAGE_TAG} {gpu_release.IMAGE_TENSORRT_RECORD}")
 
 
 def test_gpu_release_runs_without_vitserve_installed():
@@ -83,12 +190,12 @@ def test_version_tuple():
         gpu_release.version_tuple("10.x")
 
 
-def test_image_self_check_compares_both_tensorrts_with_the_pin():
-    pin = gpu_release.TENSORRT_VERSION
-    assert gpu_check.image_tensorrt_problems("10.13.3", "10.13.3.9", pin) == []
-    problems = gpu_check.image_tensorrt_problems("10.14.1", None, pin)
+def test_image_self_check_compares_both_tensorrts_with_the_recorded_one():
+    recorded = "10.13.3.9"  # what the image build read from its own libnvinfer
+    assert gpu_check.image_tensorrt_problems("10.13.3", "10.13.3.9", recorded) == []
+    problems = gpu_check.image_tensorrt_problems("10.14.1", None, recorded)
     assert len(problems) == 2
-    assert "libnvinfer" in problems[0] and "10.14.1" in problems[0] and pin in problems[0]
+    assert "libnvinfer" in problems[0] and "10.14.1" in problems[0] and recorded in problems[0]
     assert "tensorrt Python: not found" in problems[1]
 
 
@@ -179,6 +286,36 @@ def test_entrypoint_checks_plans_before_tritonserver(tmp_path):
     )
     assert ok.returncode == 0, ok.stderr
     assert f"server started --model-repository {empty}" in ok.stdout
+
+
+def test_entrypoint_takes_plain_tritonserver_args(tmp_path):
+    """Kubernetes `args:` without a command reach the image's ENTRYPOINT as plain tritonserver flags: the
+    entrypoint checks the plans and runs tritonserver with them."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "tritonserver").write_text('#!/usr/bin/env bash\necho "server started $*"\n')
+    (fake_bin / "tritonserver").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake_bin}:{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    entry = str(ROOT / "docker" / "entrypoint.sh")
+    repo = _repo_with_plan(tmp_path, BUILT)
+    refused = subprocess.run(
+        ["bash", entry, f"--model-repository={repo}", "--strict-readiness=true"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode == 3, refused.stderr
+    assert "m_fp16_tensorrt" in refused.stderr and "server started" not in refused.stdout
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    ok = subprocess.run(
+        ["bash", entry, f"--model-repository={empty}", "--strict-readiness=true"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert f"server started --model-repository={empty} --strict-readiness=true" in ok.stdout
 
 
 # -- plan and timing cache ------------------------------------------------------------------------

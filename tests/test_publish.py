@@ -22,7 +22,9 @@ from vitserve.publish import (
     RECORD,
     PublishError,
     S3Location,
+    check_published_engines,
     current,
+    parse_triton_url,
     publish,
     s3_client,
     triton_url,
@@ -150,6 +152,243 @@ def test_a_failed_upload_leaves_the_old_version_current(s3, tiny_repository):
     assert current(f"s3://{bucket}/m", client=client) == old
     assert _keys(client, bucket, "m/versions/broken/") == []  # the partial upload was removed
     assert versions(f"s3://{bucket}/m", client=client) == ["good"]
+
+
+def test_a_failed_upload_whose_response_was_lost_leaves_nothing_behind(s3, tiny_repository):
+    """An object that lands but whose response never comes back (simulated by really uploading it and
+    then failing the call) is deleted too: cleanup lists the version's prefix; the version can be
+    published again."""
+    client, bucket = s3
+    old = publish(tiny_repository, f"s3://{bucket}/m", client=client, version="good")
+    landed = []
+    observer = s3_client(client.meta.endpoint_url)
+
+    def remember_key(params, context, **kwargs):
+        context["key"] = params["Key"]
+
+    def lose_the_response(context, **kwargs):
+        if context.get("key", "").endswith("/add_one/config.pbtxt"):
+            observer.head_object(Bucket=bucket, Key=context["key"])  # stored (raises if not)
+            landed.append(context["key"])
+            raise ConnectionError("connection reset after the object was stored")
+
+    events = (
+        ("before-parameter-build.s3.PutObject", remember_key),
+        ("after-call.s3.PutObject", lose_the_response),
+    )
+    for event, handler in events:
+        client.meta.events.register(event, handler)
+    try:
+        with pytest.raises(PublishError, match=r"connection reset.*partial upload was deleted"):
+            publish(tiny_repository, f"s3://{bucket}/m", client=client, version="retry")
+    finally:
+        for event, handler in events:
+            client.meta.events.unregister(event, handler)
+    assert landed  # the object really was stored before the call failed
+    assert _keys(client, bucket, "m/versions/retry/") == []
+    assert current(f"s3://{bucket}/m", client=client) == old
+    assert publish(tiny_repository, f"s3://{bucket}/m", client=client, version="retry").version == "retry"
+
+
+def test_a_slower_older_publish_does_not_overwrite_a_newer_current(s3, tiny_repository):
+    """Two publishes race: the one that started first finishes last. CURRENT stays on the newer one (S3
+    conditional write on CURRENT's ETag) and the slower one is refused, its version uploaded, not current.
+    The same holds for the very first publish (no CURRENT yet: If-None-Match)."""
+    client, bucket = s3
+    for prefix, before in (("first", None), ("m", "v0")):
+        if before:
+            publish(tiny_repository, f"s3://{bucket}/{prefix}", client=client, version=before)
+        newer = []
+
+        def meanwhile(key, prefix=prefix, newer=newer):
+            if not newer:  # while the older publish uploads its first file, a newer one completes
+                newer.append(
+                    publish(tiny_repository, f"s3://{bucket}/{prefix}", client=client, version="newer")
+                )
+
+        with pytest.raises(PublishError, match=r"moved to version newer by another publish.*not changed"):
+            publish(
+                tiny_repository,
+                f"s3://{bucket}/{prefix}",
+                client=client,
+                version="older",
+                upload_hook=meanwhile,
+            )
+        assert current(f"s3://{bucket}/{prefix}", client=client).version == "newer"
+        assert "older" in versions(f"s3://{bucket}/{prefix}", client=client)  # whole, never pointed at
+    # Publishing again after the race moves CURRENT forward as usual.
+    assert publish(tiny_repository, f"s3://{bucket}/m", client=client, version="v3").version == "v3"
+    assert current(f"s3://{bucket}/m", client=client).version == "v3"
+
+
+def test_a_lost_response_on_current_is_not_a_conflict(s3, tiny_repository):
+    """The CURRENT PUT lands but its response is lost: CURRENT names this version, so the publish
+    succeeds instead of reporting a race with itself."""
+    client, bucket = s3
+
+    def remember_key(params, context, **kwargs):
+        context["key"] = params["Key"]
+
+    lost = []
+
+    def lose_pointer_response(context, **kwargs):
+        if context.get("key") == f"m/{POINTER}":
+            lost.append(context["key"])
+            raise ConnectionError("response lost")
+
+    events = (
+        ("before-parameter-build.s3.PutObject", remember_key),
+        ("after-call.s3.PutObject", lose_pointer_response),
+    )
+    for event, handler in events:
+        client.meta.events.register(event, handler)
+    try:
+        p = publish(tiny_repository, f"s3://{bucket}/m", client=client, version="v1")
+    finally:
+        for event, handler in events:
+            client.meta.events.unregister(event, handler)
+    assert lost == [f"m/{POINTER}"]
+    assert current(f"s3://{bucket}/m", client=client) == p
+
+
+def _tensorrt_repo(tmp_path, tiny_repository, record, plan: bool = True):
+    """tiny_repository + a TensorRT model `m_fp16_tensorrt` as `make engines` / `make engines-gpu` leave
+    it: build.sh always, the plan when built, and its engine record in vitserve-manifest.json."""
+    import hashlib
+    import shutil
+
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repository, repo)
+    mdir = repo / "m_fp16_tensorrt"
+    (mdir / "1").mkdir(parents=True)
+    (mdir / "config.pbtxt").write_text('name: "m_fp16_tensorrt"\nplatform: "tensorrt_plan"\n')
+    (mdir / "1" / "build.sh").write_text("#!/usr/bin/env bash\ntrtexec --onnx=../onnx/model.onnx\n")
+    if plan:
+        (mdir / "1" / "model.plan").write_bytes(b"serialized engine bytes")
+        record = {"plan_sha256": hashlib.sha256(b"serialized engine bytes").hexdigest(), **record}
+    manifest = {"models": {"m": {"engines": {"m_fp16_tensorrt": record}}}}
+    (repo / "vitserve-manifest.json").write_text(json.dumps(manifest))
+    return repo
+
+
+VERIFIED = {
+    "built": True,
+    "published": True,
+    "tensorrt_version": "10.13.3.9",
+    "compute_capability": "9.0",
+    "gpu_name": "NVIDIA H100 80GB HBM3",
+    "fidelity": {"passed": True, "gate": "PASS: embeddings cosine_min 0.9995 >= 0.999"},
+}
+
+
+def test_publish_refuses_tensorrt_models_without_a_verified_plan(
+    s3, tiny_repository, tmp_path, monkeypatch, capsys
+):
+    from vitserve.cli import main
+
+    client, bucket = s3
+    cases = {
+        "only-build-sh": ({"built": False, "build_script": "m_fp16_tensorrt/1/build.sh"}, False, "only m_fp16_tensorrt/1/build.sh"),
+        "failed-gate": ({**VERIFIED, "fidelity": {"passed": False, "gate": "FAIL: cosine_min 0.91 < 0.999"}}, True, "did not pass verification \\(FAIL"),
+        "never-verified": ({k: v for k, v in VERIFIED.items() if k != "fidelity"}, True, "never verified"),
+        "unrecorded": (None, True, "its plan is not recorded"),
+    }  # fmt: skip
+    for case, (record, plan, why) in cases.items():
+        repo = _tensorrt_repo(tmp_path / case, tiny_repository, record or {}, plan)
+        if record is None:
+            (repo / "vitserve-manifest.json").write_text(json.dumps({"models": {}}))
+        with pytest.raises(PublishError, match=rf"m_fp16_tensorrt: .*{why}.*make engines-gpu.*--force"):
+            publish(repo, f"s3://{bucket}/{case}", client=client)
+        assert _keys(client, bucket, f"{case}/") == []  # nothing uploaded, CURRENT untouched
+    # A plan that is not the recorded one (sha256) is refused too.
+    repo = _tensorrt_repo(tmp_path / "swapped", tiny_repository, VERIFIED)
+    (repo / "m_fp16_tensorrt" / "1" / "model.plan").write_bytes(b"another engine")
+    with pytest.raises(PublishError, match="not the plan the manifest recorded"):
+        publish(repo, f"s3://{bucket}/swapped", client=client)
+
+    # Verified: published. Only the other models: published. Forced: published, and recorded as such.
+    ok = publish(
+        _tensorrt_repo(tmp_path / "ok", tiny_repository, VERIFIED), f"s3://{bucket}/ok", client=client
+    )
+    assert f"ok/versions/{ok.version}/m_fp16_tensorrt/1/model.plan" in _keys(client, bucket, "ok/")
+    unbuilt = _tensorrt_repo(tmp_path / "unbuilt", tiny_repository, {"built": False}, plan=False)
+    publish(unbuilt, f"s3://{bucket}/cpu-only", client=client, models=["add_one"])
+    forced = publish(unbuilt, f"s3://{bucket}/forced", client=client, force=True)
+    rec = json.loads(
+        client.get_object(Bucket=bucket, Key=f"forced/versions/{forced.version}/{RECORD}")["Body"].read()
+    )
+    assert "only build.sh" in rec["forced_unverified_plans"][0]
+
+    # The CLI refuses the same way, and --force publishes.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", client.meta.endpoint_url)
+    assert main(["publish", "--repository", str(unbuilt), "--to", f"s3://{bucket}/cli"]) == 2
+    assert "only build.sh" in capsys.readouterr().err
+    assert main(["publish", "--repository", str(unbuilt), "--to", f"s3://{bucket}/cli", "--force"]) == 0
+
+
+def test_parse_triton_url_inverts_triton_url():
+    for endpoint in (None, "http://127.0.0.1:9000", "https://minio.example:443"):
+        url = triton_url("bkt", "p/versions/v1", endpoint)
+        assert parse_triton_url(url) == (endpoint, S3Location("bkt", "p/versions/v1"))
+    assert parse_triton_url("s3://minio:9000/bkt/p") == ("http://minio:9000", S3Location("bkt", "p"))
+    with pytest.raises(PublishError, match="s3://BUCKET/PREFIX"):
+        parse_triton_url("gs://bkt/p")
+
+
+HOST = {"tensorrt_version": "10.13.3", "compute_capability": "9.0", "gpu_name": "NVIDIA H100 80GB HBM3"}
+
+
+def test_check_engines_of_a_published_repository(s3, tiny_repository, tmp_path):
+    """`vitserve check-engines` on an s3:// repository reads the published manifest: each plan against the
+    host, and the plan the publish record lists against the one the manifest records."""
+    client, bucket = s3
+    p = publish(_tensorrt_repo(tmp_path, tiny_repository, VERIFIED), f"s3://{bucket}/m", client=client)
+    assert check_published_engines(p.triton_url, HOST, client=client) == (1, [])
+    count, (problem,) = check_published_engines(
+        p.triton_url, {**HOST, "tensorrt_version": "10.14.1"}, client=client
+    )
+    assert count == 1 and "m_fp16_tensorrt" in problem and "10.13.3.9" in problem and "10.14.1" in problem
+    plain = publish(tiny_repository, f"s3://{bucket}/plain", client=client)
+    assert check_published_engines(plain.triton_url, HOST, client=client) == (0, [])
+    # A manifest that no longer describes the published plan.
+    base = f"m/versions/{p.version}"
+    client.put_object(Bucket=bucket, Key=f"{base}/vitserve-manifest.json", Body=b'{"models": {}}')
+    (problem,) = check_published_engines(p.triton_url, HOST, client=client)[1]
+    assert "not recorded in vitserve-manifest.json" in problem
+
+
+def test_entrypoint_checks_plans_of_an_s3_repository(s3, tiny_repository, tmp_path):
+    """docker/entrypoint.sh with tritonserver's s3:// repository (the Kubernetes path) runs the real
+    `vitserve check-engines` on the published manifest: this host has no TensorRT and no GPU, so the
+    published plan is refused before tritonserver starts; a repository without plans starts it."""
+    from pathlib import Path
+
+    client, bucket = s3
+    p = publish(_tensorrt_repo(tmp_path, tiny_repository, VERIFIED), f"s3://{bucket}/k8s", client=client)
+    plain = publish(tiny_repository, f"s3://{bucket}/plain", client=client)
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "tritonserver").write_text('#!/usr/bin/env bash\necho "server started $*"\n')
+    (fake_bin / "tritonserver").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake_bin}:{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    entry = str(Path(__file__).resolve().parents[1] / "docker" / "entrypoint.sh")
+    refused = subprocess.run(
+        ["bash", entry, "tritonserver", f"--model-repository={p.triton_url}"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode == 3, refused.stderr
+    assert "server started" not in refused.stdout
+    assert "m_fp16_tensorrt" in refused.stderr and "10.13.3.9" in refused.stderr
+    ok = subprocess.run(
+        ["bash", entry, "--model-repository", plain.triton_url],  # plain tritonserver args
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert f"server started --model-repository {plain.triton_url}" in ok.stdout
 
 
 def test_current_refuses_a_pointer_to_an_incomplete_version(s3, tiny_repository):

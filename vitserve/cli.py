@@ -128,12 +128,18 @@ def _check_engines(args: argparse.Namespace) -> int:
 
     from vitserve.exporter.engine import check_repository, host_provenance
 
-    plans = sorted(Path(args.repository).glob("*/1/model.plan"))
-    if not plans:
+    if str(args.repository).startswith("s3://"):  # the published manifest, read from S3 (Kubernetes)
+        from vitserve.publish import check_published_engines
+
+        host = host_provenance()
+        count, problems = check_published_engines(args.repository, host)
+    else:
+        count = len(list(Path(args.repository).glob("*/1/model.plan")))
+        host = host_provenance() if count else {}
+        problems = check_repository(args.repository, host) if count else []
+    if not count:
         print(f"no TensorRT plans in {args.repository}: nothing to check")
         return 0
-    host = host_provenance()
-    problems = check_repository(args.repository, host)
     if problems:
         print(
             f"error: {len(problems)} TensorRT plan(s) in {args.repository} will not load here:",
@@ -143,7 +149,7 @@ def _check_engines(args: argparse.Namespace) -> int:
             print(f"  {p}", file=sys.stderr)
         return 3
     print(
-        f"{len(plans)} TensorRT plan(s) in {args.repository} match this host (TensorRT {host['tensorrt_version']}, "
+        f"{count} TensorRT plan(s) in {args.repository} match this host (TensorRT {host['tensorrt_version']}, "
         f"{host['gpu_name']}, compute capability {host['compute_capability']})"
     )
     return 0
@@ -166,6 +172,11 @@ def _add_cluster(sub: argparse._SubParsersAction) -> None:
         "--endpoint-url", default=None, help="S3-compatible storage (default: AWS_ENDPOINT_URL or AWS)"
     )
     p.add_argument("--region", default=None)
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="publish even TensorRT models without a verified plan (only build.sh, or failed verification)",
+    )
     p.set_defaults(func=_publish)
     p = sub.add_parser(
         "published", help="the current version under s3://BUCKET/PREFIX and its tritonserver URL"
@@ -198,7 +209,9 @@ def _add_cluster(sub: argparse._SubParsersAction) -> None:
 def _publish(args: argparse.Namespace) -> int:
     from vitserve.publish import publish
 
-    p = publish(args.repository, args.to, endpoint_url=args.endpoint_url, region=args.region)
+    p = publish(
+        args.repository, args.to, endpoint_url=args.endpoint_url, region=args.region, force=args.force
+    )
     print(f"published {p.files} files ({p.bytes / 1e6:.1f} MB) as {p.version_url}; CURRENT -> {p.version}")
     print(f"tritonserver --model-repository={p.triton_url}")
     print(f"pin it in deploy/: MODEL_REPOSITORY={p.version_url}")

@@ -14,9 +14,20 @@ A reader resolves CURRENT to `PREFIX/versions/VERSION/` and gives tritonserver t
 (`--model-repository=s3://...`, see `triton_url`). One PUT replaces CURRENT whole (S3 objects are never
 seen half-written), so a reader sees the old version or the new one, never a mixture; an upload that fails
 or is interrupted never reaches the pointer, so the old version keeps serving (the partial upload is deleted
-when possible; a leftover one is never pointed at). Old versions are kept: a replica that restarts with a
-pinned version (the Kubernetes manifests pin one, so all replicas of a Deployment serve the same model) must
-still find it.
+by listing the version's prefix, so an object that landed although its upload reported a failure goes too;
+a leftover one is never pointed at). Old versions are kept: a replica that restarts with a pinned version
+(the Kubernetes manifests pin one, so all replicas of a Deployment serve the same model) must still find it.
+
+CURRENT only moves forward: a publish reads CURRENT's ETag before it uploads and replaces it with an S3
+conditional write (`If-Match` that ETag, or `If-None-Match: *` when there was none). If another publish
+moved CURRENT meanwhile, the slower one is refused (its version stays uploaded, not current) instead of
+putting an older repository back (last writer wins). AWS S3 has conditional writes since 2024, as MinIO
+and moto do; storage that ignores the headers falls back to last writer wins.
+
+Only what can serve is published: a repository whose manifest has a TensorRT model without a verified
+plan (only build.sh, a plan that failed or skipped verification, or a plan that is not the recorded one)
+is refused unless `force=True` (`unservable_plans`). `check_published_engines` is `vitserve check-engines`
+for an s3:// repository: every plan the published manifest lists, against this host, without downloading.
 
 Endpoint, region and credentials come the standard AWS way (environment, ~/.aws, instance role);
 `endpoint_url` (or AWS_ENDPOINT_URL) selects S3-compatible storage (MinIO, Ceph, moto).
@@ -28,6 +39,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +53,12 @@ log = logging.getLogger(__name__)
 POINTER = "CURRENT"
 RECORD = "vitserve-publish.json"
 VERSIONS = "versions"
+# S3's answers to a conditional PUT of CURRENT that another publish got to first: 412 (it is not the
+# object this publish saw), 404 (If-Match on a pointer deleted meanwhile), 409 (a concurrent conditional
+# write to the same key).
+POINTER_MOVED = frozenset(
+    {"PreconditionFailed", "412", "NoSuchKey", "404", "ConditionalRequestConflict", "409"}
+)
 
 
 class PublishError(VitServeError):
@@ -193,6 +211,145 @@ def _delete(client, bucket: str, keys: list[str]) -> None:
         )
 
 
+def _error_code(e: Exception) -> str:
+    return str(getattr(e, "response", {}).get("Error", {}).get("Code", ""))
+
+
+def _pointer_etag(client, location: S3Location) -> str | None:
+    """CURRENT's ETag now, or None when nothing is published yet (what the swap is conditional on)."""
+    try:
+        return client.head_object(Bucket=location.bucket, Key=location.key(POINTER))["ETag"]
+    except Exception as e:
+        if _error_code(e) in ("404", "NoSuchKey", "NotFound"):
+            return None
+        raise _translate(e, "reading the pointer of", location) from e
+
+
+def _pointer_version(client, location: S3Location) -> str | None:
+    try:
+        body = client.get_object(Bucket=location.bucket, Key=location.key(POINTER))["Body"].read()
+        return json.loads(body).get("version")
+    except Exception:
+        return None
+
+
+# ----------------------------------------------------------------------------------------- only what serves
+
+
+def _manifest_engines(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Triton model name -> its engine record, over every model of a vitserve-manifest.json."""
+    records: dict[str, dict[str, Any]] = {}
+    for model in (manifest.get("models") or {}).values():
+        records.update(model.get("engines") or {})
+    return records
+
+
+def unservable_plans(repository: str | Path, files: list[tuple[str, Path]] | None = None) -> list[str]:
+    """Why the TensorRT models among `files` (default: all of `repository`) cannot be trusted to serve:
+    a model with only build.sh (no plan), a plan whose verification did not pass its gate (or never
+    ran), a plan not recorded in vitserve-manifest.json or not the recorded one (sha256). Empty when every
+    plan is built and verified. A TensorRT model is one the manifest has an engine record for, or a folder
+    with `1/model.plan` or `1/build.sh`."""
+    from vitserve.exporter.repository import REPOSITORY_MANIFEST
+
+    root = Path(repository)
+    files = repository_files(root) if files is None else files
+    present = {rel.split("/", 1)[0] for rel, _ in files if "/" in rel}
+    by_rel = dict(files)
+    manifest_path = root / REPOSITORY_MANIFEST
+    records = _manifest_engines(json.loads(manifest_path.read_text())) if manifest_path.is_file() else {}
+    names = {n for n in records if n in present} | {
+        rel.split("/", 1)[0] for rel, _ in files if rel.endswith(("/1/model.plan", "/1/build.sh"))
+    }
+    rebuild = "build and verify it on the GPU host (`make engines-gpu`)"
+    problems = []
+    for name in sorted(names):
+        rec, plan = records.get(name), by_rel.get(f"{name}/1/model.plan")
+        if rec is None:
+            what = "its plan" if plan else "it"
+            problems.append(f"{name}: {what} is not recorded in {manifest_path}; {rebuild}")
+        elif plan is None or not rec.get("built", True):
+            problems.append(f"{name}: no plan, only {rec.get('build_script') or 'build.sh'}; {rebuild}")
+        elif not (rec.get("fidelity") or {}).get("passed", False):
+            gate = (rec.get("fidelity") or {}).get("gate") or "never verified"
+            problems.append(f"{name}: its plan did not pass verification ({gate}); {rebuild}")
+        elif rec.get("plan_sha256") and rec["plan_sha256"] != _sha256(plan):
+            problems.append(
+                f"{name}: {plan} is not the plan the manifest recorded (sha256 differs); {rebuild}"
+            )
+    return problems
+
+
+def check_published_engines(
+    url: str, host: dict[str, Any] | None = None, *, client: Any = None
+) -> tuple[int, list[str]]:
+    """`vitserve check-engines` for an s3:// repository (tritonserver's `--model-repository`, either
+    `s3://BUCKET/PREFIX` or `s3://http(s)://HOST:PORT/BUCKET/PREFIX`): every `NAME/1/model.plan` under the
+    prefix against the published vitserve-manifest.json (recorded, and the file the publish record lists
+    is the recorded plan) and against `host` (default: this host's TensorRT and GPU). Nothing is
+    downloaded but the two JSON files. Returns (plans found, problems)."""
+    from vitserve.exporter.engine import host_provenance, provenance_problems
+    from vitserve.exporter.repository import REPOSITORY_MANIFEST
+
+    endpoint, location = parse_triton_url(url)
+    client = client or s3_client(endpoint)
+    root = location.prefix + "/"
+    try:
+        keys = _list(client, location.bucket, root)
+    except Exception as e:
+        raise _translate(e, "listing", location) from e
+    plans = sorted(
+        k[len(root) :].split("/", 1)[0]
+        for k in keys
+        if re.fullmatch(re.escape(root) + r"[^/]+/1/model\.plan", k)
+    )
+    if not plans:
+        return 0, []
+
+    def read_json(name: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(client.get_object(Bucket=location.bucket, Key=root + name)["Body"].read())
+        except Exception as e:
+            if _error_code(e) in ("404", "NoSuchKey"):
+                return None
+            raise _translate(e, f"reading {name} of", location) from e
+
+    manifest = read_json(REPOSITORY_MANIFEST)
+    if manifest is None:
+        return len(plans), [f"{url}: has TensorRT plans but no {REPOSITORY_MANIFEST} to check them against"]
+    record = read_json(RECORD) or {}
+    published_sha = {f["key"]: f.get("sha256") for f in record.get("files", [])}
+    records = _manifest_engines(manifest)
+    host = host_provenance() if host is None else host
+    problems = []
+    for name in plans:
+        rec = records.get(name)
+        if not rec or not rec.get("built", True):
+            problems.append(
+                f"{name}: {url}/{name}/1/model.plan is not recorded in {REPOSITORY_MANIFEST}; rebuild with `make engines-gpu`"
+            )
+            continue
+        sha = published_sha.get(f"{name}/1/model.plan")
+        if sha and rec.get("plan_sha256") and sha != rec["plan_sha256"]:
+            problems.append(
+                f"{name}: the published plan is not the one {REPOSITORY_MANIFEST} records (sha256 differs); rebuild with `make engines-gpu` and publish again"
+            )
+            continue
+        problems += provenance_problems(name, rec, host)
+    return len(plans), problems
+
+
+def parse_triton_url(url: str) -> tuple[str | None, S3Location]:
+    """tritonserver's S3 `--model-repository` -> (endpoint URL or None for AWS, location): the inverse of
+    `triton_url`. Triton reads `s3://[http(s)://]HOST:PORT/BUCKET/PATH` as an endpoint (no scheme: http)."""
+    m = re.fullmatch(r"s3://(?:(https?://)?([0-9A-Za-z.\-]+:[0-9]+)/)?(.+)", str(url).strip())
+    if not m:
+        raise PublishError(f"{url!r} is not an S3 model repository; write it as s3://BUCKET/PREFIX")
+    scheme, hostport, rest = m.groups()
+    endpoint = f"{scheme or 'http://'}{hostport}" if hostport else None
+    return endpoint, S3Location.parse(f"s3://{rest}")
+
+
 def publish(
     repository: str | Path,
     to: str,
@@ -202,14 +359,18 @@ def publish(
     client: Any = None,
     version: str | None = None,
     models: list[str] | None = None,
+    force: bool = False,
     upload_hook: Any = None,
 ) -> Published:
     """Upload `repository` as a new version under `to` (s3://BUCKET/PREFIX) and point CURRENT at it
-    (see the module docstring for the layout and why readers never see a partial version).
+    (see the module docstring for the layout, why readers never see a partial version and why a slower
+    publish never puts an older version back).
 
     `version` defaults to the UTC time and a hash of the contents (sortable, unique per content).
     `models` publishes only those model folders (and the root files), e.g. an ensemble and its steps.
-    `upload_hook(key)` is called before each upload (tests use it to fail an upload midway)."""
+    A TensorRT model without a verified plan is refused (`unservable_plans`) unless `force`; a forced
+    publish lists them in its record. `upload_hook(key)` is called before each upload (tests use it to
+    fail an upload midway, or to let another publish finish first)."""
     location = S3Location.parse(to)
     files = repository_files(repository)
     if models is not None:
@@ -220,6 +381,15 @@ def publish(
                 f"model(s) {', '.join(unknown)} are not in {str(repository)!r} (it has: {', '.join(sorted(present))})"
             )
         files = [(rel, p) for rel, p in files if "/" not in rel or rel.split("/", 1)[0] in models]
+    unverified = unservable_plans(repository, files)
+    if unverified and not force:
+        raise PublishError(
+            f"{str(repository)!r} has TensorRT models that cannot be trusted to serve, so nothing was "
+            f"published: {'; '.join(unverified)}. Build and verify the plans first, or publish anyway with "
+            "--force"
+        )
+    for problem in unverified:
+        log.warning("publishing anyway (force): %s", problem)
     client = client or s3_client(endpoint_url, region)
     try:
         client.head_bucket(Bucket=location.bucket)
@@ -236,8 +406,10 @@ def publish(
     base = location.key(VERSIONS, version)
     if _list(client, location.bucket, base + "/"):
         raise PublishError(f"{location}/{VERSIONS}/{version} already exists; versions are never overwritten")
+    # What CURRENT is before this upload: the pointer swap below only replaces exactly that.
+    seen = _pointer_etag(client, location)
+    seen_version = _pointer_version(client, location) if seen else None
 
-    uploaded: list[str] = []
     try:
         for rel, path in files:
             key = f"{base}/{rel}"
@@ -247,7 +419,6 @@ def publish(
                 client.put_object(Bucket=location.bucket, Key=key, Body=b"")
             else:
                 client.upload_file(str(path), location.bucket, key)
-            uploaded.append(key)
         # What S3 holds, listed back: every file, whole, before anything points at the version
         listed = _list(client, location.bucket, base + "/")
         missing = [r["key"] for r in records if listed.get(f"{base}/{r['key']}") != r["bytes"]]
@@ -262,13 +433,15 @@ def publish(
             "source": str(Path(repository).resolve()),
             "files": records,
         }
+        if unverified:
+            record["forced_unverified_plans"] = unverified
         client.put_object(
             Bucket=location.bucket, Key=f"{base}/{RECORD}", Body=json.dumps(record, indent=1).encode()
         )
-        uploaded.append(f"{base}/{RECORD}")
     except BaseException as e:
         try:
-            _delete(client, location.bucket, uploaded)
+            # Listed, not remembered: an upload whose response was lost may still have landed.
+            _delete(client, location.bucket, sorted(_list(client, location.bucket, base + "/")))
             left = "the partial upload was deleted"
         except Exception as cleanup:
             left = (
@@ -283,14 +456,30 @@ def publish(
     endpoint = _endpoint(client)
     url = triton_url(location.bucket, base, endpoint)
     pointer = {"version": version, "prefix": base, "triton_url": url, "files": len(records)}
+    condition = {"IfMatch": seen} if seen else {"IfNoneMatch": "*"}
     try:
         client.put_object(
-            Bucket=location.bucket, Key=location.key(POINTER), Body=json.dumps(pointer, indent=1).encode()
+            Bucket=location.bucket,
+            Key=location.key(POINTER),
+            Body=json.dumps(pointer, indent=1).encode(),
+            **condition,
         )
     except Exception as e:
-        raise _translate(
-            e, f"pointing CURRENT at version {version} (uploaded whole, not current) in", location
-        ) from e
+        # Our own PUT may have landed with its response lost (or landed, then its retry read 412).
+        now = _pointer_version(client, location)
+        if now == version:
+            log.info("CURRENT names %s although its PUT reported %s", version, e)
+        elif _error_code(e) in POINTER_MOVED:
+            raise PublishError(
+                f"CURRENT under {location} was moved to version {now} by another publish while this "
+                f"one uploaded (it named {seen_version or 'nothing'} when this one started); CURRENT "
+                f"was not changed, so a slower publish does not replace a newer one. Version {version} "
+                "is uploaded whole but not current; publish again to make this repository current"
+            ) from e
+        else:
+            raise _translate(
+                e, f"pointing CURRENT at version {version} (uploaded whole, not current) in", location
+            ) from e
     total = sum(r["bytes"] for r in records)
     return Published(location, version, len(records), total, url)
 
