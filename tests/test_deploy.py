@@ -1,11 +1,23 @@
 """deploy/: the kustomize overlays render offline and every object passes `kubernetes-validate --strict`;
-the settings the README promises (probes, drain, security, S3 secret, GPU, HPA rule) are in the output."""
+the settings the README promises (probes, drain, security, S3 secret, GPU, HPA rule) are in the output.
+
+What the real components do with these files is replayed here from their own sources, kept under
+tests/data/deploy/ with their version (README there): KServe's merge of the predictor over its shipped
+`kserve-tritonserver` runtime and its HPA (controller code of v0.20.0), its InferenceService CRD schema,
+prometheus-adapter's strict config loader (v0.12.0's config.go), and Kubernetes' strategic merge (the patch
+strategies in kubernetes-validate's bundled OpenAPI, which come from the same Go struct tags).
+"""
 
 from __future__ import annotations
 
+import copy
+import gzip
+import importlib.resources
+import json
 import re
 import shutil
 import subprocess
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -13,21 +25,27 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
-TARGETS = ["overlays/cpu", "overlays/gpu", "kserve", "monitoring"]
-# Custom resources: kubernetes-validate bundles only Kubernetes' own schemas
+DATA = ROOT / "tests" / "data" / "deploy"
+KSERVE = DATA / "kserve-v0.20.0"
+ADAPTER = DATA / "prometheus-adapter-v0.12.0"
+TARGETS = ["overlays/cpu", "overlays/gpu", "kserve", "monitoring", "ingress"]
+# Custom resources: kubernetes-validate bundles only Kubernetes' own schemas (the InferenceService is checked
+# against KServe's CRD below)
 CRDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("serving.kserve.io/v1beta1", "InferenceService")}
 
 kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is in the cluster extra")
 
 
-def render(target: str) -> list[dict]:
+def render_dir(path: Path) -> list[dict]:
     if shutil.which("kubectl") is None:
         pytest.skip("kubectl is not installed (it renders kustomize offline: `kubectl kustomize`)")
-    out = subprocess.run(
-        ["kubectl", "kustomize", str(DEPLOY / target)], capture_output=True, text=True, timeout=60
-    )
-    assert out.returncode == 0, f"kubectl kustomize {target} failed:\n{out.stderr}"
+    out = subprocess.run(["kubectl", "kustomize", str(path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, f"kubectl kustomize {path} failed:\n{out.stderr}"
     return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def render(target: str) -> list[dict]:
+    return render_dir(DEPLOY / target)
 
 
 @pytest.fixture(scope="module")
@@ -41,30 +59,34 @@ def find(objs: list[dict], kind: str, name: str | None = None) -> dict:
     return hits[0]
 
 
+def strict_validate(obj: dict) -> None:
+    kv.validate(obj, kv.latest_version(), strict=True)
+
+
 @pytest.mark.parametrize("target", TARGETS)
 def test_every_rendered_object_passes_strict_validation(rendered, target):
-    version = kv.latest_version()
     checked = 0
     for obj in rendered[target]:
         key = (obj["apiVersion"], obj["kind"])
         if key in CRDS:
             with pytest.raises(kv.SchemaNotFoundError):
-                kv.validate(obj, version, strict=True)
+                strict_validate(obj)
+            checked += 1  # checked by this file's own assertions (the InferenceService: KServe's CRD)
             continue
         try:
-            kv.validate(obj, version, strict=True)
+            strict_validate(obj)
         except kv.ValidationError as e:
-            pytest.fail(f"{target}: {obj['kind']}/{obj['metadata']['name']} is invalid for {version}: {e}")
+            pytest.fail(f"{target}: {obj['kind']}/{obj['metadata']['name']} is invalid: {e}")
         checked += 1
     assert checked >= 1
 
 
 def test_strict_validation_refuses_a_misspelled_field(rendered):
     deployment = find(rendered["overlays/cpu"], "Deployment")
-    bad = yaml.safe_load(yaml.safe_dump(deployment))
+    bad = copy.deepcopy(deployment)
     bad["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["periodSecond"] = 5
     with pytest.raises(kv.ValidationError):
-        kv.validate(bad, kv.latest_version(), strict=True)
+        strict_validate(bad)
 
 
 def _container(objs: list[dict]) -> dict:
@@ -110,6 +132,9 @@ def test_deployment_probes_drain_security_and_secret(rendered, target):
     for svc in (o for o in objs if o["kind"] == "Service"):
         assert svc["spec"]["selector"].items() <= labels.items()
     assert find(objs, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    # the probe script's ConfigMap is the one mounted (generated name with its hash)
+    (probe,) = [v["configMap"]["name"] for v in pod["spec"]["volumes"] if v["name"] == "probe"]
+    assert "infer_probe.py" in find(objs, "ConfigMap", probe)["data"]
 
 
 def test_cpu_overlay_runs_vitserve_serve_and_gpu_overlay_the_serving_image(rendered):
@@ -117,25 +142,733 @@ def test_cpu_overlay_runs_vitserve_serve_and_gpu_overlay_the_serving_image(rende
     assert cpu["command"] == ["vitserve"] and cpu["args"][0] == "serve"
     assert "--model-control-mode=explicit" in cpu["args"]
     assert "nvidia.com/gpu" not in cpu["resources"].get("limits", {})
-    assert gpu["command"] == ["tritonserver"]
+    # the serving image's ENTRYPOINT (NGC's, then vitserve's engine check) runs tritonserver: args only
+    assert "command" not in gpu and gpu["args"][0] == "tritonserver"
     assert gpu["image"] == "vitserve-triton:<tag>"  # set with `kustomize edit set image`
     assert gpu["resources"]["limits"]["nvidia.com/gpu"] == 1
 
 
-def test_hpa_scales_on_the_adapter_rule_the_rehearsal_evaluates(rendered):
-    from vitserve.perf.cluster import HPA_QUERY, HPA_TARGET_US
+# --- finding 6: the image's ENTRYPOINT is kept --------------------------------------------------------------
 
+
+def test_deployment_keeps_the_images_entrypoint(rendered):
+    """`command:` would replace the image's ENTRYPOINT (NGC's nvidia_entrypoint.sh and docker/entrypoint.sh,
+    the engine check); the pod gives only args, starting with tritonserver as the entrypoint expects."""
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    entrypoint = re.search(r"^ENTRYPOINT\s+(\[.*\])", dockerfile, flags=re.M)
+    assert entrypoint and "/opt/vitserve/entrypoint.sh" in json.loads(entrypoint.group(1))
+    base = render("base")
+    for objs in (base, rendered["overlays/gpu"]):
+        c = _container(objs)
+        assert "command" not in c, "command: replaces the image's ENTRYPOINT (and with it the engine check)"
+        assert c["args"][0] == "tritonserver"
+        assert any(a.startswith("--model-repository=") for a in c["args"])
+    kserve = kserve_deployment(find(rendered["kserve"], "InferenceService"), kserve_runtime())
+    (c,) = kserve["spec"]["template"]["spec"]["containers"]
+    assert "command" not in c and c["args"][0] == "tritonserver"
+
+
+# --- HPA and prometheus-adapter (finding 5) -----------------------------------------------------------------
+
+
+def _cluster_constants():
+    try:
+        from vitserve.perf.cluster import HPA_QUERY, HPA_TARGET_US, nginx_config
+    except ImportError:  # before the rehearsal moved out of the core package
+        from vitserve.cluster import HPA_QUERY, HPA_TARGET_US, nginx_config
+    return HPA_QUERY, HPA_TARGET_US, nginx_config
+
+
+def _go_structs(source: str) -> dict[str, dict[str, str]]:
+    """{struct: {yaml key: Go type}} from Go source: the adapter's config schema, read from its own file."""
+    structs = {}
+    for name, body in re.findall(r"^type (\w+) struct \{\n(.*?)^\}", source, flags=re.M | re.S):
+        fields = {}
+        for typ, tag in re.findall(r"^\s*\w+\s+(\S+)\s+`[^`]*yaml:\"([^\"]*)\"", body, flags=re.M):
+            key = tag.split(",")[0]
+            assert key and key != "-", f"unexpected yaml tag {tag!r} in {name}"
+            fields[key] = typ
+        structs[name] = fields
+    return structs
+
+
+ADAPTER_STRUCTS = _go_structs((ADAPTER / "config.go").read_text()) if ADAPTER.is_dir() else {}
+_PROM_DURATION = re.compile(r"^(\d+y)?(\d+w)?(\d+d)?(\d+h)?(\d+m)?(\d+s)?(\d+ms)?$")
+
+
+class AdapterConfigError(ValueError):
+    pass
+
+
+def _decode(value, typ: str, where: str):
+    """yaml.v2 UnmarshalStrict of `value` into Go type `typ`: unknown keys and mismatched kinds fail."""
+    if value is None:  # yaml null leaves the zero value
+        return None
+    if typ.startswith("*"):
+        return _decode(value, typ[1:], where)
+    if typ.startswith("[]"):
+        if not isinstance(value, list):
+            raise AdapterConfigError(f"{where}: cannot unmarshal {type(value).__name__} into {typ}")
+        return [_decode(v, typ[2:], f"{where}[{i}]") for i, v in enumerate(value)]
+    if typ.startswith("map[string]"):
+        if not isinstance(value, dict):
+            raise AdapterConfigError(f"{where}: cannot unmarshal {type(value).__name__} into {typ}")
+        return {str(k): _decode(v, typ[len("map[string]") :], f"{where}.{k}") for k, v in value.items()}
+    if typ == "string":
+        if isinstance(value, (dict, list)):
+            raise AdapterConfigError(f"{where}: cannot unmarshal {type(value).__name__} into string")
+        return str(value)
+    if typ == "bool":
+        if not isinstance(value, bool):
+            raise AdapterConfigError(f"{where}: cannot unmarshal {value!r} into bool")
+        return value
+    if typ == "pmodel.Duration":
+        if not isinstance(value, str) or not _PROM_DURATION.match(value) or not value:
+            raise AdapterConfigError(f"{where}: not a Prometheus duration: {value!r}")
+        return value
+    fields = ADAPTER_STRUCTS[typ]
+    if not isinstance(value, dict):
+        raise AdapterConfigError(f"{where}: cannot unmarshal {type(value).__name__} into {typ}")
+    unknown = set(value) - set(fields)
+    if unknown:
+        raise AdapterConfigError(f"{where}: field {sorted(unknown)[0]} not found in type config.{typ}")
+    return {k: _decode(v, fields[k], f"{where}.{k}") for k, v in value.items()}
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.v2's strict mode also refuses a key given twice in one mapping."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+        dup = {k for k in keys if keys.count(k) > 1}
+        if dup:
+            raise AdapterConfigError(f"line {node.start_mark.line + 1}: key {sorted(dup)[0]!r} already set")
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_adapter_config(text: str) -> dict:
+    """prometheus-adapter's config.FromYAML (pkg/config/loader.go): yaml.UnmarshalStrict into
+    MetricsDiscoveryConfig, then the checks NamersFromConfig makes before the adapter serves a rule."""
+    cfg = _decode(yaml.load(text, Loader=_UniqueKeyLoader), "MetricsDiscoveryConfig", "config")
+    for i, rule in enumerate(cfg.get("rules") or []):
+        where = f"rules[{i}]"
+        resources = rule.get("resources") or {}
+        if not resources.get("template") and not resources.get("overrides"):
+            raise AdapterConfigError(f"{where}: no resources.template or resources.overrides")
+        for label, gr in (resources.get("overrides") or {}).items():
+            if not gr.get("resource"):
+                raise AdapterConfigError(f"{where}: override {label} names no resource")
+        name = rule.get("name") or {}
+        matches = re.compile(name.get("matches") or ".*")
+        if not name.get("as") and matches.groups > 1:
+            raise AdapterConfigError(f"{where}: must specify an 'as' value for {matches.pattern!r}")
+        used = set(re.findall(r"<<(.*?)>>", rule.get("metricsQuery", "")))
+        allowed = {".Series", ".LabelMatchers", ".GroupBy"}  # what this replay substitutes
+        if used - allowed:
+            raise AdapterConfigError(f"{where}: template actions {sorted(used - allowed)} not replayed here")
+    return cfg
+
+
+def adapter_query(rule: dict, series: str, namespace: str, pods: list[str]) -> str:
+    """The query the adapter sends for a Pods metric (pkg/naming/metrics_query.go Build): label matchers
+    for the namespace and the pods (=~ when several), grouped by the pod label."""
+    labels = {gr["resource"]: label for label, gr in rule["resources"]["overrides"].items()}
+    pod_matcher = f'{labels["pod"]}="{pods[0]}"' if len(pods) == 1 else f'{labels["pod"]}=~"{"|".join(pods)}"'
+    args = {
+        ".Series": series,
+        ".LabelMatchers": ",".join([f'{labels["namespace"]}="{namespace}"', pod_matcher]),
+        ".GroupBy": labels["pod"],
+    }
+    return re.sub(r"<<(.*?)>>", lambda m: args[m.group(1)], rule["metricsQuery"])
+
+
+def adapter_config_from_helm_values(values: dict) -> str:
+    """The adapter's config.yaml as the chart (prometheus-adapter 5.x templates/configmap.yaml) writes it:
+    `rules:` holding the chart's default rules (when rules.default) and then `toYaml .Values.rules.custom`."""
+    chart_values = yaml.safe_load((DATA / "prometheus-adapter-chart-5.3.0" / "values.yaml").read_text())
+
+    def unknown_keys(ours: dict, theirs: dict, where: str) -> list[str]:
+        out = []
+        for k, v in ours.items():
+            if k not in theirs:
+                out.append(f"{where}{k}")
+            elif isinstance(v, dict) and isinstance(theirs[k], dict):
+                out += unknown_keys(v, theirs[k], f"{where}{k}.")
+        return out
+
+    # Helm ignores a value the chart does not read: a misspelt key would be lost without a word
+    unknown = unknown_keys(values, chart_values, "")
+    assert not unknown, f"values the prometheus-adapter chart does not have: {unknown}"
+    return yaml.safe_dump({"rules": list(values["rules"]["custom"])}, sort_keys=False)
+
+
+@pytest.fixture(scope="module")
+def adapter_values() -> dict:
+    return yaml.safe_load((DEPLOY / "monitoring" / "prometheus-adapter-values.yaml").read_text())
+
+
+def test_hpa_scales_on_the_adapter_rule_the_rehearsal_evaluates(rendered, adapter_values):
+    hpa_query, hpa_target_us, _ = _cluster_constants()
     hpa = find(rendered["overlays/cpu"], "HorizontalPodAutoscaler")
     assert hpa["apiVersion"] == "autoscaling/v2"
     assert hpa["spec"]["scaleTargetRef"]["name"] == "vitserve-triton"
     (metric,) = hpa["spec"]["metrics"]
-    assert metric["pods"]["target"]["averageValue"] == str(HPA_TARGET_US)
-    rules = yaml.safe_load(find(rendered["monitoring"], "ConfigMap")["data"]["config.yaml"])["rules"]
-    (rule,) = rules
+    assert metric["pods"]["target"]["averageValue"] == str(hpa_target_us)
+    cfg = load_adapter_config(adapter_config_from_helm_values(adapter_values))
+    (rule,) = cfg["rules"]
     assert rule["name"]["as"] == metric["pods"]["metric"]["name"]
     # the adapter's query is the rehearsal's, with the adapter's label matchers and grouping
     plain = rule["metricsQuery"].replace("{<<.LabelMatchers>>}", "").replace(" by (<<.GroupBy>>)", "")
-    assert plain == HPA_QUERY
+    assert plain == hpa_query
+
+
+def test_adapter_rule_ships_as_the_adapters_own_config_and_loads_strictly(rendered, adapter_values):
+    """The adapter reads one file (--config, from its ConfigMap in its namespace; Helm `rules.custom`): the
+    rule is shipped as those values, not as a ConfigMap in the application's namespace, and that file loads
+    the way the adapter loads it (unknown keys fail) and yields the rehearsal's query for the HPA's pods."""
+    hpa_query, _, _ = _cluster_constants()
+    assert not [o for o in rendered["monitoring"] if o["kind"] == "ConfigMap"], (
+        "a ConfigMap in the application's namespace is never read by prometheus-adapter"
+    )
+    cfg = load_adapter_config(adapter_config_from_helm_values(adapter_values))
+    (rule,) = cfg["rules"]
+    series = rule["name"]["matches"]
+    assert re.fullmatch(rule["name"]["matches"], series) and series in rule["seriesQuery"]
+    query = adapter_query(rule, series, "ns", ["vitserve-a", "vitserve-b"])
+    matchers = '{namespace="ns",pod=~"vitserve-a|vitserve-b"}'
+    assert query == re.sub(r"\b(nv_inference_\w+)\[", rf"\1{matchers}[", hpa_query) + " by (pod)"
+    # the pods the HPA asks about carry these labels: the ServiceMonitor's targets (namespace, pod)
+    assert {gr["resource"] for gr in rule["resources"]["overrides"].values()} == {"namespace", "pod"}
+
+
+def test_adapter_loader_refuses_what_the_adapter_refuses(adapter_values):
+    good = adapter_config_from_helm_values(adapter_values)
+    load_adapter_config(good)
+    misspelt = good.replace("metricsQuery:", "metricQuery:")
+    with pytest.raises(AdapterConfigError, match=r"metricQuery not found in type config\.DiscoveryRule"):
+        load_adapter_config(misspelt)
+    with pytest.raises(AdapterConfigError, match="already set"):
+        load_adapter_config(good + "rules: []\n")
+    # and a rule dropped into Helm values the chart does not read is caught before it is lost
+    with pytest.raises(AssertionError, match="rule"):
+        adapter_config_from_helm_values({"rule": adapter_values["rules"], **adapter_values})
+
+
+def test_adapter_query_parses_in_prometheus(adapter_values, tmp_path):
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (Debian: apt-get install prometheus)")
+    (rule,) = load_adapter_config(adapter_config_from_helm_values(adapter_values))["rules"]
+    query = adapter_query(rule, rule["name"]["matches"], "ns", ["a", "b"])
+    rules = tmp_path / "rules.yml"
+    rules.write_text(yaml.safe_dump({"groups": [{"name": "g", "rules": [{"record": "q", "expr": query}]}]}))
+    out = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rules.write_text(rules.read_text().replace("[30s]", "[30s"))
+    assert subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True).returncode != 0
+
+
+def test_servicemonitor_is_selected_by_kube_prometheus_stack(rendered, adapter_values):
+    """kube-prometheus-stack's Prometheus selects ServiceMonitors labelled `release: <release>` (chart
+    default serviceMonitorSelectorNilUsesHelmValues); the adapter queries that same release's Prometheus."""
+    sm = find(rendered["monitoring"], "ServiceMonitor")
+    release = sm["metadata"]["labels"].get("release")
+    assert release == "kube-prometheus-stack"
+    # the stack's Service is <fullname>-prometheus, fullname being the release when it contains the chart name
+    assert adapter_values["prometheus"]["url"].startswith(f"http://{release}-prometheus.")
+    # it selects the Service that has the metrics port
+    services = [o for o in rendered["overlays/gpu"] if o["kind"] == "Service"]
+    selected = [
+        s
+        for s in services
+        if sm["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()
+    ]
+    ports = {p["name"] for s in selected for p in s["spec"]["ports"]}
+    assert {e["port"] for e in sm["spec"]["endpoints"]} <= ports
+
+
+# --- Kubernetes semantics: strategic merge and resource quantities ------------------------------------------
+
+
+def _k8s_defs() -> dict:
+    version = kv.latest_version()
+    ref = importlib.resources.files("kubernetes_validate") / (
+        f"kubernetes-json-schema/v{version}-local-strict/_definitions.json"
+    )
+    return json.loads(ref.read_text())["$defs"]
+
+
+K8S_DEFS = _k8s_defs()
+
+
+def _schema(node: dict | None) -> dict | None:
+    """Follow a `$ref` of the bundled OpenAPI to its definition."""
+    if node and "$ref" in node:
+        return K8S_DEFS[node["$ref"].rsplit("/", 1)[-1]]
+    return node
+
+
+def strategic_merge(original, patch, schema: dict | None):
+    """Kubernetes' strategic merge patch (apimachinery strategicpatch.StrategicMergePatch) of `patch` over
+    `original`, typed by `schema`: maps merge key by key (null deletes), lists with
+    x-kubernetes-patch-strategy `merge` merge their elements by x-kubernetes-patch-merge-key, other lists and
+    scalars are replaced."""
+    schema = _schema(schema)
+    if not (isinstance(original, dict) and isinstance(patch, dict)):
+        return copy.deepcopy(patch)
+    out = copy.deepcopy(original)
+    props = (schema or {}).get("properties", {})
+    for key, value in patch.items():
+        field = _schema(props.get(key)) if props else _schema((schema or {}).get("additionalProperties"))
+        if value is None:
+            out.pop(key, None)
+        elif key not in out:
+            out[key] = copy.deepcopy(value)
+        elif isinstance(value, dict):
+            out[key] = strategic_merge(out[key], value, field)
+        elif isinstance(value, list) and "merge" in (props.get(key) or {}).get(
+            "x-kubernetes-patch-strategy", ""
+        ):
+            merge_key = props[key].get("x-kubernetes-patch-merge-key")
+            item_schema = props[key].get("items") or {}
+            merged = list(out[key])
+            for item in value:
+                if merge_key is None:  # a list of scalars: union
+                    if item not in merged:
+                        merged.append(item)
+                    continue
+                at = [i for i, o in enumerate(merged) if o.get(merge_key) == item.get(merge_key)]
+                if at:
+                    merged[at[0]] = strategic_merge(merged[at[0]], item, item_schema)
+                else:
+                    merged.append(copy.deepcopy(item))
+            out[key] = merged
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+CONTAINER = "io.k8s.api.core.v1.Container"
+POD_SPEC = "io.k8s.api.core.v1.PodSpec"
+_SUFFIX = {
+    "n": Fraction(1, 10**9), "u": Fraction(1, 10**6), "m": Fraction(1, 1000), "": Fraction(1),
+    "k": Fraction(10**3), "M": Fraction(10**6), "G": Fraction(10**9), "T": Fraction(10**12),
+    "P": Fraction(10**15), "E": Fraction(10**18), "Ki": Fraction(2**10), "Mi": Fraction(2**20),
+    "Gi": Fraction(2**30), "Ti": Fraction(2**40), "Pi": Fraction(2**50), "Ei": Fraction(2**60),
+}  # fmt: skip
+
+
+def quantity(value) -> Fraction:
+    """A Kubernetes resource.Quantity ("500m", "2Gi", "1e3", 4) as an exact number."""
+    m = re.fullmatch(r"([+-]?[0-9.]+)(?:([eE][+-]?[0-9]+)|(Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE])?)", str(value))
+    if not m:
+        raise ValueError(f"not a Kubernetes quantity: {value!r}")
+    number = Fraction(m.group(1))
+    return number * (Fraction(10) ** int(m.group(2)[1:]) if m.group(2) else _SUFFIX[m.group(3) or ""])
+
+
+def resource_problems(container: dict) -> list[str]:
+    """What the API server refuses in a container's resources (pkg/apis/core/validation
+    ValidateResourceRequirements): a request above its limit; for resources that cannot be overcommitted
+    (extended ones such as nvidia.com/gpu, hugepages) a request without a limit or different from it."""
+    res = container.get("resources") or {}
+    requests, limits = res.get("requests") or {}, res.get("limits") or {}
+    problems = []
+    for name, req in requests.items():
+        native = "/" not in name or name.startswith("kubernetes.io/")
+        if name in limits and quantity(req) > quantity(limits[name]):
+            problems.append(
+                f"{container['name']}: requests.{name} {req} must be <= limits.{name} {limits[name]}"
+            )
+        if (not native or name.startswith("hugepages-")) and (
+            name not in limits or quantity(req) != quantity(limits[name])
+        ):
+            problems.append(f"{container['name']}: {name} cannot be overcommitted: request must equal limit")
+    return problems
+
+
+def test_resource_check_refuses_what_the_api_server_refuses():
+    ok = {
+        "name": "c",
+        "resources": {
+            "requests": {"cpu": "500m", "nvidia.com/gpu": 1},
+            "limits": {"cpu": "1", "nvidia.com/gpu": "1"},
+        },
+    }
+    assert resource_problems(ok) == []
+    assert quantity("2Gi") == 2 * 2**30 and quantity("1e3") == 1000 and quantity("250m") == Fraction(1, 4)
+    high = {"name": "c", "resources": {"requests": {"cpu": "4"}, "limits": {"cpu": "1"}}}
+    assert "requests.cpu 4 must be <= limits.cpu 1" in resource_problems(high)[0]
+    gpu = {"name": "c", "resources": {"requests": {"nvidia.com/gpu": "1"}}}
+    assert resource_problems(gpu)
+
+
+# --- KServe: the predictor merged over the shipped runtime (findings 1, 3, 4) -------------------------------
+
+# KServe v0.20.0 pkg/constants: what GetDeploymentMode accepts from the annotation, its default CPU target
+KSERVE_DEPLOYMENT_MODES = {"Standard", "Knative", "ModelMeshDeployment"}
+KSERVE_LEGACY_MODES = {"RawDeployment": "Standard", "Serverless": "Knative"}
+KSERVE_DEFAULT_CPU_UTILIZATION = 80
+KSERVE_CONTAINER = "kserve-container"
+
+
+def kserve_runtime() -> dict:
+    return yaml.safe_load((KSERVE / "kserve-tritonserver.yaml").read_text())
+
+
+def kserve_deployment(isvc: dict, runtime: dict) -> dict:
+    """The predictor Deployment KServe v0.20.0 builds in Standard mode (components/predictor.go buildPodSpec,
+    utils.MergeServingRuntimeAndInferenceServiceSpecs, deployment_reconciler.createRawDefaultDeployment):
+    spec.predictor.model's container fields merged over the runtime's kserve-container by strategic merge,
+    args appended to the runtime's; the predictor's pod fields over the runtime's pod fields; the
+    INFERENCE_SERVICE_NAME env added; a TCP readiness probe on 8080 when none is given."""
+    predictor = isvc["spec"]["predictor"]
+    container_fields = set(K8S_DEFS[CONTAINER]["properties"])
+    pod_fields = set(K8S_DEFS[POD_SPEC]["properties"])
+    model = {
+        k: v for k, v in predictor["model"].items() if k in container_fields
+    }  # json tags of corev1.Container
+    (runtime_container,) = [c for c in runtime["spec"]["containers"] if c["name"] == KSERVE_CONTAINER]
+    container = strategic_merge(runtime_container, model, {"$ref": f"#/$defs/{CONTAINER}"})
+    container["name"] = container.get("name") or KSERVE_CONTAINER
+    container["args"] = list(runtime_container.get("args", [])) + list(model.get("args", []))
+    runtime_pod = {
+        k: runtime["spec"][k]
+        for k in ("nodeSelector", "affinity", "tolerations", "volumes", "imagePullSecrets", "schedulerName")
+        if k in runtime["spec"]
+    }
+    pod = strategic_merge(
+        runtime_pod, {k: v for k, v in predictor.items() if k in pod_fields}, {"$ref": f"#/$defs/{POD_SPEC}"}
+    )
+    if not any(e["name"] == "INFERENCE_SERVICE_NAME" for e in container.get("env", [])):
+        container.setdefault("env", []).append(
+            {"name": "INFERENCE_SERVICE_NAME", "value": isvc["metadata"]["name"]}
+        )
+    container.setdefault("readinessProbe", {"tcpSocket": {"port": 8080}, "periodSeconds": 10})
+    pod["containers"] = [container]
+    name = f"{isvc['metadata']['name']}-predictor"
+    labels = {"app": f"isvc.{name}"}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "labels": dict(labels)},
+        "spec": {
+            "selector": {"matchLabels": labels},
+            "template": {"metadata": {"labels": labels}, "spec": pod},
+        },
+    }
+
+
+def kserve_hpa(isvc: dict) -> dict | None:
+    """The HPA KServe v0.20.0 makes for a predictor (reconcilers/hpa/hpa_reconciler.go createHPA and
+    getHPAMetrics without spec.predictor.autoScaling): spec.predictor.scaleMetric / scaleTarget, nothing else."""
+    annotations = isvc["metadata"].get("annotations", {})
+    if annotations.get("serving.kserve.io/autoscalerClass", "hpa") != "hpa":
+        return None
+    predictor = isvc["spec"]["predictor"]
+    min_replicas = max(predictor.get("minReplicas", 1), 1)
+    max_replicas = max(predictor.get("maxReplicas", 0), min_replicas)
+    metric = predictor.get("scaleMetric", "cpu")
+    metrics = []
+    if metric == "cpu":
+        target = predictor.get("scaleTarget", KSERVE_DEFAULT_CPU_UTILIZATION)
+        metrics.append({"type": "Utilization", "averageUtilization": target})
+    elif metric == "memory" and "scaleTarget" in predictor:
+        metrics.append({"type": "Utilization", "averageUtilization": predictor["scaleTarget"]})
+    name = f"{isvc['metadata']['name']}-predictor"
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": name},
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+            "minReplicas": min_replicas,
+            "maxReplicas": max_replicas,
+            "metrics": [{"type": "Resource", "resource": {"name": metric, "target": t}} for t in metrics],
+        },
+    }
+
+
+def _crd_strict(node):
+    """An OpenAPI v3 CRD schema as JSON Schema with unknown fields refused, as the API server does with
+    strict field validation (kubectl's default): an object with `properties` takes no other key unless it
+    keeps unknown fields; int-or-string and nullable as Kubernetes reads them."""
+    if isinstance(node, list):
+        return [_crd_strict(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _crd_strict(v) for k, v in node.items() if k != "description"}
+    keeps_unknown = node.get("x-kubernetes-preserve-unknown-fields")
+    if "properties" in node and "additionalProperties" not in node and not keeps_unknown:
+        out["additionalProperties"] = False
+    if node.get("x-kubernetes-int-or-string"):
+        out.pop("type", None)
+        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    if node.get("nullable") and "type" in out:
+        out["type"] = [out["type"], "null"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def isvc_validator():
+    import jsonschema
+
+    text = gzip.decompress((KSERVE / "serving.kserve.io_inferenceservices.yaml.gz").read_bytes())
+    crd = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # 1.9 MB: libyaml if present
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1beta1"]
+    return jsonschema.Draft7Validator(_crd_strict(version["schema"]["openAPIV3Schema"]))
+
+
+def _crd_errors(validator, obj: dict) -> list[str]:
+    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(obj)]
+
+
+def test_inferenceservice_passes_kserves_crd_strictly(rendered, isvc_validator):
+    isvc = find(rendered["kserve"], "InferenceService")
+    assert _crd_errors(isvc_validator, isvc) == []
+    bad = copy.deepcopy(isvc)
+    bad["spec"]["predictor"]["scaleTargett"] = 70
+    assert any("scaleTargett" in e for e in _crd_errors(isvc_validator, bad))
+
+
+def test_kserve_predictor_merged_over_kserves_runtime_is_a_valid_pod(rendered):
+    """Finding 1: KServe's runtime sets requests AND limits (cpu 1, memory 2Gi) and the merge keeps every key
+    the predictor does not give; the merged pod must be one the API server accepts."""
+    runtime = kserve_runtime()
+    assert runtime["kind"] == "ClusterServingRuntime" and runtime["metadata"]["name"] == "kserve-tritonserver"
+    isvc = find(rendered["kserve"], "InferenceService")
+    assert isvc["spec"]["predictor"]["model"]["runtime"] == runtime["metadata"]["name"]
+    formats = {f["name"] for f in runtime["spec"]["supportedModelFormats"]}
+    assert isvc["spec"]["predictor"]["model"]["modelFormat"]["name"] in formats
+    assert isvc["spec"]["predictor"]["model"]["protocolVersion"] in runtime["spec"]["protocolVersions"]
+    deployment = kserve_deployment(isvc, runtime)
+    strict_validate(deployment)
+    (c,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert resource_problems(c) == []
+    # every resource the runtime bounds is bounded consistently, and the GPU is requested
+    assert set(c["resources"]["limits"]) >= {"cpu", "memory", "nvidia.com/gpu"}
+    # the runtime's non-root security context survives, with the read-only root filesystem added
+    assert (
+        c["securityContext"]["runAsNonRoot"] is True
+        and c["securityContext"]["readOnlyRootFilesystem"] is True
+    )
+    # tritonserver's own flags: the runtime's, then ours, none given twice
+    flags = [a.split("=")[0] for a in c["args"] if a.startswith("--")]
+    assert len(flags) == len(set(flags)), f"a tritonserver flag given twice: {c['args']}"
+    assert "--model-store=/mnt/models" in c["args"] and "--strict-readiness=true" in c["args"]
+    grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    exit_timeout = int(next(a for a in c["args"] if a.startswith("--exit-timeout-secs=")).split("=")[1])
+    assert grace > int(c["lifecycle"]["preStop"]["exec"]["command"][-1]) + exit_timeout
+
+
+def test_kserve_merge_check_refuses_the_predictor_that_asked_4_cpus_under_a_limit_of_1(rendered):
+    """The check above can fail: the old predictor (requests.cpu 4, no cpu limit) merged over KServe's runtime
+    keeps the runtime's limits.cpu 1."""
+    isvc = copy.deepcopy(find(rendered["kserve"], "InferenceService"))
+    isvc["spec"]["predictor"]["model"]["resources"] = {
+        "requests": {"cpu": "4", "memory": "8Gi", "nvidia.com/gpu": "1"},
+        "limits": {"memory": "16Gi", "nvidia.com/gpu": "1"},
+    }
+    (c,) = kserve_deployment(isvc, kserve_runtime())["spec"]["template"]["spec"]["containers"]
+    assert c["resources"]["limits"]["cpu"] == "1"
+    assert any("requests.cpu 4 must be <= limits.cpu 1" in p for p in resource_problems(c))
+
+
+def test_kserve_pod_has_a_memory_backed_dev_shm_for_the_python_stubs(rendered):
+    """Finding 3: KServe's Triton runtime mounts no /dev/shm (a container's default is 64 MiB); the merged pod
+    gets a Memory emptyDir as large as deploy/base's."""
+    deployment = kserve_deployment(find(rendered["kserve"], "InferenceService"), kserve_runtime())
+    pod = deployment["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    (mount,) = [m for m in c.get("volumeMounts", []) if m["mountPath"] == "/dev/shm"]
+    (volume,) = [v for v in pod.get("volumes", []) if v["name"] == mount["name"]]
+    base_pod = find(rendered["overlays/gpu"], "Deployment")["spec"]["template"]["spec"]
+    (base_mount,) = [m for m in base_pod["containers"][0]["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+    (base_volume,) = [v for v in base_pod["volumes"] if v["name"] == base_mount["name"]]
+    assert volume["emptyDir"]["medium"] == "Memory"
+    assert quantity(volume["emptyDir"]["sizeLimit"]) == quantity(base_volume["emptyDir"]["sizeLimit"])
+    # a Memory emptyDir counts against the container's memory limit: it must fit with room to spare
+    assert quantity(volume["emptyDir"]["sizeLimit"]) * 4 <= quantity(c["resources"]["limits"]["memory"])
+    # the probe script is mounted from the generated (hashed) ConfigMap that the same build renders
+    (probe,) = [v["configMap"]["name"] for v in pod["volumes"] if v["name"] == "probe"]
+    assert "infer_probe.py" in find(rendered["kserve"], "ConfigMap", probe)["data"]
+
+
+def test_kserve_autoscaling_comes_from_scale_metric_and_target(rendered, isvc_validator):
+    """Finding 2: KServe 0.15+ reads spec.predictor.scaleMetric/scaleTarget (the annotations metric and
+    targetUtilizationPercentage are not read); Standard replaces the deprecated RawDeployment mode."""
+    isvc = find(rendered["kserve"], "InferenceService")
+    annotations = isvc["metadata"]["annotations"]
+    mode = annotations["serving.kserve.io/deploymentMode"]
+    assert mode in KSERVE_DEPLOYMENT_MODES and mode not in KSERVE_LEGACY_MODES
+    assert mode == "Standard"
+    unread = {"serving.kserve.io/metric", "serving.kserve.io/targetUtilizationPercentage"}
+    assert not unread & set(annotations), f"KServe does not read {sorted(unread & set(annotations))}"
+    predictor = isvc["spec"]["predictor"]
+    assert predictor["scaleMetric"] == "cpu" and predictor["scaleTarget"] == 70
+    hpa = kserve_hpa(isvc)
+    strict_validate(hpa)
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["resource"] == {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 70}}
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 8)
+    # CPU utilisation is measured against requests.cpu, which the merged pod sets
+    (c,) = kserve_deployment(isvc, kserve_runtime())["spec"]["template"]["spec"]["containers"]
+    assert quantity(c["resources"]["requests"]["cpu"]) >= 1
+
+
+def test_kustomize_images_reaches_the_kserve_predictor_image(tmp_path):
+    """Finding 4: `images:` (what `kustomize edit set image` writes) sets spec.predictor.model.image, and the
+    merged pod runs that image (the runtime's own image is replaced)."""
+    for d in ("kserve", "probe"):
+        shutil.copytree(DEPLOY / d, tmp_path / d)
+    kustomization = tmp_path / "kserve" / "kustomization.yaml"
+    k = yaml.safe_load(kustomization.read_text())
+    k["images"] = [
+        {"name": "vitserve-triton", "newName": "registry.example/team/vitserve-triton", "newTag": "25.11-1"}
+    ]
+    kustomization.write_text(yaml.safe_dump(k))
+    isvc = find(render_dir(tmp_path / "kserve"), "InferenceService")
+    assert isvc["spec"]["predictor"]["model"]["image"] == "registry.example/team/vitserve-triton:25.11-1"
+    (c,) = kserve_deployment(isvc, kserve_runtime())["spec"]["template"]["spec"]["containers"]
+    assert c["image"] == "registry.example/team/vitserve-triton:25.11-1"
+    # without the transformer configuration kustomize leaves the field alone (what the issue found)
+    k.pop("configurations")
+    kustomization.write_text(yaml.safe_dump(k))
+    isvc = find(render_dir(tmp_path / "kserve"), "InferenceService")
+    assert isvc["spec"]["predictor"]["model"]["image"] == "vitserve-triton:latest"
+
+
+# --- closed by default, TLS and a body limit at the proxy (finding 9) ---------------------------------------
+
+# tritonserver 2.51's HTTP routes, each with the API name --http-restricted-api gives it (http_server.cc)
+_HTTP_APIS = [
+    (r"^/v2/health/(live|ready)$", "health"),
+    (r"^/v2/models/[^/]+(/versions/\d+)?/ready$", "health"),
+    (r"^/v2/models/[^/]+(/versions/\d+)?/infer$", "inference"),
+    (r"^/v2/models/[^/]+(/versions/\d+)?/config$", "model-config"),
+    (r"^/v2/models/([^/]+(/versions/\d+)?/)?stats$", "statistics"),
+    (r"^/v2/repository", "model-repository"),
+    (r"^/v2/(system|cuda)sharedmemory", "shared-memory"),
+    (r"^/v2(/models/[^/]+(/versions/\d+)?)?/trace", "trace"),
+    (r"^/v2/logging$", "logging"),
+    (r"^/v2(/models/[^/]+(/versions/\d+)?)?$", "metadata"),
+]
+
+
+def http_api(path: str) -> str:
+    return next(api for pattern, api in _HTTP_APIS if re.match(pattern, path))
+
+
+def _probe_paths(c: dict) -> list[str]:
+    paths = []
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        p = c.get(probe) or {}
+        if "httpGet" in p:
+            paths.append(p["httpGet"]["path"])
+        elif "exec" in p:
+            assert "infer_probe.py" in " ".join(p["exec"]["command"]), p
+            src = (DEPLOY / "probe" / "infer_probe.py").read_text()
+            assert "/v2/models/{model}/infer" in src
+            paths.append("/v2/models/vitb32/infer")
+        elif "tcpSocket" in p:
+            pass
+    return paths
+
+
+def _serving_containers(rendered) -> dict[str, dict]:
+    kserve = kserve_deployment(find(rendered["kserve"], "InferenceService"), kserve_runtime())
+    return {
+        "overlays/gpu": _container(rendered["overlays/gpu"]),
+        "overlays/cpu": _container(rendered["overlays/cpu"]),
+        "kserve": kserve["spec"]["template"]["spec"]["containers"][0],
+    }
+
+
+def test_control_apis_need_the_key_from_a_secret_and_probes_use_open_apis(rendered):
+    from vitserve.apikey import API_KEY_ENV, API_KEY_HEADER, CONTROL_APIS
+
+    value = f"{','.join(CONTROL_APIS)}:{API_KEY_HEADER}=$({API_KEY_ENV})"
+    for target, c in _serving_containers(rendered).items():
+        env = {e["name"]: e for e in c.get("env", [])}
+        ref = env[API_KEY_ENV]["valueFrom"]["secretKeyRef"]
+        assert ref["name"] == "vitserve-api-key" and not ref.get("optional"), (
+            f"{target}: the pod must not start without the key"
+        )
+        if target == "overlays/cpu":
+            # `vitserve serve` restricts CONTROL_APIS itself, with the key from $VITSERVE_API_KEY
+            assert not any(a.startswith("--open-apis") for a in c["args"]), target
+        else:
+            assert f"--http-restricted-api={value}" in c["args"], target
+            assert f"--grpc-restricted-protocol={value}" in c["args"], target
+        open_apis = {http_api(p) for p in _probe_paths(c)}
+        assert open_apis and not open_apis & set(CONTROL_APIS), f"{target}: a probe needs a restricted API"
+    assert (
+        http_api("/v2/models/stats") == "statistics"
+        and http_api("/v2/repository/index") == "model-repository"
+    )
+
+
+@pytest.mark.triton
+def test_restricted_args_of_the_manifests_work_on_the_real_tritonserver(rendered, tiny_repository, tmp_path):
+    """The flags exactly as the Deployment gives them ($(VAR) expanded by the kubelet) on tritonserver 2.51:
+    a control call without the key is refused, with it answered; health and inference stay open."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    from vitserve.apikey import API_KEY_ENV, API_KEY_HEADER, GRPC_API_KEY_HEADER
+    from vitserve.server import TritonServer
+
+    key = "k8s-secret-value_0123"
+    c = _container(rendered["overlays/gpu"])
+    flags = [a.replace(f"$({API_KEY_ENV})", key) for a in c["args"] if "restricted" in a]
+    assert len(flags) == 2
+    with TritonServer(tiny_repository, log_path=tmp_path / "triton.log", extra_args=flags) as server:
+        http = httpclient.InferenceServerClient(server.http_url)
+        grpc = grpcclient.InferenceServerClient(server.grpc_url)
+        for client in (http, grpc):
+            assert client.is_server_ready()
+            x = np.ones((1, 4), dtype=np.float32)
+            inp = (httpclient if client is http else grpcclient).InferInput("INPUT0", [1, 4], "FP32")
+            inp.set_data_from_numpy(x)
+            np.testing.assert_array_equal(client.infer("add_one", [inp]).as_numpy("OUTPUT0"), x + 1)
+        with pytest.raises(InferenceServerException, match="restricted"):
+            http.get_inference_statistics()
+        with pytest.raises(InferenceServerException, match="restricted"):
+            grpc.get_model_repository_index()
+        assert http.get_inference_statistics(headers={API_KEY_HEADER: key})
+        assert grpc.get_model_repository_index(headers={GRPC_API_KEY_HEADER: key}) is not None
+        with pytest.raises(InferenceServerException):
+            http.get_inference_statistics(headers={API_KEY_HEADER: key + "x"})
+        http.close()
+        grpc.close()  # an open channel holds tritonserver's shutdown for its exit timeout
+
+
+def test_ingress_terminates_tls_for_http_and_grpc_with_a_body_limit(rendered):
+    _, _, nginx_config = _cluster_constants()
+    rehearsal_limit = re.search(r"client_max_body_size (\S+);", nginx_config(Path("/w"), 1, 2, [])).group(1)
+    ingresses = {i["metadata"]["name"]: i for i in rendered["ingress"] if i["kind"] == "Ingress"}
+    service = find(rendered["overlays/gpu"], "Service", "vitserve-triton")
+    ports = {p["name"] for p in service["spec"]["ports"]}
+    backends = {}
+    for ing in ingresses.values():
+        annotations = ing["metadata"]["annotations"]
+        assert annotations["nginx.ingress.kubernetes.io/proxy-body-size"] == rehearsal_limit
+        hosts = {h for t in ing["spec"]["tls"] for h in t["hosts"]}
+        assert {r["host"] for r in ing["spec"]["rules"]} <= hosts, "every host is served over TLS"
+        assert {t["secretName"] for t in ing["spec"]["tls"]} == {"vitserve-tls"}
+        for rule in ing["spec"]["rules"]:
+            for path in rule["http"]["paths"]:
+                backend = path["backend"]["service"]
+                assert backend["name"] == service["metadata"]["name"] and backend["port"]["name"] in ports
+                backends[backend["port"]["name"]] = (
+                    annotations.get("nginx.ingress.kubernetes.io/backend-protocol", "HTTP"),
+                    path["path"],
+                )
+    assert backends["grpc"] == ("GRPC", "/inference.GRPCInferenceService")
+    assert backends["http"] == ("HTTP", "/v2")
+    assert "metrics" not in backends
 
 
 def test_kserve_variant_uses_triton_with_the_v2_protocol(rendered):
@@ -146,3 +879,16 @@ def test_kserve_variant_uses_triton_with_the_v2_protocol(rendered):
     assert model["storageUri"].startswith("s3://")
     sa = find(rendered["kserve"], "ServiceAccount")
     assert isvc["spec"]["predictor"]["serviceAccountName"] == sa["metadata"]["name"]
+
+
+def test_test_data_is_what_its_readme_names():
+    """The kept upstream files are byte-identical to the blobs the README names (git's blob hash)."""
+    import hashlib
+
+    readme = (DATA / "README.md").read_text()
+    for path, blob in re.findall(r"^\| `([^`]+)` \| [^|]+ \| `([0-9a-f]{40})` \|", readme, flags=re.M):
+        data = (DATA / path).read_bytes()
+        if path.endswith(".gz"):
+            data = gzip.decompress(data)
+        assert hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest() == blob, path
+    assert len(re.findall(r"^\| `", readme, flags=re.M)) == 6
