@@ -154,6 +154,25 @@ def test_image_tensorrt_command_writes_the_record(tmp_path):
     }  # fmt: skip
 
 
+def test_self_check_reads_the_image_record(tmp_path, capsys):
+    """`gpu_check self-check` (the image build's last TensorRT step) compares against the recorded
+    TensorRT; on this host neither libnvinfer nor the Python package is there, so it stops naming it."""
+    assert gpu_check.self_check(str(tmp_path / "missing.json")) == 1
+    assert "unreadable" in capsys.readouterr().err
+    record = tmp_path / "tensorrt.json"
+    record.write_text(json.dumps({"tensorrt": "10.13.3.9", "source": "dpkg libnvinfer 10.13.3.9+cuda13"}))
+    assert gpu_check.self_check(str(record)) == 1
+    err = capsys.readouterr().err
+    assert (
+        "libnvinfer (Triton's TensorRT backend): not found in the image (its libnvinfer is TensorRT 10.13.3.9)"
+        in err
+    )
+    assert json.loads(record.read_text()) == {
+        "tensorrt": "10.13.3.9",
+        "source": "dpkg libnvinfer 10.13.3.9+cuda13",
+    }
+
+
 def test_make_image_dry_run_shows_how_the_image_picks_its_tensorrt(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "vitserve.perf.gpu_check", "--dry-run", "image"],

@@ -221,6 +221,25 @@ def test_a_slower_older_publish_does_not_overwrite_a_newer_current(s3, tiny_repo
     assert current(f"s3://{bucket}/m", client=client).version == "v3"
 
 
+def test_two_publishes_of_one_version_cannot_mix(s3, tiny_repository):
+    """The first publish of a version claims it (create-only) before uploading; a second one of the same
+    version is refused and deletes nothing of the first, which completes."""
+    client, bucket = s3
+    refused = []
+
+    def meanwhile(key):
+        if not refused:
+            with pytest.raises(PublishError, match="already exists") as e:
+                publish(tiny_repository, f"s3://{bucket}/m", client=client, version="same")
+            refused.append(e.value)
+
+    p = publish(tiny_repository, f"s3://{bucket}/m", client=client, version="same", upload_hook=meanwhile)
+    assert refused and current(f"s3://{bucket}/m", client=client) == p
+    assert _keys(client, bucket, "m/versions/same/") == sorted(
+        f"m/versions/same/{k}" for k in ("add_one/config.pbtxt", "add_one/1/model.py", RECORD)
+    )
+
+
 def test_a_lost_response_on_current_is_not_a_conflict(s3, tiny_repository):
     """The CURRENT PUT lands but its response is lost: CURRENT names this version, so the publish
     succeeds instead of reporting a race with itself."""

@@ -5,6 +5,8 @@
 
 Layout under `s3://BUCKET/PREFIX` (S3 has no rename, so a version is never written in place):
 
+    PREFIX/versions/VERSION/.vitserve-claim        create-only, held while the version uploads: one publish
+                                                   per version (so its cleanup only deletes its own files)
     PREFIX/versions/VERSION/...                    one whole copy of the repository per publish, never changed
     PREFIX/versions/VERSION/vitserve-publish.json  written after every file of the version is uploaded and
                                                    checked (key and size listed back): the version is complete
@@ -40,6 +42,7 @@ import json
 import logging
 import os
 import re
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +55,7 @@ log = logging.getLogger(__name__)
 
 POINTER = "CURRENT"
 RECORD = "vitserve-publish.json"
+CLAIM = ".vitserve-claim"  # written create-only before a version's upload: who publishes it
 VERSIONS = "versions"
 # S3's answers to a conditional PUT of CURRENT that another publish got to first: 412 (it is not the
 # object this publish saw), 404 (If-Match on a pointer deleted meanwhile), 409 (a concurrent conditional
@@ -404,8 +408,29 @@ def publish(
     if "/" in version or not version.strip("."):
         raise PublishError(f"version {version!r} must be one path component")
     base = location.key(VERSIONS, version)
+    exists = PublishError(
+        f"{location}/{VERSIONS}/{version} already exists (or is being published); versions are never overwritten"
+    )
     if _list(client, location.bucket, base + "/"):
-        raise PublishError(f"{location}/{VERSIONS}/{version} already exists; versions are never overwritten")
+        raise exists
+    # Claim the version first (create-only): of two publishes of one version only one gets past here, so
+    # the cleanup below, which deletes everything under the version's prefix, only ever deletes its own.
+    claim = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    try:
+        client.put_object(
+            Bucket=location.bucket, Key=f"{base}/{CLAIM}", Body=json.dumps(claim).encode(), IfNoneMatch="*"
+        )
+    except Exception as e:
+        if _error_code(e) in POINTER_MOVED:
+            raise exists from e
+        raise _translate(e, f"claiming version {version} in", location) from e
+    if set(_list(client, location.bucket, base + "/")) != {f"{base}/{CLAIM}"}:  # finished before our claim
+        client.delete_object(Bucket=location.bucket, Key=f"{base}/{CLAIM}")
+        raise exists
     # What CURRENT is before this upload: the pointer swap below only replaces exactly that.
     seen = _pointer_etag(client, location)
     seen_version = _pointer_version(client, location) if seen else None
@@ -453,6 +478,10 @@ def publish(
         err = _translate(e, f"uploading version {version} to", location)
         raise PublishError(f"{err}; {left}; CURRENT still names the previous version") from e
 
+    try:  # the version is whole: its files and record now refuse another publish of it
+        client.delete_object(Bucket=location.bucket, Key=f"{base}/{CLAIM}")
+    except Exception as e:
+        log.warning("could not remove %s/%s (harmless): %s", base, CLAIM, e)
     endpoint = _endpoint(client)
     url = triton_url(location.bucket, base, endpoint)
     pointer = {"version": version, "prefix": base, "triton_url": url, "files": len(records)}
