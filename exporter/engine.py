@@ -20,8 +20,9 @@ Which TensorRT each Triton image carries (checked 2026-11-27): triton-inference-
 10.13.3.9 in 25.11-26.02 and 10.14.1.48 in 26.03-26.07. For the plain `<yy.mm>-py3` image it points to
 NVIDIA's Frameworks Support Matrix, which we could not read; no Triton release we could read names
 TensorRT 11. So check inside the image (trtexec prints its version first, `[TensorRT v110100]`) and
-compare it with the `tensorrt_version` recorded by `build_engine`. The release vitserve serves from,
-and its TensorRT, are named in one place: `vitserve.exporter.gpu_release`. `check_repository` (the
+compare it with the `tensorrt_version` recorded by `build_engine`. The release vitserve serves from
+is named in one place, `vitserve.exporter.gpu_release`; the serving image reads its TensorRT from its
+own libnvinfer while it is built. `check_repository` (the
 `vitserve check-engines` command, run by the serving image before tritonserver) refuses plans whose
 recorded TensorRT version or compute capability do not match the host.
 

@@ -12,7 +12,8 @@ the two images already differed), and the Frameworks Support Matrix that covers 
 not be read here. So while the image is built, `image_tensorrt()` reads the image's own libnvinfer
 (dpkg's record of the libnvinfer package, else the libnvinfer.so.X.Y.Z file name), installs the
 TensorRT Python package of exactly that version for the image's CUDA, and records both in
-`IMAGE_TENSORRT_RECORD`. Changing the release means changing TRITON_RELEASE (and nothing else).
+`IMAGE_TENSORRT_RECORD`. Changing the release means changing TRITON_RELEASE; IMAGE_PYTHON and the
+TensorRT note below are documentation (the image build's self-check says when the note is stale).
 
 Runs without vitserve installed (`python3 exporter/gpu_release.py image`), so make can read it on a
 host that has only Docker and a Python 3, and the image build can run it before vitserve is installed.
