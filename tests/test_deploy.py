@@ -785,7 +785,7 @@ def _serving_containers(rendered) -> dict[str, dict]:
 
 
 def test_control_apis_need_the_key_from_a_secret_and_probes_use_open_apis(rendered):
-    from vitserve.apikey import API_KEY_ENV, API_KEY_HEADER, CONTROL_APIS
+    from vitserve.apikey import API_KEY_ENV, API_KEY_HEADER, CONTROL_APIS, restricted_args
 
     value = f"{','.join(CONTROL_APIS)}:{API_KEY_HEADER}=$({API_KEY_ENV})"
     for target, c in _serving_containers(rendered).items():
@@ -802,10 +802,10 @@ def test_control_apis_need_the_key_from_a_secret_and_probes_use_open_apis(render
             assert f"--grpc-restricted-protocol={value}" in c["args"], target
         open_apis = {http_api(p) for p in _probe_paths(c)}
         assert open_apis and not open_apis & set(CONTROL_APIS), f"{target}: a probe needs a restricted API"
-    assert (
-        http_api("/v2/models/stats") == "statistics"
-        and http_api("/v2/repository/index") == "model-repository"
-    )
+    assert http_api("/v2/models/stats") == "statistics"
+    assert http_api("/v2/repository/index") == "model-repository"
+    # README's flags for a server run directly are the same (vitserve/apikey.py writes them for `vitserve serve`)
+    assert restricted_args(CONTROL_APIS, "KEY")[0] in (ROOT / "README.md").read_text()
 
 
 @pytest.mark.triton
@@ -892,3 +892,64 @@ def test_test_data_is_what_its_readme_names():
             data = gzip.decompress(data)
         assert hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest() == blob, path
     assert len(re.findall(r"^\| `", readme, flags=re.M)) == 6
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A certificate for localhost and its key (PEM), made here."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "server.crt", tmp_path / "server.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return cert_path, key_path
+
+
+@pytest.mark.triton
+def test_readmes_direct_grpc_tls_flags_work_on_the_real_tritonserver(tiny_repository, tmp_path):
+    """README "Serving on a GPU host": gRPC TLS without a proxy is tritonserver's own; the flags as written
+    there serve TLS (a plaintext client is refused) and inference answers over it."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    from vitserve.server import TritonServer
+
+    readme = (ROOT / "README.md").read_text()
+    flags = re.search(r"`(--grpc-use-ssl=true --grpc-server-cert=FILE --grpc-server-key=FILE)`", readme)
+    assert flags, "README no longer documents --grpc-use-ssl for direct use"
+    cert, key = _self_signed(tmp_path)
+    args = [
+        f.replace("cert=FILE", f"cert={cert}").replace("key=FILE", f"key={key}")
+        for f in flags.group(1).split()
+    ]
+    with TritonServer(tiny_repository, log_path=tmp_path / "triton.log", extra_args=args) as server:
+        url = f"localhost:{server.grpc_port}"
+        tls = grpcclient.InferenceServerClient(url, ssl=True, root_certificates=str(cert))
+        assert tls.is_server_ready() and tls.is_model_ready("add_one")
+        plain = grpcclient.InferenceServerClient(url)
+        with pytest.raises(InferenceServerException):
+            plain.is_server_ready(client_timeout=5)
+        tls.close()
+        plain.close()
