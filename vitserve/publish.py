@@ -219,22 +219,20 @@ def _error_code(e: Exception) -> str:
     return str(getattr(e, "response", {}).get("Error", {}).get("Code", ""))
 
 
-def _pointer_etag(client, location: S3Location) -> str | None:
-    """CURRENT's ETag now, or None when nothing is published yet (what the swap is conditional on)."""
+def _pointer(client, location: S3Location) -> tuple[str | None, str | None]:
+    """(ETag, version) of CURRENT now, or (None, None) when nothing is published yet: the swap is
+    conditional on that ETag."""
     try:
-        return client.head_object(Bucket=location.bucket, Key=location.key(POINTER))["ETag"]
+        obj = client.get_object(Bucket=location.bucket, Key=location.key(POINTER))
     except Exception as e:
         if _error_code(e) in ("404", "NoSuchKey", "NotFound"):
-            return None
+            return None, None
         raise _translate(e, "reading the pointer of", location) from e
-
-
-def _pointer_version(client, location: S3Location) -> str | None:
     try:
-        body = client.get_object(Bucket=location.bucket, Key=location.key(POINTER))["Body"].read()
-        return json.loads(body).get("version")
-    except Exception:
-        return None
+        version = json.loads(obj["Body"].read()).get("version")
+    except (ValueError, AttributeError):
+        version = None
+    return obj["ETag"], version
 
 
 # ----------------------------------------------------------------------------------------- only what serves
@@ -432,8 +430,7 @@ def publish(
         client.delete_object(Bucket=location.bucket, Key=f"{base}/{CLAIM}")
         raise exists
     # What CURRENT is before this upload: the pointer swap below only replaces exactly that.
-    seen = _pointer_etag(client, location)
-    seen_version = _pointer_version(client, location) if seen else None
+    seen, seen_version = _pointer(client, location)
 
     try:
         for rel, path in files:
@@ -495,7 +492,10 @@ def publish(
         )
     except Exception as e:
         # Our own PUT may have landed with its response lost (or landed, then its retry read 412).
-        now = _pointer_version(client, location)
+        try:
+            now = _pointer(client, location)[1]
+        except PublishError:
+            now = None
         if now == version:
             log.info("CURRENT names %s although its PUT reported %s", version, e)
         elif _error_code(e) in POINTER_MOVED:
