@@ -1,10 +1,10 @@
 """In-process baseline: a served model's own ONNX file run directly with onnxruntime's CPU provider.
 
-Each served model is measured against the file it runs itself (`{name}_{precision}_cpu/1/model.onnx`; for
+Each served model is measured against the file it runs itself (`NAME_{precision}_cpu/1/model.onnx`; for
 an ensemble, its backbone step's), at the same batch size and intra-op thread count, so that served images/s
 divided by these images/s is the serving efficiency: what Triton, gRPC, batching and (for the ensemble)
 decoding cost on top of the network itself. Comparing precisions (INT8 against FP32) is another number, the
-precision speed-up, reported on its own (`vitserve.perf.harness.precision_speedups`).
+precision speed-up, reported on its own (`vitserve.perf.sweep_result.precision_speedups`).
 """
 
 from __future__ import annotations
@@ -18,12 +18,17 @@ import numpy as np
 
 from vitserve.errors import ConfigError, missing_extra
 from vitserve.exporter import onnxrt
-from vitserve.exporter.triton_models.contract import OPTIMIZATION_LEVELS
+from vitserve.exporter.triton_models.contract import (
+    CPU_BACKBONE_PARAM,
+    OPTIMIZATION_LEVELS,
+    ContractError,
+    CpuBackboneParams,
+)
 
-# Names a python-backend model config may use for its onnxruntime settings, either as parameters of their
-# own or inside a JSON-valued parameter (the CPU backbone model keeps
-# `onnx_cpu = {"intra_op_threads": 2, "optimization": "all"}`).
-THREAD_KEYS = ("intra_op_threads", "intra_op_num_threads", "intra_op_thread_count")
+# Names another model's config may use for its onnxruntime settings, as parameters of their own or inside a
+# JSON-valued parameter (Triton's onnxruntime backend: `intra_op_thread_count`). A vitserve CPU model's
+# are its typed `onnx_cpu` parameters (contract.CpuBackboneParams).
+THREAD_KEYS = ("intra_op_num_threads", "intra_op_thread_count")
 OPTIMIZATION_KEYS = ("optimization", "graph_optimization_level")
 
 _ORT_TYPES = {
@@ -70,8 +75,18 @@ class BaselineResult:
 
 
 def ort_settings_from_config(config: dict) -> dict[str, int | str]:
-    """The onnxruntime settings (`threads`, `optimization`) a Triton model config (as JSON) sets, if any."""
-    found: dict[str, int | str] = {}
+    """The onnxruntime settings (`threads`, `optimization`) a Triton model config (as JSON) sets, if any.
+    A vitserve CPU model's threads "auto" are decided where it loads: no `threads` then."""
+    if CPU_BACKBONE_PARAM in (config.get("parameters") or {}):
+        try:
+            params = CpuBackboneParams.from_model_config(config)
+        except ContractError as e:
+            raise ConfigError(f"{e} (rebuild the repository with `make engines`)") from None
+        found: dict[str, int | str] = {"optimization": params.optimization}
+        if isinstance(params.cpu_threads, int):
+            found["threads"] = params.cpu_threads
+        return found
+    found = {}
     for key, value in (config.get("parameters", {}) or {}).items():
         text = value.get("string_value", "") if isinstance(value, dict) else str(value)
         candidates = {key: text}

@@ -19,24 +19,26 @@ import shlex
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
+from vitserve.exporter.triton_models.contract import CpuBackboneParams
+
 RESULTS = Path(__file__).parent / "results"
 
 
-def load(model_dir: Path, **params):
-    """The real onnx_cpu model of `model_dir`, initialised in this process with `params` overriding its
-    `onnx_cpu` parameters."""
+def load(model_dir: Path, params: CpuBackboneParams | None = None, **overrides):
+    """The real onnx_cpu model of `model_dir`, initialised in this process with its parameters, or `params`,
+    and `overrides` (fields of contract.CpuBackboneParams: `cpu_threads`, `cpu_lanes`, `cpu_spinning`, ...)."""
     from google.protobuf import json_format
 
-    from vitserve.exporter.repository import read_config
+    from vitserve.exporter.repository import read_config, read_params, set_params
     from vitserve.exporter.triton_models.onnx_cpu import TritonPythonModel
 
     cfg = read_config(model_dir / "config.pbtxt")
-    merged = json.loads(cfg.parameters["onnx_cpu"].string_value) | params
-    cfg.parameters["onnx_cpu"].string_value = json.dumps(merged)
+    set_params(cfg, replace(params or read_params(cfg, CpuBackboneParams), **overrides))
     model = TritonPythonModel()
     model.initialize(
         {
@@ -58,8 +60,8 @@ def images_per_s(model, x: np.ndarray, seconds: float) -> float:
 
 
 def run(repository: Path, models: list[str], batches: list[int], rounds: int, seconds: float) -> dict:
-    from vitserve.exporter.triton_models.onnx_cpu import usable_cores
     from vitserve.exporter.hostinfo import cpu_summary
+    from vitserve.exporter.triton_models.onnx_cpu import usable_cores
 
     cores = usable_cores()
     out = {"host": cpu_summary(), "cores": cores, "rounds": rounds, "seconds": seconds, "models": {}}
@@ -71,8 +73,8 @@ def run(repository: Path, models: list[str], batches: list[int], rounds: int, se
         shape = [int(d) for d in read_dims(model_dir)]
         # onnxruntime's default spinning for the wide sessions (as in-process onnxruntime runs), whatever
         # the repository's config says; 1-thread lanes have no pool to spin
-        one = load(model_dir, intra_op_threads=cores, lanes=1, allow_spinning=True)
-        lanes = load(model_dir, intra_op_threads=cores, lanes=cores, allow_spinning=True)
+        one = load(model_dir, cpu_threads=cores, cpu_lanes=1, cpu_spinning=True)
+        lanes = load(model_dir, cpu_threads=cores, cpu_lanes=cores, cpu_spinning=True)
         rows = []
         try:
             for b in batches:

@@ -4,32 +4,27 @@
                        [1, 8], generator="both", duration_s=5, max_total_s=600, out_dir="perf/results/run1",
                        images="tests/data/images", repository="model_repository")
 
-Each point is measured the same way whichever generator runs it: `warmup_s` of closed-loop load at the
-point's concurrency, a snapshot of Triton's statistics, `duration_s` of measured load, a second snapshot.
+Each point is measured the same way whichever generator runs it (`vitserve.perf.measure`, as `vitserve tune`
+measures): `warmup_s` of closed-loop load at the point's concurrency, a snapshot of Triton's statistics,
+`duration_s` of measured load, a second snapshot. The results are `vitserve.perf.sweep_result` types.
 The sweep is bounded in points (models x batch sizes x concurrencies x generators) and in time: once
 `max_total_s` has passed no new point starts, the finished ones are kept and the result says so.
 
 Two ratios, never mixed: a point's `efficiency` is its images/s over the in-process images/s of the ONNX
 file that same model runs (serving overhead; each model has its own baseline), and the precision speed-up
-(`precision_speedups`) is an INT8/FP16 model's images/s over its FP32 sibling's, served and in-process.
+(`sweep_result.precision_speedups`) is an INT8/FP16 model's images/s over its FP32 sibling's, served and in-process.
 A point or baseline that fails is kept with its error, and reported as a failure.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import enum
-import itertools
 import logging
-import math
-import re
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from vitserve.errors import ClientError, ConfigError, ServerError, VitServeError
-from vitserve.exporter.hostinfo import cpu_summary
+from vitserve.errors import ConfigError, ServerError, VitServeError
 from vitserve.perf import server_stats
 from vitserve.perf.baseline import BaselineResult, ort_settings_from_config, run_baseline
 from vitserve.perf.inputs import (
@@ -40,111 +35,10 @@ from vitserve.perf.inputs import (
     make_payloads,
     write_input_data,
 )
-from vitserve.perf.loadgen import run_load
-from vitserve.perf.perf_analyzer import run_perf_analyzer
+from vitserve.perf.measure import Generator, measure_point
+from vitserve.perf.sweep_result import PointResult, SweepResult
 
 log = logging.getLogger(__name__)
-
-
-class Generator(enum.StrEnum):
-    """Which load generator measures each point."""
-
-    PERF_ANALYZER = "perf_analyzer"
-    BUILTIN = "builtin"
-    BOTH = "both"
-
-    def generators(self) -> list[str]:
-        if self is Generator.BOTH:
-            return [Generator.PERF_ANALYZER.value, Generator.BUILTIN.value]
-        return [self.value]
-
-
-@dataclass
-class PointResult:
-    """One measured point. Latencies are client-side microseconds; `server_*_us` are per-request averages
-    from Triton's statistics over the point; `images_per_s` = `requests_per_s` * `batch_size`."""
-
-    model: str
-    generator: str
-    concurrency: int
-    batch_size: int
-    window_s: float | None = None
-    requests: int | None = None
-    failures: int | None = None
-    requests_per_s: float | None = None
-    images_per_s: float | None = None
-    p50_us: float | None = None
-    p90_us: float | None = None
-    p95_us: float | None = None
-    p99_us: float | None = None
-    server_requests: int | None = None
-    server_queue_us: float | None = None
-    server_compute_input_us: float | None = None
-    server_compute_infer_us: float | None = None
-    server_compute_output_us: float | None = None
-    server_avg_batch: float | None = None
-    server_steps: dict[str, dict[str, float | None]] = field(default_factory=dict)
-    gpu_util_pct: float | None = None
-    gpu_mem_used_mib: float | None = None
-    efficiency: float | None = None
-    wall_s: float | None = None
-    error: str | None = None
-    error_samples: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None and bool(self.requests)
-
-    def check_percentiles(self) -> None:
-        """p50 <= p90 <= p95 <= p99, or ClientError naming the point (a measurement we cannot trust)."""
-        values = [self.p50_us, self.p90_us, self.p95_us, self.p99_us]
-        if any(v is None or math.isnan(v) for v in values):
-            return
-        if any(a > b for a, b in itertools.pairwise(values)):
-            raise ClientError(
-                f"{self.generator} reported non-monotonic percentiles p50/p90/p95/p99 = {values} us "
-                f"for {self.model} at concurrency {self.concurrency}, batch {self.batch_size}"
-            )
-
-
-@dataclass
-class SweepResult:
-    """All points of a sweep plus what is needed to read and reproduce them."""
-
-    url: str
-    models: list[str]
-    concurrencies: list[int]
-    batch_sizes: list[int]
-    generator: str
-    duration_s: float
-    warmup_s: float
-    max_total_s: float
-    planned_points: int
-    points: list[PointResult] = field(default_factory=list)
-    baselines: list[BaselineResult] = field(default_factory=list)
-    baseline_files: dict[str, str] = field(default_factory=dict)  # model -> the ONNX file it runs
-    baseline_settings: dict[str, str] = field(default_factory=dict)  # ONNX file -> onnxruntime settings
-    truncated: bool = False
-    note: str | None = None
-    elapsed_s: float = 0.0
-    started_at: str = ""
-    command: str | None = None
-    images: str | None = None
-    out_dir: str | None = None
-    host_cpu: str = field(default_factory=cpu_summary)
-    files: dict[str, str] = field(default_factory=dict)
-
-    def baseline_for(self, model: str, batch_size: int) -> BaselineResult | None:
-        """The in-process baseline of the ONNX file `model` runs, at `batch_size` (None: not measured)."""
-        onnx = self.baseline_files.get(model)
-        return next((b for b in self.baselines if b.onnx == onnx and b.batch_size == batch_size), None)
-
-    @property
-    def failed_points(self) -> list[PointResult]:
-        return [p for p in self.points if not p.ok]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _positive_ints(values, what: str) -> list[int]:
@@ -162,44 +56,6 @@ def _positive_ints(values, what: str) -> list[int]:
     if not out:
         raise ConfigError(f"{what}: give at least one value")
     return out
-
-
-_VARIANT = re.compile(
-    r"^(?P<base>.+)_(?P<precision>cpu-int8|fp32|fp16|int8)_(?P<kind>cpu|onnxruntime|tensorrt)$"
-)
-
-
-def variant_of(model: str) -> tuple[str, str, str] | None:
-    """(name, precision, kind) of a vitserve backbone model `NAME_{precision}_{kind}`, else None."""
-    m = _VARIANT.match(model)
-    return (m["base"], m["precision"], m["kind"]) if m else None
-
-
-def precision_speedups(result: SweepResult) -> list[dict]:
-    """Each non-FP32 backbone model of the sweep against its FP32 sibling (same name and kind), when both
-    were swept: in-process images/s ratio per batch size (generator "in-process"), and served images/s
-    ratio per batch size, concurrency and generator. Only points that both succeeded are compared."""
-    rows = []
-    points = {(p.model, p.generator, p.batch_size, p.concurrency): p for p in result.points if p.ok}
-    for model in result.models:
-        variant = variant_of(model)
-        if variant is None or variant[1] == "fp32":
-            continue
-        fp32 = f"{variant[0]}_fp32_{variant[2]}"
-        if fp32 not in result.models:
-            continue
-        for b in result.batch_sizes:
-            mine, ref = result.baseline_for(model, b), result.baseline_for(fp32, b)
-            if mine is not None and ref is not None and mine.ok and ref.ok:
-                rows.append({"model": model, "fp32": fp32, "generator": "in-process", "batch_size": b,
-                             "concurrency": None, "speedup": mine.images_per_s / ref.images_per_s})  # fmt: skip
-            for c in result.concurrencies:
-                for gen in Generator(result.generator).generators():
-                    p, q = points.get((model, gen, b, c)), points.get((fp32, gen, b, c))
-                    if p is not None and q is not None:
-                        rows.append({"model": model, "fp32": fp32, "generator": gen, "batch_size": b,
-                                     "concurrency": c, "speedup": p.images_per_s / q.images_per_s})  # fmt: skip
-    return rows
 
 
 def _baseline_files(
@@ -280,63 +136,28 @@ def _measure(
     shapes,
     raw_dir: Path,
 ) -> PointResult:
-    point = PointResult(spec.name, gen, concurrency, batch_size)
-    if warmup_s > 0:
-        run_load(url, spec, payloads, concurrency=concurrency, duration_s=warmup_s, warmup_s=0)
-    client = connect(url)
-    try:
-        watched = [spec.name, *server_stats.ensemble_steps(spec.config)]
-        before = {m: server_stats.snapshot(client, m) for m in watched}
-        with server_stats.GpuSampler() as gpu:
-            if gen == Generator.PERF_ANALYZER.value:
-                pa = run_perf_analyzer(
-                    url, spec, concurrency=concurrency, batch_size=batch_size, duration_s=duration_s,
-                    csv_path=raw_dir / f"perf_analyzer_{spec.name}_b{batch_size}_c{concurrency}.csv",
-                    shapes=shapes, input_data=input_data,
-                )  # fmt: skip
-                row = pa.row
-                m = re.search(r"Request count:\s*(\d+)", pa.stdout)
-                point.requests = int(m.group(1)) if m else None
-                point.failures = 0  # perf_analyzer stops at the first failure; getting here means none
-                point.images_per_s = row["images_per_s"]
-                point.requests_per_s = row["images_per_s"] / batch_size
-                if point.requests and point.requests_per_s:
-                    point.window_s = point.requests / point.requests_per_s
-                for p in (50, 90, 95, 99):
-                    setattr(point, f"p{p}_us", row[f"p{p}_us"])
-            else:
-                res = run_load(
-                    url, spec, payloads, concurrency=concurrency, duration_s=duration_s, warmup_s=0
-                )
-                point.window_s = res.window_s
-                point.requests = res.requests
-                point.failures = res.failures
-                point.requests_per_s = res.requests_per_s
-                point.images_per_s = res.images_per_s
-                for p, v in res.percentiles_us().items():
-                    setattr(point, f"p{p}_us", v)
-                point.error_samples = res.errors
-                if res.requests == 0:
-                    point.error = "no request succeeded" + (f": {res.errors[0]}" if res.errors else "")
-        after = {m: server_stats.snapshot(client, m) for m in watched}
-    finally:
-        client.close()
-    d = server_stats.delta(before[spec.name], after[spec.name])
-    for step in watched[1:]:
-        sd = server_stats.delta(before[step], after[step])
-        point.server_steps[step] = {
-            "requests": sd.requests, "queue_us": sd.queue_us, "compute_input_us": sd.compute_input_us,
-            "compute_infer_us": sd.compute_infer_us, "compute_output_us": sd.compute_output_us,
-            "avg_batch": sd.avg_batch,
-        }  # fmt: skip
+    m = measure_point(
+        url, spec, generator=gen, concurrency=concurrency, batch_size=batch_size, duration_s=duration_s,
+        warmup_s=warmup_s, payloads=payloads, input_data=input_data, shapes=shapes,
+        csv_path=raw_dir / f"perf_analyzer_{spec.name}_b{batch_size}_c{concurrency}.csv",
+    )  # fmt: skip
+    point = PointResult(
+        spec.name, gen, concurrency, batch_size, window_s=m.window_s, requests=m.requests, failures=m.failures,
+        requests_per_s=m.requests_per_s, images_per_s=m.images_per_s, error_samples=m.errors,
+        gpu_util_pct=m.gpu_util_pct, gpu_mem_used_mib=m.gpu_mem_used_mib,
+    )  # fmt: skip
+    for p, v in m.percentiles_us.items():
+        setattr(point, f"p{p}_us", v)
+    if gen == Generator.BUILTIN.value and m.requests == 0:
+        point.error = "no request succeeded" + (f": {m.errors[0]}" if m.errors else "")
+    d = m.server[spec.name]
+    point.server_steps = {step: m.server_row(step) for step in list(m.server)[1:]}
     point.server_requests = d.requests
     point.server_queue_us = d.queue_us
     point.server_compute_input_us = d.compute_input_us
     point.server_compute_infer_us = d.compute_infer_us
     point.server_compute_output_us = d.compute_output_us
     point.server_avg_batch = d.avg_batch
-    point.gpu_util_pct = gpu.util_pct
-    point.gpu_mem_used_mib = gpu.mem_used_mib
     point.check_percentiles()
     return point
 

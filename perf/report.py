@@ -17,7 +17,7 @@ import os
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from vitserve.perf.harness import PointResult, SweepResult, precision_speedups
+from vitserve.perf.sweep_result import PointResult, SweepResult, precision_speedups
 
 CSV_NAME = "points.csv"
 JSON_NAME = "result.json"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,8 @@ from vitserve.exporter.precision import (
     apply_gates,
     check_gate,
 )
-from vitserve.exporter.repository import read_config, write_config
+from vitserve.exporter.repository import read_config, read_params, set_params, write_config
+from vitserve.exporter.triton_models.contract import CpuBackboneParams
 from vitserve.exporter.triton_models.onnx_cpu import (
     choose_threads,
     cpu_flags,
@@ -175,12 +177,10 @@ def test_reports_are_hardware_independent_and_consistent(vitb32_build):
     summary = vitb32_build["summary"]["models"]["vitb32"]
     served = {m["precision"] for m in summary["triton_models"].values() if m["role"] == "backbone"}
     assert served == {"fp32"} | ({"cpu-int8"} if cpu["passed"] else set())  # fp16/int8 not loaded on a CPU
-    params = json.loads(
-        read_config(vitb32_build["repository"] / "vitb32_fp32_cpu" / "config.pbtxt")
-        .parameters["onnx_cpu"]
-        .string_value
+    params = read_params(
+        read_config(vitb32_build["repository"] / "vitb32_fp32_cpu" / "config.pbtxt"), CpuBackboneParams
     )
-    assert params["intra_op_threads"] == "auto" and params["share"] == 1
+    assert params.cpu_threads == "auto" and params.share == 1
 
 
 # -- a repository served on "the other" ISA, on the real tritonserver --------------------------------------
@@ -191,8 +191,7 @@ def _copy_model(repo: Path, src: Path, name: str, **params) -> Path:
     shutil.copytree(src, dst)
     cfg = read_config(dst / "config.pbtxt")
     cfg.name = name
-    p = json.loads(cfg.parameters["onnx_cpu"].string_value) | params
-    cfg.parameters["onnx_cpu"].string_value = json.dumps(p)
+    set_params(cfg, replace(read_params(cfg, CpuBackboneParams), **params))
     write_config(dst, cfg)
     return dst
 

@@ -6,14 +6,15 @@ same model in the real tritonserver. Nothing here asserts a speed."""
 from __future__ import annotations
 
 import itertools
-import json
 import re
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
-from vitserve.exporter.repository import read_config, write_config
+from vitserve.exporter.repository import read_config, read_params, set_params, write_config
+from vitserve.exporter.triton_models.contract import CpuBackboneParams
 from vitserve.exporter.triton_models.onnx_cpu import LANES_AUTO_MAX_BYTES, choose_lanes, split_rows
 from vitserve.perf.bench_lanes import load  # the real model, initialised in this process
 
@@ -59,8 +60,8 @@ def test_slices_come_back_in_order_equal_to_one_session(vitb32_build, variant):
     if not model_dir.exists():
         pytest.skip(f"{variant} was not published by this build (its gate); fp32 always is")
     pixels = _pixels(5)
-    lanes = load(model_dir, intra_op_threads=2, lanes=2)
-    one = load(model_dir, intra_op_threads=2, lanes=1)
+    lanes = load(model_dir, cpu_threads=2, cpu_lanes=2)
+    one = load(model_dir, cpu_threads=2, cpu_lanes=1)
     try:
         assert lanes.lanes == 2 and one.lanes == 1 and one.pool is None
         got = dict(zip(lanes.outputs, lanes._run(pixels), strict=True))
@@ -103,9 +104,7 @@ def test_served_batches_through_lanes_match_the_single_session(vitb32_build, tmp
         shutil.copytree(src, dst)
         cfg = read_config(dst / "config.pbtxt")
         cfg.name = name
-        params = json.loads(cfg.parameters["onnx_cpu"].string_value)
-        params.update(intra_op_threads=2, lanes=lanes)
-        cfg.parameters["onnx_cpu"].string_value = json.dumps(params)
+        set_params(cfg, replace(read_params(cfg, CpuBackboneParams), cpu_threads=2, cpu_lanes=lanes))
         cfg.dynamic_batching.max_queue_delay_microseconds = 200_000  # the two requests meet in one batch
         write_config(dst, cfg)
     pixels = _pixels(5)

@@ -14,10 +14,11 @@ import pytest
 
 from vitserve.errors import ClientError, ConfigError, ServerError
 from vitserve.perf.baseline import ort_settings_from_config
-from vitserve.perf.harness import PointResult, precision_speedups, run_sweep
+from vitserve.perf.harness import run_sweep
 from vitserve.perf.inputs import ModelSpec, TensorSpec, describe_model, make_payloads, write_input_data
 from vitserve.perf.loadgen import run_load
 from vitserve.perf.perf_analyzer import run_perf_analyzer
+from vitserve.perf.sweep_result import PointResult, precision_speedups
 from vitserve.server import TritonServer, free_port
 
 pytestmark = pytest.mark.triton
@@ -112,7 +113,7 @@ def test_efficiency_against_in_process_baseline(sweep):
 
 
 def test_baseline_settings_come_from_the_served_model_config():
-    onnx_cpu = {"string_value": json.dumps({"intra_op_threads": 2, "optimization": "extended"})}
+    onnx_cpu = {"string_value": json.dumps({"cpu_threads": 2, "optimization": "extended"})}
     assert ort_settings_from_config({"parameters": {"onnx_cpu": onnx_cpu}}) == {
         "threads": 2,
         "optimization": "extended",
@@ -122,7 +123,7 @@ def test_baseline_settings_come_from_the_served_model_config():
     }
     assert ort_settings_from_config({"backend": "python"}) == {}
     # vitserve's CPU models decide threads where they load: the baseline then uses onnxruntime's default
-    auto = {"string_value": json.dumps({"intra_op_threads": "auto", "share": 1, "optimization": "all"})}
+    auto = {"string_value": json.dumps({"cpu_threads": "auto", "share": 1, "optimization": "all"})}
     assert ort_settings_from_config({"parameters": {"onnx_cpu": auto}}) == {"optimization": "all"}
 
 

@@ -11,21 +11,20 @@ from pathlib import Path
 import pytest
 
 from vitserve.errors import ConfigError
-from vitserve.perf.tune import (
+from vitserve.exporter.triton_models.contract import CpuBackboneParams, PreprocessParams
+from vitserve.perf.tune import run_tune
+from vitserve.perf.tune.configs import Reloader, Target, backbone_override
+from vitserve.perf.tune.search import (
     Knobs,
     Point,
-    Reloader,
     Space,
-    Target,
-    backbone_override,
     choose,
     default_space,
     pareto_front,
-    run_tune,
     search,
     stage_plan,
-    write_tuned,
 )
+from vitserve.perf.tune.writeback import write_tuned
 
 CURRENT = Knobs("cpu-int8", 1, 2, None, 2000, (4, 8), 1)
 
@@ -93,7 +92,9 @@ def test_default_space_splits_the_cores_among_instances():
     # lanes and spinning only where an instance has a thread pool: (1, 2) x lanes 1|2 x spin on|off,
     # (1, 1) and (2, 1) once each
     plan = stage_plan("compute", s, CURRENT, CURRENT)
-    per_variant = [(k.instances, k.threads, k.lanes, k.spinning) for k in plan if k.variant == "fp32"]
+    per_variant = [
+        (k.instances, k.cpu_threads, k.cpu_lanes, k.cpu_spinning) for k in plan if k.variant == "fp32"
+    ]
     assert per_variant == [
         (1, 2, 1, True), (1, 2, 1, False), (1, 2, 2, True), (1, 2, 2, False), (1, 1, 1, None), (2, 1, 1, None),
     ]  # fmt: skip
@@ -109,7 +110,7 @@ def test_default_space_splits_the_cores_among_instances():
     s16 = default_space(["add_one"], 16, False, 8, [1, 8], CURRENT, ensemble=False)
     assert s16.instance_threads == [(1, None), (2, None), (4, None), (8, None), (16, None)]
     assert s16.spinning == [None] and s16.preprocess_instances == [None] and s16.lanes == [False]
-    assert {k.lanes for k in stage_plan("compute", s16, CURRENT, CURRENT)} == {
+    assert {k.cpu_lanes for k in stage_plan("compute", s16, CURRENT, CURRENT)} == {
         None
     }  # not a vitserve CPU model
 
@@ -120,7 +121,7 @@ def test_default_space_splits_the_cores_among_instances():
 def _recorded(knobs: Knobs, concurrency: int) -> tuple[float, float]:
     ips = {"fp32": 30.0, "cpu-int8": 60.0}[knobs.variant]
     ips *= 1.15 if knobs.instances == 2 else 1.0
-    ips *= 0.9 if (knobs.spinning and knobs.instances == 2) else 1.0
+    ips *= 0.9 if (knobs.cpu_spinning and knobs.instances == 2) else 1.0
     ips *= (1.0 + knobs.queue_delay_us / 100_000) if concurrency > 1 else 1.0
     ips *= 1.05 if knobs.preprocess_instances == 2 else 1.0
     p99_ms = concurrency * 1000 / ips * 1.3 + knobs.queue_delay_us / 1000
@@ -161,9 +162,9 @@ def test_search_runs_the_stages_around_the_best_configuration():
     compute = stage_plan("compute", SPACE, CURRENT, CURRENT)
     assert measure.calls[: len(compute)] == compute and len(compute) == 6  # 1 thread: no spinning
     best = choose([p for p in out.points if p.stage == "compute" or p.knobs in compute], 150_000)
-    assert best.knobs.variant == "cpu-int8" and best.knobs.instances == 2 and best.knobs.spinning is None
+    assert best.knobs.variant == "cpu-int8" and best.knobs.instances == 2 and best.knobs.cpu_spinning is None
     batching = measure.of("batching")
-    assert all(k.variant == "cpu-int8" and k.instances == 2 and k.threads == 1 for k in batching)
+    assert all(k.variant == "cpu-int8" and k.instances == 2 and k.cpu_threads == 1 for k in batching)
     assert {k.queue_delay_us for k in batching} == {0, 2000, 10000}
     chosen = choose(out.points, 150_000)
     assert chosen.p99_us <= 150_000
@@ -174,7 +175,7 @@ def test_search_runs_the_stages_around_the_best_configuration():
     assert {(k.queue_delay_us, k.preprocess_instances) for k in refine} == {
         (chosen.knobs.queue_delay_us, chosen.knobs.preprocess_instances)
     }
-    assert {(k.instances, k.threads, k.spinning) for k in refine if k.variant == "cpu-int8"} == {
+    assert {(k.instances, k.cpu_threads, k.cpu_spinning) for k in refine if k.variant == "cpu-int8"} == {
         (1, 2, True), (1, 2, False),
     }  # fmt: skip  # (2, 1) is the best itself, measured already
     assert [k.variant for k in refine if k.variant != "cpu-int8"] == ["fp32"]
@@ -184,7 +185,7 @@ def _interacting(knobs: Knobs, concurrency: int) -> tuple[float, float]:
     """A host where spinning pays only without a queue delay (as measured here: the spinning threads wait
     out the delay on the cores the other requests need)."""
     ips = {"fp32": 30.0, "cpu-int8": 60.0}[knobs.variant]
-    if knobs.spinning:
+    if knobs.cpu_spinning:
         ips *= 1.2 if knobs.queue_delay_us == 0 else 0.8
     ips *= 1.1 if knobs.queue_delay_us == 0 else 1.0
     return ips, concurrency * 1000 / ips * 1.3
@@ -197,11 +198,11 @@ def test_refine_finds_what_the_stages_miss_when_knobs_interact():
     measure = Recorded(_interacting)
     out = search(space, CURRENT, measure, p99_budget_us=None, out_of_time=lambda: False)
     compute_best = choose([p for p in out.points if p.stage == "compute"], None).knobs
-    assert compute_best.spinning is False
+    assert compute_best.cpu_spinning is False
     before_refine = choose([p for p in out.points if p.stage != "refine"], None).knobs
-    assert before_refine.spinning is False and before_refine.queue_delay_us == 0
+    assert before_refine.cpu_spinning is False and before_refine.queue_delay_us == 0
     chosen = choose(out.points, None).knobs
-    assert chosen.spinning is True and chosen.queue_delay_us == 0 and chosen.variant == "cpu-int8"
+    assert chosen.cpu_spinning is True and chosen.queue_delay_us == 0 and chosen.variant == "cpu-int8"
 
 
 def test_search_is_bounded_in_time_and_resumes_where_it_stopped():
@@ -221,7 +222,7 @@ def test_search_is_bounded_in_time_and_resumes_where_it_stopped():
 
 
 def test_knob_effects_compare_configurations_that_differ_in_one_knob():
-    from vitserve.perf.tune import knob_effects
+    from vitserve.perf.tune.search import knob_effects
 
     out = search(SPACE, CURRENT, Recorded(), p99_budget_us=150_000, out_of_time=lambda: False)
     effects = {(e["knob"], e["from"], e["to"], e["concurrency"]): e for e in knob_effects(out.points)}
@@ -241,27 +242,29 @@ def test_backbone_override_sets_instances_batching_threads_and_spinning():
         "backend": "python",
         "instance_group": [{"name": "m_0", "count": 1, "kind": "KIND_CPU"}],
         "dynamic_batching": {"preferred_batch_size": [4, 8], "max_queue_delay_microseconds": "2000"},
-        "parameters": {"onnx_cpu": {"string_value": json.dumps({"intra_op_threads": "auto", "share": 2})}},
+        "parameters": {"onnx_cpu": {"string_value": json.dumps({"cpu_threads": "auto", "share": 2})}},
     }
     knobs = Knobs("fp32", 2, 1, False, 500, (16,), None)
     cfg = backbone_override(config, knobs, onnx_cpu=True)
     assert cfg["instance_group"][0]["count"] == 2
     assert cfg["dynamic_batching"] == {"preferred_batch_size": [16], "max_queue_delay_microseconds": "500"}
-    params = json.loads(cfg["parameters"]["onnx_cpu"]["string_value"])
-    assert params == {"intra_op_threads": 1, "share": 1, "allow_spinning": False}
+    params = CpuBackboneParams.from_json(cfg["parameters"]["onnx_cpu"]["string_value"])
+    assert params == CpuBackboneParams(cpu_threads=1, share=1, cpu_spinning=False)
     assert config["instance_group"][0]["count"] == 1  # the original is left alone
-    default = json.loads(
-        backbone_override(cfg, replace(knobs, spinning=None), True)["parameters"]["onnx_cpu"]["string_value"]
+    default = CpuBackboneParams.from_json(
+        backbone_override(cfg, replace(knobs, cpu_spinning=None), True)["parameters"]["onnx_cpu"][
+            "string_value"
+        ]
     )
-    assert "allow_spinning" not in default
-    with_lanes = backbone_override(config, replace(knobs, threads=2, lanes=2), True)
-    assert json.loads(with_lanes["parameters"]["onnx_cpu"]["string_value"])["lanes"] == 2
+    assert default.cpu_spinning is None  # onnxruntime's default
+    with_lanes = backbone_override(config, replace(knobs, cpu_threads=2, cpu_lanes=2), True)
+    assert CpuBackboneParams.from_json(with_lanes["parameters"]["onnx_cpu"]["string_value"]).cpu_lanes == 2
 
 
 def test_reload_plan_sets_the_preprocess_instances_and_threads_and_checks_them():
-    """What the tuner loads for the preprocess knobs (instance count, the python model's `threads` in its
+    """What the tuner loads for the preprocess knobs (instance count, the python model's `preprocess_threads` in its
     JSON parameters, every other setting kept) and how a served config that did not take them is found."""
-    pre_params = {"size": 224, "mode": "exact", "threads": 1}
+    pre_params = {"size": 224, "resize_size": 224, "preprocess": "pillow", "preprocess_threads": 1}
     pre = {
         "name": "m_preprocess",
         "backend": "python",
@@ -294,8 +297,12 @@ def test_reload_plan_sets_the_preprocess_instances_and_threads_and_checks_them()
     want = reloader.wanted(knobs)
     got = want["m_preprocess"]
     assert got["instance_group"][0]["count"] == 2
-    assert json.loads(got["parameters"]["preprocess"]["string_value"]) == pre_params | {"threads": 2}
-    assert json.loads(pre["parameters"]["preprocess"]["string_value"])["threads"] == 1  # original kept
+    assert PreprocessParams.from_json(got["parameters"]["preprocess"]["string_value"]) == PreprocessParams(
+        **pre_params | {"preprocess_threads": 2}
+    )
+    assert (
+        json.loads(pre["parameters"]["preprocess"]["string_value"])["preprocess_threads"] == 1
+    )  # original kept
     reloader.client = Served(want)
     assert reloader.differs("m_preprocess", got, knobs) == []
     reloader.client = Served({"m_preprocess": pre})  # a reload that kept the old threads is caught
@@ -383,7 +390,7 @@ MANIFEST = {
     "input": {"shape": [-1, 3, 224, 224]},
     "feature_dim": 8,
     "head": {"num_classes": 0},
-    "preprocess": {"size": 224},
+    "preprocess": {"size": 224, "resize_size": 224},
     "outputs": ["embeddings"],
 }
 
@@ -411,12 +418,12 @@ def test_tuned_settings_are_written_into_config_pbtxt(tmp_path):
         assert list(cfg.dynamic_batching.preferred_batch_size) == [16]
         assert cfg.dynamic_batching.max_queue_delay_microseconds == 500
         params = json.loads(cfg.parameters["onnx_cpu"].string_value)
-        assert params["intra_op_threads"] == 1 and params["allow_spinning"] is False and params["lanes"] == 1
+        assert params["cpu_threads"] == 1 and params["cpu_spinning"] is False and params["cpu_lanes"] == 1
         assert "test host" in cfg.parameters["vitserve_tuned"].string_value
     pre = read_config(repo / "vitb32_preprocess" / "config.pbtxt")
     assert (
         pre.instance_group[0].count == 2
-        and json.loads(pre.parameters["preprocess"].string_value)["threads"] == 2
+        and json.loads(pre.parameters["preprocess"].string_value)["preprocess_threads"] == 2
     )
     # cpu-int8 tuned but only fp32 published: the default order, no error
     spec8 = replace(spec, tuned=replace(spec.tuned, precision=Precision.CPU_INT8))
@@ -515,12 +522,12 @@ def test_tune_of_vitb32_survives_make_engines(vitb32_build, tmp_path):
     cfg = read_config(repo / backbone / "config.pbtxt")
     assert cfg.dynamic_batching.max_queue_delay_microseconds == 1000
     params = json.loads(cfg.parameters["onnx_cpu"].string_value)
-    assert params["intra_op_threads"] == 2 and params["allow_spinning"] is False
+    assert params["cpu_threads"] == 2 and params["cpu_spinning"] is False
     assert "vitserve_tuned" in cfg.parameters
 
 
 def test_check_summary_picks_the_best_client_batch_within_the_budget():
-    from vitserve.perf.tune import check_summary
+    from vitserve.perf.tune.check import check_summary
 
     def row(b: int, img_s: float, p99_ms: float, shm: str = "none") -> dict:
         p = replace(_pt(img_s, p99_ms, c=4, b=b), shared_memory=shm)
