@@ -628,3 +628,31 @@ def test_readmes_direct_grpc_tls_flags_work_on_the_real_tritonserver(tiny_reposi
             plain.is_server_ready(client_timeout=5)
         tls.close()
         plain.close()
+
+
+def test_readme_deploy_steps_name_what_the_manifests_use(rendered):
+    """README "Scale out": every `kubectl apply -k` target is rendered and validated here, and the Secrets
+    it creates are the ones (names and keys) the manifests read."""
+    from vitserve.apikey import API_KEY_ENV
+
+    readme = (ROOT / "README.md").read_text()
+    applied = set(re.findall(r"kubectl apply -k deploy/(\S+)", readme))
+    assert applied and applied <= set(TARGETS), applied - set(TARGETS)
+    created = {}
+    for kind, name, rest in re.findall(r"kubectl create secret (generic|tls) (\S+)(.*)", readme):
+        keys = (
+            set(re.findall(r"--from-literal=(\w+)=", rest)) if kind == "generic" else {"tls.crt", "tls.key"}
+        )
+        created[name] = keys
+    used: dict[str, set[str]] = {}
+    for c in (_container(rendered["overlays/gpu"]), _container(rendered["overlays/cpu"])):
+        for e in c.get("env", []):
+            ref = e.get("valueFrom", {}).get("secretKeyRef")
+            if ref and not ref.get("optional"):
+                used.setdefault(ref["name"], set()).add(ref["key"])
+    for ing in rendered["ingress"]:
+        for t in ing["spec"]["tls"]:
+            used.setdefault(t["secretName"], set()).update({"tls.crt", "tls.key"})
+    for name, keys in used.items():
+        assert name in created and keys <= created[name], f"README does not create Secret {name} with {keys}"
+    assert API_KEY_ENV in created["vitserve-api-key"]
