@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vitserve.exporter.triton_models.contract import Kind, Precision, backbone_model_name, head_model_name
+
 RESULTS = Path(__file__).parent / "results"
 HEADS = ("species", "defects", "tags", "colour")
 
@@ -335,8 +337,10 @@ def write(summary, rows, host, command: str, pa_command, args, onnx_bytes: int, 
             f"{d['backbone_onnx_bytes'] / 1e6:.0f} MB |"
         )
     loads = [r["load_avg_1m"] for r in rows]
-    backbone = stats.get("mh_fp32_cpu", {}).get("compute_ms_per_execution")
-    separate = [stats.get(f"mh_{h}_head", {}).get("compute_ms_per_execution") for h in HEADS]
+    backbone = stats.get(backbone_model_name("mh", Precision.FP32, Kind.CPU), {}).get(
+        "compute_ms_per_execution"
+    )
+    separate = [stats.get(head_model_name("mh", h), {}).get("compute_ms_per_execution") for h in HEADS]
     folded = stats.get("mh_folded4_heads", {}).get("compute_ms_per_execution")
     lines += [
         "",

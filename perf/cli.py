@@ -10,7 +10,8 @@ import sys
 from vitserve.errors import ConfigError
 
 
-def _int_list(text: str) -> list[int]:
+def int_list(text: str) -> list[int]:
+    """argparse type: comma-separated positive integers ("1,2,4")."""
     try:
         values = [int(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError as e:
@@ -43,8 +44,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--url", default="localhost:8001", help="Triton gRPC endpoint host:port (default %(default)s)"
     )
     p.add_argument("--model", action="append", required=True, help="served model; repeat to compare variants")
-    p.add_argument("--concurrency", type=_int_list, default=[1, 2, 4], help="e.g. 1,2,4 (requests in flight)")
-    p.add_argument("--batch", type=_int_list, default=[1], help="batch sizes per request, e.g. 1,8")
+    p.add_argument("--concurrency", type=int_list, default=[1, 2, 4], help="e.g. 1,2,4 (requests in flight)")
+    p.add_argument("--batch", type=int_list, default=[1], help="batch sizes per request, e.g. 1,8")
     p.add_argument("--generator", choices=["perf_analyzer", "builtin", "both"], default="both")
     p.add_argument("--duration-s", type=float, default=5.0, help="measured seconds per point")
     p.add_argument("--warmup-s", type=float, default=1.0, help="warm-up seconds before each point")

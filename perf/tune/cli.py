@@ -10,17 +10,8 @@ import argparse
 import shlex
 
 from vitserve.errors import ClientError
+from vitserve.perf.cli import int_list
 from vitserve.perf.tune.run import run_tune
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
 
 
 def add_command(sub: argparse._SubParsersAction) -> None:
@@ -39,9 +30,11 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--url", default=None,
                    help="a running tritonserver (gRPC host:port) started with --model-control-mode=explicit; "
                    "default: start one on --repository")  # fmt: skip
-    p.add_argument("--concurrency", type=_ints, default=[1, 4], help="client concurrencies per configuration")
     p.add_argument(
-        "--batch", type=_ints, default=[1, 8],
+        "--concurrency", type=int_list, default=[1, 4], help="client concurrencies per configuration"
+    )
+    p.add_argument(
+        "--batch", type=int_list, default=[1, 8],
         help="images per request while tuning (the workload: every configuration at each batch and concurrency)",
     )  # fmt: skip
     p.add_argument("--duration-s", type=float, default=4.0, help="measured seconds per point")
@@ -56,7 +49,7 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-check", action="store_true", help="skip the served vs in-process comparison")
     p.add_argument(
         "--check-batches",
-        type=_ints,
+        type=int_list,
         default=[1, 2, 4, 8, 16],
         help="request batch sizes of that comparison (the client picks the best whose p99 fits the budget)",
     )
