@@ -248,3 +248,116 @@ def test_deliberate_differences_are_models_yaml_switches(tmp_path):
     assert off["exif_transpose"] is False and off["scale_16bit"] is False
     with pytest.raises(ConfigError, match="exif_transpose='no'"):
         ModelSpec.from_dict({"name": "m", "backbone": "ViT-B-32", "exif_transpose": "no"})
+
+
+# -- extreme aspect ratios: bounded memory (issue 25 finding 10) ---------------------------------------------
+
+_RSS_SCRIPT = r"""
+import io, json, resource, sys
+import numpy as np
+from PIL import Image
+from vitserve.exporter.triton_models import preprocess as P
+
+cfg, w, h = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+def png(w, h):
+    b = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(b, "PNG")
+    return b.getvalue()
+data = png(w, h)
+P.preprocess_bytes(png(300, 200), cfg)  # everything the path uses is loaded before the baseline
+def status_kb(key):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key + ":"))
+# the old full resize asks for gigabytes: fail fast (MemoryError) instead of taking the machine
+resource.setrlimit(resource.RLIMIT_AS, ((status_kb("VmSize") + 1_500_000) * 1024, resource.RLIM_INFINITY))
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # resets the peak RSS (VmHWM) to the RSS now
+base = status_kb("VmRSS")
+try:
+    out = P.preprocess_bytes(data, cfg)
+    result = {"shape": list(out.shape), "finite": bool(np.isfinite(out).all())}
+except P.ImageError as e:
+    result = {"refused": str(e)}
+except MemoryError:
+    result = {"memory_error": True}
+result["growth_mb"] = (status_kb("VmHWM") - base) / 1024
+print(json.dumps(result))
+"""
+
+
+def _peak_rss_growth(cfg: dict, w: int, h: int) -> dict:
+    import json
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-c", _RSS_SCRIPT, json.dumps(cfg), str(w), str(h)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("size", [(1, 100_000), (100_000, 1)])
+@pytest.mark.parametrize("backbone", ["ViT-B-32", "DINOv2-L"])
+def test_an_extreme_aspect_ratio_is_answered_with_bounded_memory(backbone, size):
+    """A 1 x 100000 image (and 100000 x 1) passes the pixel-count check; the shortest-edge resize of the
+    whole image would be 224 x 22,400,000 pixels (20 GB). Served within 100 MB of peak RSS growth."""
+    got = _peak_rss_growth(_cfg(backbone), *size)
+    assert got.get("shape") == [3, _cfg(backbone)["size"], _cfg(backbone)["size"]] and got["finite"], got
+    assert got["growth_mb"] < 100, got
+
+
+def test_an_extreme_aspect_ratio_is_refused_by_a_clear_rule_when_squashed():
+    """The squash resize needs the whole image (no crop to keep): past MAX_RESIZE_PIXELS it is refused,
+    naming the size and what to do, within the same memory bound."""
+    got = _peak_rss_growth(_cfg(resize_mode="squash"), 1, 100_000)
+    assert "1x100000" in got.get("refused", "") and "crop it before sending" in got["refused"], got
+    assert got["growth_mb"] < 100, got
+
+
+def _pillow_resize_crop(im: Image.Image, cfg: dict) -> Image.Image:
+    """What torchvision's Resize + CenterCrop do to a PIL image: Pillow's full resize, then the crop."""
+    size, rs = cfg["size"], cfg["resize_size"]
+    w, h = im.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_w, new_h = (rs, int(rs * long / short)) if w <= h else (int(rs * long / short), rs)
+    top, left = round((new_h - size) / 2.0), round((new_w - size) / 2.0)
+    full = im.resize((new_w, new_h), P._INTERPOLATION[cfg["interpolation"]])
+    return full.crop((left, top, left + size, top + size))
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "LA", "CMYK", "P", "1", "I", "F"])
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear", "lanczos", "nearest"])
+def test_the_resize_window_gives_pillows_pixels(mode, interpolation):
+    """Past WINDOW_ASPECT only the crop's part of the resize is computed, bit for bit what Pillow's full
+    resize and crop give (as torchvision's Resize + CenterCrop do), for every filter and mode (RGBA and LA
+    premultiplied as Pillow does; "P" and "1" always NEAREST), upscaled and downscaled, with the crop
+    reaching past the resized image when resize_size < size."""
+    rng = np.random.default_rng(7)
+    for w, h, resize_size in [(12, 500, 224), (500, 12, 224), (40, 401, 200), (1333, 61, 224), (3, 300, 224)]:
+        a = rng.integers(0, 256, (h, w, 4), dtype=np.uint8)
+        im = Image.fromarray(a, "RGBA").convert(mode) if mode != "RGBA" else Image.fromarray(a, "RGBA")
+        cfg = _cfg() | {"interpolation": interpolation, "resize_size": resize_size, "rgb": "after_crop"}
+        cfg["scale_16bit"] = False  # "I" and "F" resized as they are
+        ref = _pillow_resize_crop(im, cfg)
+        ref = ref.convert("RGB") if ref.mode not in ("I", "F") else ref.convert("L").convert("RGB")
+        ours = P.transform(im, cfg)
+        np.testing.assert_array_equal(ours, P.normalize(np.asarray(ref), cfg), err_msg=f"{w}x{h}")
+
+
+def test_extreme_aspect_ratios_against_the_library_transform():
+    """The served transform of a 16 x 1920 and a 1920 x 12 strip of a photo (resized in a window) and of a
+    1200 x 100 one against open_clip's own transform object: float rounding only, as for any photo."""
+    import torch  # noqa: F401  (the reference transform returns tensors)
+
+    from vitserve.exporter.backbones import torch_transform
+
+    photo = _photo(0).convert("RGB")
+    ref_tf = torch_transform(get_backbone("ViT-B-32"))
+    for box in [(0, 0, 16, 480), (0, 0, 640, 12), (0, 0, 400, 100)]:
+        im = photo.crop(box)
+        im = im.resize((im.width, im.height * 4) if im.width < im.height else (im.width * 3, im.height))
+        data = _encode(im, "PNG")
+        ours = P.preprocess_bytes(data, _cfg())
+        ref = ref_tf(Image.open(io.BytesIO(data)).convert("RGB")).numpy()
+        assert np.abs(ours - ref).max() < 1e-5, (im.size, np.abs(ours - ref).max())

@@ -115,6 +115,159 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
+# Past this aspect ratio the shortest-edge resize is computed only under the center crop (`_resize_window`):
+# in full, a 1 x 100000 image would become 224 x 22,400,000 pixels (20 GB) to keep 224 x 224 of them.
+WINDOW_ASPECT = 4
+# The most pixels a resize may pass through otherwise (squash: Pillow's horizontal pass makes size x height).
+MAX_RESIZE_PIXELS = 8_000_000
+# Modes whose windowed resize is Pillow's to the bit (tested); others (16-bit) are resized in full.
+_WINDOW_MODES = frozenset(("1", "P", "L", "LA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "I", "F"))
+
+
+def _nearest_index(n_in: int, n_out: int, start: int, stop: int) -> np.ndarray:
+    """Source index of output pixels start..stop-1 of Pillow's NEAREST resize of n_in -> n_out pixels.
+
+    Pillow walks the output adding the scale to a float64 coordinate pixel by pixel (an affine transform),
+    and the sum's rounding decides ties: the same running sum, in chunks, gives the same indices."""
+    step = n_in / n_out
+    out = np.empty(stop - start, dtype=np.int64)
+    x, i, chunk = step * 0.5, 0, 1 << 20
+    while i < stop:
+        n = min(chunk, stop - i)
+        run = np.add.accumulate(np.concatenate(([x], np.full(n - 1, step))))
+        lo, hi = max(start, i), min(stop, i + n)
+        if lo < hi:
+            out[lo - start : hi - start] = np.minimum(run[lo - i : hi - i].astype(np.int64), n_in - 1)
+        x, i = run[-1] + step, i + n
+    return out
+
+
+# Pillow's resampling filters (libImaging/Resample.c): support in source pixels at scale 1, and the function.
+def _bicubic(x: np.ndarray) -> np.ndarray:
+    a = -0.5
+    x = np.abs(x)
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * a
+    return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
+
+
+def _bilinear(x: np.ndarray) -> np.ndarray:
+    x = np.abs(x)
+    return np.where(x < 1.0, 1.0 - x, 0.0)
+
+
+def _sinc(x: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(x == 0.0, 1.0, np.sin(x * np.pi) / (x * np.pi))
+
+
+def _lanczos(x: np.ndarray) -> np.ndarray:
+    return np.where((x >= -3.0) & (x < 3.0), _sinc(x) * _sinc(x / 3), 0.0)
+
+
+_FILTERS = {
+    Image.Resampling.BICUBIC: (2.0, _bicubic),
+    Image.Resampling.BILINEAR: (1.0, _bilinear),
+    Image.Resampling.LANCZOS: (3.0, _lanczos),
+}
+_PRECISION_BITS = 32 - 8 - 2  # Pillow's fixed point for 8-bit images
+
+
+def _coefficients(n_in: int, n_out: int, start: int, stop: int, interp) -> tuple[np.ndarray, np.ndarray]:
+    """(first source pixel, normalized weights) of output pixels start..stop-1 of Pillow's resize of n_in
+    -> n_out pixels: `precompute_coeffs` of libImaging/Resample.c, operation for operation in float64."""
+    support, kernel = _FILTERS[interp]
+    scale = (n_in - 0.0) / n_out
+    filterscale = max(scale, 1.0)
+    support = support * filterscale
+    ksize = int(np.ceil(support)) * 2 + 1
+    center = 0.0 + (np.arange(start, stop, dtype=np.float64) + 0.5) * scale
+    ss = 1.0 / filterscale
+    xmin = np.maximum(np.trunc(center - support + 0.5).astype(np.int64), 0)
+    xmax = np.minimum(np.trunc(center + support + 0.5).astype(np.int64), n_in) - xmin
+    x = np.arange(ksize)
+    k = kernel(((x[None, :] + xmin[:, None]) - center[:, None] + 0.5) * ss)
+    k = np.where(x[None, :] < xmax[:, None], k, 0.0)
+    ww = np.add.accumulate(k, axis=1)[:, -1]  # summed in order, as the C loop does
+    k = np.where(ww[:, None] != 0.0, k / np.where(ww == 0.0, 1.0, ww)[:, None], k)
+    return xmin, k
+
+
+def _resample_axis0(a: np.ndarray, offset: int, xmin: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """Pillow's one-axis resample of `a` (rows = the resized axis; its row 0 is source pixel `offset`) with
+    the coefficients of `_coefficients`: uint8 in Pillow's 22-bit fixed point (ImagingResample*_8bpc),
+    int32/float32 ("I"/"F") in float64 (ImagingResample*_32bpc), so every value is the one Pillow computes."""
+    xmin = xmin - offset
+    last = a.shape[0] - 1
+    shape = (len(xmin),) + (1,) * (a.ndim - 1)
+    if a.dtype == np.uint8:
+        kint = np.where(
+            k < 0, np.trunc(-0.5 + k * (1 << _PRECISION_BITS)), np.trunc(0.5 + k * (1 << _PRECISION_BITS))
+        )
+        acc = np.full((len(xmin), *a.shape[1:]), 1 << (_PRECISION_BITS - 1), dtype=np.int64)
+        for i in range(k.shape[1]):
+            acc += a[np.clip(xmin + i, 0, last)].astype(np.int64) * kint[:, i].astype(np.int64).reshape(shape)
+        return np.clip(acc >> _PRECISION_BITS, 0, 255).astype(np.uint8)
+    acc = np.zeros((len(xmin), *a.shape[1:]), dtype=np.float64)
+    for i in range(k.shape[1]):
+        acc = acc + a[np.clip(xmin + i, 0, last)].astype(np.float64) * k[:, i].reshape(shape)
+    if a.dtype == np.int32:
+        return np.where(acc >= 0.0, np.floor(acc + 0.5), -np.floor(np.abs(acc) + 0.5)).astype(np.int32)
+    return acc.astype(a.dtype)
+
+
+def _from_array(a: np.ndarray, mode: str) -> Image.Image:
+    a = np.ascontiguousarray(a)
+    return Image.frombytes(mode, (a.shape[1], a.shape[0]), a.tobytes())
+
+
+def _resize_window(
+    im: Image.Image, new_size: tuple[int, int], crop: tuple[int, int, int, int], interp
+) -> Image.Image:
+    """`im.resize(new_size, interp).crop(crop)` with the memory of the crop, not of the resize, and the same
+    pixels. Pillow resizes in two separable passes, horizontal then vertical; the short side's pass is
+    Pillow's own (on the rows or columns the crop needs), the long side's is computed only for the pixels
+    the crop keeps, with Pillow's coefficients and arithmetic (`_resample_axis0`). NEAREST (forced for "1"
+    and "P") picks source pixels by Pillow's own running coordinate (`_nearest_index`)."""
+    (w, h), (new_w, new_h) = im.size, new_size
+    left, top, right, bottom = crop
+    x0, y0, x1, y1 = max(left, 0), max(top, 0), min(right, new_w), min(bottom, new_h)
+    if im.mode in ("1", "P") or interp == Image.Resampling.NEAREST:
+        cols = _nearest_index(w, new_w, x0, x1)
+        rows = _nearest_index(h, new_h, y0, y1)
+        band = im.crop((int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1))
+        if band.mode == "1":  # as 0/255 "L", which becomes the same RGB
+            band = band.convert("L")
+        a = np.ascontiguousarray(np.asarray(band)[(rows - rows.min())[:, None], cols - cols.min()])
+        out = Image.frombytes(band.mode, (a.shape[1], a.shape[0]), a.tobytes())
+        if band.mode == "P":
+            out.putpalette(band.getpalette())
+            if "transparency" in band.info:
+                out.info["transparency"] = band.info["transparency"]
+        return out.crop((left - x0, top - y0, right - x0, bottom - y0))
+    premultiplied = {"LA": "La", "RGBA": "RGBa"}.get(im.mode)  # as Image.resize does for these
+    mode = premultiplied or im.mode
+    if new_h > new_w:  # tall: Pillow's horizontal pass on the rows the vertical pass reads, then ours
+        xmin, k = _coefficients(h, new_h, y0, y1, interp)
+        r0, r1 = int(xmin.min()), min(h, int(xmin.max()) + k.shape[1])
+        band = im.crop((0, r0, w, r1))
+        band = band.convert(mode) if premultiplied else band
+        band = band.resize((new_w, band.height), interp) if new_w != w else band
+        out_im = _from_array(_resample_axis0(np.asarray(band), r0, xmin, k), mode).crop((x0, 0, x1, y1 - y0))
+    else:  # wide: our horizontal pass on the columns it reads, then Pillow's vertical pass
+        xmin, k = _coefficients(w, new_w, x0, x1, interp)
+        c0, c1 = int(xmin.min()), min(w, int(xmin.max()) + k.shape[1])
+        band = im.crop((c0, 0, c1, h))
+        band = band.convert(mode) if premultiplied else band
+        cols = _resample_axis0(np.swapaxes(np.asarray(band), 0, 1), c0, xmin, k)
+        out_im = _from_array(np.swapaxes(cols, 0, 1), mode)
+        out_im = out_im.resize((out_im.width, new_h), interp) if new_h != h else out_im
+        out_im = out_im.crop((0, y0, x1 - x0, y1))
+    out_im = out_im.convert(im.mode) if premultiplied else out_im
+    # a crop reaching past the resized image (resize_size < size) is filled as Image.crop fills it
+    return out_im.crop((left - x0, top - y0, right - x0, bottom - y0))
+
+
 def transform(im: Image.Image, cfg: dict) -> np.ndarray:
     """Decoded PIL image -> float32 (3, size, size), as torchvision's Resize/CenterCrop/ToTensor/Normalize,
     converting to RGB where the library does (`rgb`: after_crop | on_decode)."""
@@ -127,16 +280,29 @@ def transform(im: Image.Image, cfg: dict) -> np.ndarray:
     interp = _INTERPOLATION[cfg.get("interpolation", "bicubic")]
     w, h = im.size
     if cfg.get("resize_mode", "shortest") == "squash":
+        # Pillow resizes horizontally first: a tall image passes through size x h pixels
+        if max(size * h, w * size) > MAX_RESIZE_PIXELS:
+            raise ImageError(
+                f"image is {w}x{h}: an aspect ratio this extreme cannot be squashed to {size}x{size} within "
+                f"{MAX_RESIZE_PIXELS} intermediate pixels; crop it before sending"
+            )
         im = im.resize((size, size), interp)
     else:
         short, long = (w, h) if w <= h else (h, w)
         new_short, new_long = resize_size, int(resize_size * long / short)
         new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-        if (new_w, new_h) != (w, h):
-            im = im.resize((new_w, new_h), interp)
-        w, h = im.size
-        top, left = round((h - size) / 2.0), round((w - size) / 2.0)
-        im = im.crop((left, top, left + size, top + size))
+        top, left = round((new_h - size) / 2.0), round((new_w - size) / 2.0)
+        if new_long > WINDOW_ASPECT * new_short and im.mode in _WINDOW_MODES:
+            im = _resize_window(im, (new_w, new_h), (left, top, left + size, top + size), interp)
+        elif new_w * new_h > MAX_RESIZE_PIXELS:  # never for an aspect ratio up to WINDOW_ASPECT
+            raise ImageError(
+                f"image is {w}x{h} in mode {im.mode}: resizing it to {new_w}x{new_h} exceeds "
+                f"{MAX_RESIZE_PIXELS} pixels; crop it, or send it as 8-bit (scale_16bit on)"
+            )
+        else:
+            if (new_w, new_h) != (w, h):
+                im = im.resize((new_w, new_h), interp)
+            im = im.crop((left, top, left + size, top + size))
     if im.mode != "RGB":
         im = im.convert("RGB")
     return normalize(np.asarray(im), cfg)
