@@ -278,7 +278,7 @@ def _timm_module(entry: BackboneEntry, pretrained_tag: str | None):
     return timm.create_model(name, pretrained=pretrained_tag is not None, num_classes=0)
 
 
-def _check_tag(entry: BackboneEntry, tag: str) -> None:
+def check_tag(entry: BackboneEntry, tag: str) -> None:
     """Refuse a pretrained tag the library does not know (before any download), listing the known ones."""
     if entry.source == "open_clip":
         import open_clip
@@ -303,7 +303,7 @@ def create_backbone(name: str, weights: str | Weights | None = None, device: str
     entry = get_backbone(name)
     w = weights if isinstance(weights, Weights) else Weights.parse(weights, entry)
     if w.kind == "pretrained":
-        _check_tag(entry, w.value)
+        check_tag(entry, w.value)
     if w.kind == "random":
         log.warning(
             "%s: RANDOM-INIT WEIGHTS - the exported model is untrained (outputs are meaningless)", name
@@ -666,6 +666,50 @@ def library_transform(entry: BackboneEntry, tag: str | None = None):
     from torchvision.transforms import Compose
 
     return Compose([_ConvertRGB(), timm.data.create_transform(**library_data_config(entry, tag))])
+
+
+def library_transform_for(entry: BackboneEntry, recipe: Preprocess):
+    """The library's own eval transform built FROM `recipe` (the model's one pixel recipe: what its weights
+    imply, `ModelSpec.served_preprocess`), PIL image as decoded -> normalized tensor: open_clip's
+    `image_transform_v2` of a PreprocessCfg with the recipe's size, mean, std, interpolation and
+    resize_mode; timm's `create_transform` with its input_size, crop_pct (size / resize_size), crop_mode,
+    interpolation, mean and std, after the loader's RGB conversion where the recipe converts on decode.
+    For the registry's default recipe it is `library_transform(entry)` (a test checks every entry)."""
+    from torchvision.transforms import Compose
+
+    if entry.source == "open_clip":
+        from open_clip.transform import PreprocessCfg, image_transform_v2
+
+        if recipe.resize_size != recipe.size:
+            raise ConfigError(
+                f"{entry.name}: recipe resize_size {recipe.resize_size} != size {recipe.size}; open_clip's "
+                "eval transform resizes to the crop size (re-export the model: its manifest is not open_clip's)"
+            )
+        cfg = PreprocessCfg(
+            size=recipe.size,
+            mean=tuple(recipe.mean),
+            std=tuple(recipe.std),
+            interpolation=recipe.interpolation,
+            resize_mode=recipe.resize_mode,
+        )
+        tf = image_transform_v2(cfg, is_train=False)
+    else:
+        import timm.data
+
+        # timm resizes to floor(size / crop_pct): aim between two integers so that float rounding of
+        # size / resize_size cannot land one pixel short
+        crop_pct = recipe.size / recipe.resize_size
+        if math.floor(recipe.size / crop_pct) != recipe.resize_size:
+            crop_pct = recipe.size / (recipe.resize_size + 0.5)
+        tf = timm.data.create_transform(
+            input_size=(3, recipe.size, recipe.size),
+            interpolation=recipe.interpolation,
+            mean=tuple(recipe.mean),
+            std=tuple(recipe.std),
+            crop_pct=crop_pct,
+            crop_mode="center" if recipe.resize_mode == "shortest" else "squash",
+        )
+    return Compose([_ConvertRGB(), tf]) if recipe.rgb == "on_decode" else tf
 
 
 def prepare_image(im, pre: Preprocess):

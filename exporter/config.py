@@ -583,6 +583,23 @@ def check_sources(spec: ModelSpec) -> None:
         )
 
 
+def check_pretrained_tags(specs: list[ModelSpec]) -> None:
+    """Every explicit `pretrained:TAG` of `specs` is a tag its library knows, checked before any export (it
+    imports open_clip / timm, so it runs only where a tag is named); all the refusals at once."""
+    from vitserve.exporter.backbones import Weights, check_tag, get_backbone
+
+    errors = []
+    for spec in specs:
+        if spec.weights.startswith("pretrained:"):
+            entry = get_backbone(spec.backbone)
+            try:
+                check_tag(entry, Weights.parse(spec.weights, entry).value)
+            except ConfigError as e:
+                errors.append(f"model {spec.name} weights: {e}")
+    if errors:
+        raise ConfigError("\n".join(errors))
+
+
 def load_models(path: str | Path) -> list[ModelSpec]:
     """Read models.yaml (a `models:` list), resolving relative file paths against its folder, and check it
     whole before any work starts: every model's fields, its files (`check_sources`) and the rules across

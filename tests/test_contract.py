@@ -289,3 +289,17 @@ def test_the_shipped_model_files_validate(tmp_path):
     for f in ("models.yaml", "models.gpu.yaml"):
         shutil.copy(ROOT / f, tmp_path / f)
         assert load_models(tmp_path / f)
+
+
+def test_a_bad_pretrained_tag_in_the_last_model_fails_before_the_first_export(tmp_path):
+    """`build_all` checks every named tag before it exports anything (no artifact is written)."""
+    from vitserve.exporter.pipeline import build_all
+
+    path = _write(
+        tmp_path, _model("a", weights="pretrained"), _model("b", weights="pretrained:laion400m_e99")
+    )
+    with pytest.raises(
+        ConfigError, match=r"model b weights: pretrained tag 'laion400m_e99' is not a tag of ViT-B-32"
+    ):
+        build_all(path, tmp_path / "repo", tmp_path / "artifacts")
+    assert not (tmp_path / "artifacts").exists() and not (tmp_path / "repo").exists()
