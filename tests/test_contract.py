@@ -303,3 +303,33 @@ def test_a_bad_pretrained_tag_in_the_last_model_fails_before_the_first_export(tm
     ):
         build_all(path, tmp_path / "repo", tmp_path / "artifacts")
     assert not (tmp_path / "artifacts").exists() and not (tmp_path / "repo").exists()
+
+
+def test_dali_reads_16_bit_images_as_scale_16bit_does():
+    """Why `scale_16bit: false` is refused with DALI and `true` is served: DALI's decoder scales a 16-bit
+    PNG to 8 bits exactly as the python model's `scale_16bit` (Pillow alone would clip it at 255)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    dali = pytest.importorskip("nvidia.dali", reason="DALI is the dali extra")
+    from nvidia.dali import fn, types
+
+    from vitserve.exporter.triton_models.preprocess import decode, scale_to_8bit
+
+    buf = io.BytesIO()
+    Image.fromarray(np.linspace(0, 65535, 64 * 48).reshape(48, 64).astype(np.uint16)).save(buf, "PNG")
+    data = np.frombuffer(buf.getvalue(), np.uint8)
+
+    @dali.pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def pipe():
+        return fn.decoders.image(fn.external_source(source=lambda: [data], batch=True, dtype=types.UINT8))
+
+    p = pipe()
+    p.build()
+    got = np.array(p.run()[0][0]).astype(int)
+    im = decode(buf.getvalue(), 10**8)
+    assert im.mode == "I;16"
+    assert np.abs(got - np.asarray(scale_to_8bit(im).convert("RGB"))).max() == 0
+    assert np.abs(got - np.asarray(im.convert("RGB"))).max() > 100  # what `scale_16bit: false` would serve
