@@ -99,7 +99,7 @@ def _rate(fn, seconds: float, per_call: int = 1, windows: int = 5) -> float:
 def _before(data: bytes, cfg: PreprocessParams, exif_copy: bool = True) -> np.ndarray:
     """The exact path as it was before this change (RGB photos): EXIF transpose into a copy (`exif_copy`;
     else in place, as now), float normalize. Used only where its output equals today's."""
-    from PIL import ImageOps
+    from PIL import Image, ImageOps
 
     from vitserve.exporter.triton_models import preprocess as P
 
@@ -114,7 +114,7 @@ def _before(data: bytes, cfg: PreprocessParams, exif_copy: bool = True) -> np.nd
     short, long = (w, h) if w <= h else (h, w)
     new_long = int(resize_size * long / short)
     new_w, new_h = (resize_size, new_long) if w <= h else (new_long, resize_size)
-    im = im.resize((new_w, new_h), P._INTERPOLATION[cfg.interpolation])
+    im = im.resize((new_w, new_h), Image.Resampling[cfg.interpolation.upper()])
     top, left = round((new_h - size) / 2.0), round((new_w - size) / 2.0)
     im = im.crop((left, top, left + size, top + size))
     x = np.asarray(im, dtype=np.float32) / np.float32(255.0)
