@@ -49,7 +49,7 @@ def test_int8_isa_from_flags_and_overrides():
     assert int8_isa(avx2, env={"VITSERVE_CPU_ISA": "VNNI"}) == "vnni"
     assert int8_isa(avx2 | {"avx512_vnni"}, env={"VITSERVE_CPU_ISA": "avx2"}) == "avx2"
     assert int8_isa(avx2, env={"VITSERVE_CPU_ISA": "avx2"}, forced="vnni") == "vnni"  # parameter first
-    with pytest.raises(ValueError, match=r"'sse'.*'vnni' or 'avx2'"):
+    with pytest.raises(ValueError, match=r"'sse'.*vnni.*avx2"):
         int8_isa(avx2, env={"VITSERVE_CPU_ISA": "sse"})
     assert cpu_flags("processor: 0\nflags\t\t: fpu avx2 avx512_vnni\n") == {"fpu", "avx2", "avx512_vnni"}
 
