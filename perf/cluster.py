@@ -3,13 +3,16 @@
 What deploy/ describes for a real cluster, rehearsed here with the real parts, all bound to 127.0.0.1:
 
     moto's S3 server          holds the repository, published by `vitserve.publish` (versioned + CURRENT)
-    N x tritonserver          each loads the CURRENT version from s3:// (its own process group, like a pod)
-    nginx (Debian)            the Service: least_conn, HTTP and gRPC (grpc_pass); inference retried on
-                              error/timeout/502/503 (it is idempotent), nothing else retried
+    N x tritonserver          each loads the CURRENT version from s3:// (its own process group, like a pod),
+                              its control APIs behind a key made for the run (vitserve/apikey.py)
+    nginx (Debian)            the Service and its ingress: TLS (a self-signed certificate made for the run),
+                              a request-body limit, least_conn, HTTP and gRPC (grpc_pass); inference
+                              retried on error/timeout/502/503 (it is idempotent), nothing else retried
     prometheus (Debian)       scrapes every replica and evaluates the HPA rule of deploy/ (the
                               prometheus-adapter query: queue time per request)
-    load                      gRPC and HTTP VitClients through nginx, bounded in requests and time; every
-                              answer compared with the expected embedding of its image
+    load                      gRPC and HTTP VitClients through nginx over TLS, without the key, bounded in
+                              requests and time; every answer compared with the expected embedding of its
+                              image; a control call without the key is refused, with it accepted
 
 Mid-run one replica is SIGKILLed (a node lost: no notice) and later another is terminated the way Kubernetes
 does it: taken out of the load balancer (endpoints removed), the preStop pause, then SIGTERM, which lets
@@ -22,17 +25,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import http.client
+import ipaddress
 import json
 import math
 import os
 import re
+import secrets
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
@@ -41,8 +50,9 @@ from typing import Any
 
 import numpy as np
 
+from vitserve.apikey import CONTROL_APIS, headers
 from vitserve.errors import ServerError
-from vitserve.hostinfo import cpu_summary
+from vitserve.exporter.hostinfo import cpu_summary
 from vitserve.server import TritonServer, free_port
 
 # The HPA metric of deploy/ (prometheus-adapter rule from Triton's deploy/k8s-onprem chart): queue time per
@@ -51,6 +61,9 @@ HPA_QUERY = "avg(delta(nv_inference_queue_duration_us[30s])/(1+delta(nv_inferenc
 HPA_RECORD = "vitserve:queue_us_per_request"
 HPA_TARGET_US = 50_000  # the HPA's averageValue in deploy/ (50 ms of queueing per request)
 BUCKET = "vitserve"
+# nginx's request-body limit (HTTP and gRPC): tritonserver 2.51 reads a body whole and has no limit of its
+# own (--http-max-input-size came later). A batch of 8 ViT-L/336 tensors is 11 MB; encoded photos far less.
+BODY_LIMIT_MB = 64
 CREDENTIALS = {  # moto accepts any; these are fake and say so
     "AWS_ACCESS_KEY_ID": "rehearsal-not-a-secret",
     "AWS_SECRET_ACCESS_KEY": "rehearsal-not-a-secret",
@@ -104,13 +117,19 @@ def _group_members(pgid: int) -> list[tuple[int, str]]:
     return out
 
 
-def _wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None, what: str = "") -> None:
+def _wait_http(
+    url: str,
+    timeout_s: float,
+    proc: subprocess.Popen | None = None,
+    what: str = "",
+    context: ssl.SSLContext | None = None,
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise ServerError(f"{what} exited with code {proc.returncode} while starting")
         try:
-            with urllib.request.urlopen(url, timeout=2):
+            with urllib.request.urlopen(url, timeout=2, context=context):
                 return
         except urllib.error.HTTPError:
             return  # it answers: up
@@ -213,11 +232,76 @@ def remove_leftovers(
                 d.rmdir()
 
 
+@dataclass(frozen=True)
+class Tls:
+    """A certificate and its key (PEM files); the certificate is also the CA a client trusts."""
+
+    cert: Path
+    key: Path
+
+    def context(self) -> ssl.SSLContext:
+        """A client context that trusts this certificate only."""
+        return ssl.create_default_context(cafile=str(self.cert))
+
+
+def self_signed_cert(workdir: Path, days: int = 1) -> Tls:
+    """A self-signed certificate for 127.0.0.1 and localhost (EC P-256, `days` valid), its key readable by
+    its owner only: the rehearsal's stand-in for cert-manager or a TLS Secret."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "vitserve rehearsal")])
+    now = datetime.datetime.now(datetime.UTC)
+    san = x509.SubjectAlternativeName(
+        [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(san, critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    tls = Tls(workdir / "tls.crt", workdir / "tls.key")
+    fd = os.open(tls.key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+    tls.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return tls
+
+
 def nginx_config(
-    workdir: Path, http_port: int, grpc_port: int, replicas: list[Replica], retries: int = 3
+    workdir: Path,
+    http_port: int,
+    grpc_port: int,
+    replicas: list[Replica],
+    retries: int = 3,
+    tls: Tls | None = None,
 ) -> str:
     """nginx in front of `replicas`: least_conn for HTTP and gRPC; inference (idempotent: the same image
-    gives the same answer) is retried on another replica on error/timeout/502/503, nothing else is."""
+    gives the same answer) is retried on another replica on error/timeout/502/503, nothing else is. With
+    `tls`, both listeners speak TLS only (HTTP/2 for gRPC); requests above BODY_LIMIT_MB are refused (413)."""
+    ssl_on = " ssl" if tls else ""
+    ssl_conf = (
+        f"""
+    ssl_certificate {tls.cert};
+    ssl_certificate_key {tls.key};
+    ssl_protocols TLSv1.2 TLSv1.3;"""
+        if tls
+        else ""
+    )
     http = "\n".join(f"        server 127.0.0.1:{r.http_port} max_fails=1 fail_timeout=5s;" for r in replicas)
     grpc = "\n".join(f"        server 127.0.0.1:{r.grpc_port} max_fails=1 fail_timeout=5s;" for r in replicas)
     w = workdir
@@ -236,8 +320,8 @@ http {{
     uwsgi_temp_path {w}/nginx-uwsgi;
     scgi_temp_path {w}/nginx-scgi;
     # tritonserver 2.51 reads HTTP bodies whole and has no size limit of its own
-    client_max_body_size 64m;
-    client_body_buffer_size 1m;
+    client_max_body_size {BODY_LIMIT_MB}m;
+    client_body_buffer_size 1m;{ssl_conf}
     upstream triton_http {{
         least_conn;
 {http}
@@ -249,7 +333,7 @@ http {{
         keepalive 16;
     }}
     server {{
-        listen 127.0.0.1:{http_port};
+        listen 127.0.0.1:{http_port}{ssl_on};
         proxy_http_version 1.1;
         proxy_set_header Connection "";
         proxy_connect_timeout 2s;
@@ -265,7 +349,7 @@ http {{
         }}
     }}
     server {{
-        listen 127.0.0.1:{grpc_port} http2;
+        listen 127.0.0.1:{grpc_port}{ssl_on} http2;
         grpc_connect_timeout 2s;
         grpc_read_timeout 60s;
         location /inference.GRPCInferenceService/ModelInfer {{
@@ -282,19 +366,24 @@ http {{
 """
 
 
-def start_nginx(workdir: Path, http_port: int, grpc_port: int, replicas: list) -> _Process:
+def start_nginx(
+    workdir: Path, http_port: int, grpc_port: int, replicas: list, tls: Tls | None = None
+) -> _Process:
     """Debian's nginx in front of `replicas` (anything with http_port/grpc_port), config in `workdir`; returns
-    once it answers. Its logs and temp folders stay in `workdir`."""
+    once it answers (over TLS with `tls`). Its logs and temp folders stay in `workdir`."""
     nginx = _which("nginx", "nginx-light")
     conf = workdir / "nginx.conf"
-    conf.write_text(nginx_config(workdir, http_port, grpc_port, replicas))
+    conf.write_text(nginx_config(workdir, http_port, grpc_port, replicas, tls=tls))
     proc = _Process(
         "nginx",
         [nginx, "-e", str(workdir / "nginx-error.log"), "-p", str(workdir), "-c", str(conf)],
         workdir / "nginx.log",
     ).start()
     try:
-        _wait_http(f"http://127.0.0.1:{http_port}/", 30, proc.proc, "nginx")
+        scheme = "https" if tls else "http"
+        _wait_http(
+            f"{scheme}://127.0.0.1:{http_port}/", 30, proc.proc, "nginx", tls.context() if tls else None
+        )
     except BaseException:
         proc.stop()
         raise
@@ -349,9 +438,11 @@ async def _load(
     duration_s: float,
     concurrency: int,
     events: list[tuple[float, Any]] | None = None,
+    ca_file: Path | None = None,
 ) -> LoadResult:
     """`requests` single-image embed calls (at most `duration_s`), `concurrency` workers per protocol, each
-    answer checked: nearest to its own image's expected embedding among all photos, cosine >= 0.99.
+    answer checked: nearest to its own image's expected embedding among all photos, cosine >= 0.99. With
+    `ca_file`, over TLS trusting it. The clients send no API key (api_key=""): inference needs none.
     `events` [(fraction, callable)] run in a thread once that fraction of the requests was sent or of
     the time has passed, whichever comes first (the failures, placed mid-run)."""
     from vitserve.client import AsyncVitClient
@@ -361,8 +452,12 @@ async def _load(
     deadline = start + duration_s
     counter = iter(range(requests))
     clients = [
-        AsyncVitClient(url, model, protocol=proto, batch_size=1, retries=3) for proto, url in urls.items()
-    ]
+        AsyncVitClient(
+            url, model, protocol=proto, batch_size=1, retries=3, api_key="",
+            ca_file=None if ca_file is None else str(ca_file),
+        )
+        for proto, url in urls.items()
+    ]  # fmt: skip
 
     async def worker(client) -> None:
         while time.monotonic() < deadline:
@@ -415,6 +510,51 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
+def control_calls(http_port: int, grpc_port: int, tls: Tls, api_key: str) -> dict[str, str]:
+    """A control call (the repository index) through a TLS proxy over HTTP and gRPC, without the key and
+    with it: what each answered."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    out = {}
+    for label, key in (("without key", None), ("with key", api_key)):
+        req = urllib.request.Request(
+            f"https://127.0.0.1:{http_port}/v2/repository/index", data=b"{}", method="POST",
+            headers=headers(key, grpc=False),
+        )  # fmt: skip
+        try:
+            with urllib.request.urlopen(req, timeout=10, context=tls.context()) as r:
+                out[f"http {label}"] = f"{r.status}"
+        except urllib.error.HTTPError as e:
+            out[f"http {label}"] = f"{e.code} {json.loads(e.read() or b'{}').get('error', '')}".strip()
+        client = grpcclient.InferenceServerClient(
+            f"127.0.0.1:{grpc_port}", ssl=True, root_certificates=str(tls.cert)
+        )
+        try:
+            n = len(client.get_model_repository_index(headers=headers(key, grpc=True)).models)
+            out[f"grpc {label}"] = f"OK ({n} models)"
+        except InferenceServerException as e:
+            out[f"grpc {label}"] = f"{e.status()} {e.message()}"
+        finally:
+            client.close()
+    return out
+
+
+def oversized_request(http_port: int, tls: Tls, model: str) -> str:
+    """What a TLS proxy answers an inference request whose body is above BODY_LIMIT_MB (refused from its
+    headers, before any byte of the body)."""
+    conn = http.client.HTTPSConnection("127.0.0.1", http_port, timeout=10, context=tls.context())
+    try:
+        conn.putrequest("POST", f"/v2/models/{model}/infer")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str((BODY_LIMIT_MB + 1) * 1024 * 1024))
+        conn.endheaders()
+        r = conn.getresponse()
+        return f"{r.status} {r.reason}"
+    finally:
+        conn.close()
+
+
 class Cluster:
     """moto S3 + `replicas` tritonservers loading from it + nginx + prometheus, all on 127.0.0.1; a context
     manager whose exit stops everything and removes what it made (see `leftovers`)."""
@@ -438,6 +578,9 @@ class Cluster:
         self.published = None
         self.env_candidates: set[Path] = set()  # python_env_* folders that appeared while replicas started
         self.killed = 0
+        # the operator's key of the run (a Kubernetes Secret in deploy/), and the proxy's certificate
+        self.api_key = secrets.token_urlsafe(32)
+        self.tls = self_signed_cert(self.workdir)
 
     def serving_models(self) -> list[str]:
         """The model and, for an ensemble, the models of its steps (what `--load-model` loads)."""
@@ -517,6 +660,8 @@ class Cluster:
                         f"--backend-config=python,shm-region-prefix-name={self.tag}-{i}_",
                     ],
                     startup_timeout_s=300,
+                    restricted=CONTROL_APIS,
+                    api_key=self.api_key,
                     index=i,
                     env_extra=dict(CREDENTIALS),
                     shm_prefix=f"{self.tag}-{i}_",
@@ -550,7 +695,7 @@ class Cluster:
             + ")"
         )
         self.nginx_conf = self.workdir / "nginx.conf"
-        ng = start_nginx(self.workdir, self.http_port, self.grpc_port, self.replicas)
+        ng = start_nginx(self.workdir, self.http_port, self.grpc_port, self.replicas, tls=self.tls)
         self.helpers["nginx"] = ng
         self.groups["nginx"] = ng.pgid
         pconf = prometheus_files(self.workdir, self.replicas)
@@ -566,7 +711,9 @@ class Cluster:
         )
         _wait_http(f"http://127.0.0.1:{self.prom_port}/-/ready", 60, pr.proc, "prometheus")
         self.log(
-            f"nginx on 127.0.0.1 (HTTP {self.http_port}, gRPC {self.grpc_port}); prometheus "
+            f"nginx on 127.0.0.1 (HTTPS {self.http_port}, gRPC over TLS {self.grpc_port}, certificate "
+            f"{self.tls.cert}, bodies up to {BODY_LIMIT_MB} MB); control APIs ({', '.join(CONTROL_APIS)}) "
+            "behind the run's key; prometheus "
             f"127.0.0.1:{self.prom_port} evaluating {HPA_RECORD} = {HPA_QUERY}"
         )
 
@@ -574,12 +721,23 @@ class Cluster:
 
     @property
     def urls(self) -> dict[str, str]:
-        return {"grpc": f"127.0.0.1:{self.grpc_port}", "http": f"127.0.0.1:{self.http_port}"}
+        """The proxy's endpoints (TLS: pass `self.tls.cert` as the client's ca_file)."""
+        return {"grpc": f"grpcs://127.0.0.1:{self.grpc_port}", "http": f"https://127.0.0.1:{self.http_port}"}
+
+    def control_calls(self) -> dict[str, str]:
+        """`control_calls` through this cluster's proxy."""
+        return control_calls(self.http_port, self.grpc_port, self.tls, self.api_key)
+
+    def oversized_request(self) -> str:
+        """`oversized_request` to this cluster's proxy."""
+        return oversized_request(self.http_port, self.tls, self.model)
 
     def set_upstreams(self, replicas: list[Replica]) -> None:
         """Rewrite nginx's upstreams to `replicas` and reload it (graceful: requests in flight finish) —
         what an endpoints update does to a Kubernetes Service."""
-        self.nginx_conf.write_text(nginx_config(self.workdir, self.http_port, self.grpc_port, replicas))
+        self.nginx_conf.write_text(
+            nginx_config(self.workdir, self.http_port, self.grpc_port, replicas, tls=self.tls)
+        )
         os.kill(self.helpers["nginx"].proc.pid, signal.SIGHUP)
         time.sleep(0.5)  # the new workers take over; the old ones finish their connections
 
@@ -689,7 +847,11 @@ class Cluster:
         return left
 
 
-PROBE = Path(__file__).resolve().parents[1] / "deploy" / "base" / "infer_probe.py"
+_DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+PROBE = next(
+    (p for p in (_DEPLOY / "probe" / "infer_probe.py", _DEPLOY / "base" / "infer_probe.py") if p.exists()),
+    _DEPLOY / "probe" / "infer_probe.py",
+)
 
 
 def run_probe(replica: Replica, model: str) -> str:
@@ -748,6 +910,11 @@ def rehearse(
             f"{agree:.6f}; different photos are at most {_separation(expected):.4f} apart in cosine (an answer "
             "counts as correct when it is nearest to its own photo and at cosine >= 0.99)"
         )
+        control = cluster.control_calls()
+        oversized = cluster.oversized_request()
+        log(
+            f"control API (repository index) through the proxy: {control}; {BODY_LIMIT_MB + 1} MB body: {oversized}"
+        )
         _, mark = cluster.share()
         # the kill at a third of the run, the termination at two thirds (of the requests or the time)
         events = []
@@ -769,10 +936,21 @@ def rehearse(
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         log(
-            f"load: {requests} requests (at most {duration_s:g} s), {concurrency} gRPC + {concurrency} HTTP workers through nginx"
+            f"load: {requests} requests (at most {duration_s:g} s), {concurrency} gRPC + {concurrency} HTTP workers "
+            "through nginx over TLS, without the key"
         )
         result = asyncio.run(
-            _load(cluster.urls, model, photos, expected, requests, duration_s, concurrency, events)
+            _load(
+                cluster.urls,
+                model,
+                photos,
+                expected,
+                requests,
+                duration_s,
+                concurrency,
+                events,
+                cluster.tls.cert,
+            )
         )
         done.set()
         sampler.join()
@@ -804,10 +982,22 @@ def rehearse(
             "published": cluster.published.version_url,
             "loadavg_1min": round(os.getloadavg()[0], 2),
             "probe": probe,
+            "control": control,
+            "oversized": oversized,
         }
     table["leftovers"] = cluster.leftovers()
     log(format_table(table))
     return table
+
+
+def control_closed(control: dict[str, str]) -> bool:
+    """Whether `Cluster.control_calls` found the control API refused without the key and open with it."""
+    return (
+        control.get("http without key", "").startswith("403")
+        and "restricted" in control.get("grpc without key", "")
+        and control.get("http with key") == "200"
+        and control.get("grpc with key", "").startswith("OK")
+    )
 
 
 def format_table(t: dict) -> str:
@@ -831,6 +1021,8 @@ def format_table(t: dict) -> str:
             "queue per request, idle",
             f"{fmt(idle)}  -> HPA would choose {t['hpa_replicas_idle']} replica(s) of {t['alive_after']} alive",
         ),
+        *[(f"control API, {k}", v) for k, v in t.get("control", {}).items()],
+        *([("body above the proxy's limit", t["oversized"])] if "oversized" in t else []),
         ("left behind", ", ".join(t["leftovers"]) or "nothing (process groups, /dev/shm, /tmp)"),
         ("machine load (1 min avg)", f"{t.get('loadavg_1min', '?')} on {os.cpu_count()} cores"),
     ]
@@ -856,10 +1048,15 @@ def throughput(
         expected, _ = expected_embeddings(cluster, photos)
         for n in range(1, replicas + 1):
             cluster.set_upstreams(cluster.replicas[:n])
-            asyncio.run(_load(cluster.urls, model, photos, expected, 10**9, 3.0, concurrency))  # warm-up
+            ca = cluster.tls.cert
+            asyncio.run(
+                _load(cluster.urls, model, photos, expected, 10**9, 3.0, concurrency, ca_file=ca)
+            )  # warm-up
             _, mark = cluster.share()
             load_before = os.getloadavg()[0]
-            r = asyncio.run(_load(cluster.urls, model, photos, expected, 10**9, duration_s, concurrency))
+            r = asyncio.run(
+                _load(cluster.urls, model, photos, expected, 10**9, duration_s, concurrency, ca_file=ca)
+            )
             counts, _ = cluster.share(mark)
             rows.append(
                 {
@@ -947,7 +1144,7 @@ def run_cluster_demo(args) -> int:
             f"Command: `{command}`\n\nHost: {cpu_summary()}\n\n```\n{format_table(table)}\n```\n"
         )
         print(f"wrote {out.with_suffix('.md')} and .json")
-    bad = table["failed"] or table["wrong"] or table["leftovers"]
+    bad = table["failed"] or table["wrong"] or table["leftovers"] or not control_closed(table["control"])
     if bad:
         for e in table["errors"]:
             print(f"  error: {e}", file=sys.stderr)

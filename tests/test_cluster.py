@@ -3,6 +3,7 @@ behind the load balancer with real tritonservers, and (slow tier) the whole fail
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -10,25 +11,39 @@ import subprocess
 import sys
 import tempfile
 import threading
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from vitserve.perf.cluster import (
+    BODY_LIMIT_MB,
     HPA_QUERY,
     HPA_RECORD,
+    control_calls,
+    control_closed,
     format_table,
     hpa_replicas,
     nginx_config,
+    oversized_request,
     prometheus_files,
     python_env_dirs,
     remove_leftovers,
+    self_signed_cert,
     start_nginx,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-PROBE = ROOT / "deploy" / "base" / "infer_probe.py"
+PROBE = next(
+    (
+        p
+        for p in (ROOT / "deploy" / "probe" / "infer_probe.py", ROOT / "deploy" / "base" / "infer_probe.py")
+        if p.exists()
+    ),
+    ROOT / "deploy" / "probe" / "infer_probe.py",
+)
 
 
 def _nginx() -> str:
@@ -277,4 +292,67 @@ def test_cluster_rehearsal_loses_nothing(vitb32_build, tmp_path):
     assert (t["queue_us_per_request_idle"] or 0.0) < t["queue_us_per_request_load"]
     assert t["leftovers"] == []
     assert t["probe"].startswith("inference probe ok"), t["probe"]
+    assert control_closed(t["control"]), t["control"]
+    assert t["oversized"].startswith("413"), t["oversized"]
     assert not [p for p in set(os.listdir("/dev/shm")) - shm_before if p.startswith("vitserve-cluster")]
+
+
+@pytest.mark.triton
+def test_the_proxy_speaks_tls_limits_bodies_and_the_replicas_refuse_control_calls_without_the_key(
+    tiny_repository, tmp_path
+):
+    """The rehearsal's front door: nginx with a self-signed certificate made for the run, in front of a
+    tritonserver whose control APIs are behind a key. Through it, inference over HTTPS and gRPC/TLS needs
+    no key; the repository index is refused without the key (HTTP 403, gRPC "restricted") and answered
+    with it; a body above the limit is refused from its headers (413); plain HTTP gets no answer."""
+    import tritonclient.grpc as grpcclient
+
+    from vitserve.apikey import CONTROL_APIS
+    from vitserve.server import TritonServer, free_port
+
+    _nginx()
+    key = "rehearsal-test-key"
+    workdir = Path(tempfile.mkdtemp(prefix="vitserve-tls-test-"))
+    prefix = f"vitserve-tls-test-{os.getpid()}_"
+    server = TritonServer(
+        tiny_repository, log_path=tmp_path / "r.log", restricted=CONTROL_APIS, api_key=key,
+        extra_args=["--http-address=127.0.0.1", "--grpc-address=127.0.0.1",
+                    f"--backend-config=python,shm-region-prefix-name={prefix}"],
+    )  # fmt: skip
+    proxy = None
+    try:
+        server.start()
+        tls = self_signed_cert(workdir)
+        assert oct(tls.key.stat().st_mode & 0o777) == "0o600"
+        http_port, grpc_port = free_port(), free_port()
+        proxy = start_nginx(workdir, http_port, grpc_port, [server], tls=tls)
+        conf = (workdir / "nginx.conf").read_text()
+        assert (
+            f"listen 127.0.0.1:{grpc_port} ssl http2;" in conf
+            and f"client_max_body_size {BODY_LIMIT_MB}m;" in conf
+        )
+
+        control = control_calls(http_port, grpc_port, tls, key)
+        assert control_closed(control), control
+        assert oversized_request(http_port, tls, "add_one").startswith("413")
+
+        body = json.dumps(
+            {"inputs": [{"name": "INPUT0", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
+        ).encode()
+        req = urllib.request.Request(f"https://127.0.0.1:{http_port}/v2/models/add_one/infer", data=body)
+        with urllib.request.urlopen(req, timeout=10, context=tls.context()) as r:
+            assert json.load(r)["outputs"][0]["data"] == [2, 3, 4, 5]
+        g = grpcclient.InferenceServerClient(
+            f"127.0.0.1:{grpc_port}", ssl=True, root_certificates=str(tls.cert)
+        )
+        inp = grpcclient.InferInput("INPUT0", [1, 4], "FP32")
+        inp.set_data_from_numpy(np.arange(4, dtype=np.float32).reshape(1, 4))
+        np.testing.assert_array_equal(g.infer("add_one", [inp]).as_numpy("OUTPUT0"), [[1, 2, 3, 4]])
+        g.close()
+        with pytest.raises((urllib.error.URLError, ConnectionError)):
+            urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/health/ready", timeout=5).read()
+    finally:
+        if proxy is not None:
+            proxy.stop(signal.SIGQUIT)
+        server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
