@@ -49,15 +49,18 @@ format: $(STAMP)
 engines: setup
 	$(BIN)/vitserve build --config $(CONFIG) --repository $(REPO) $(if $(RANDOM_INIT),--random-init)
 
-# The real tritonserver (CPU build from nvidia-pytriton) on $(REPO); Ctrl-C stops it.
+# The real tritonserver (CPU build from nvidia-pytriton) on $(REPO); Ctrl-C stops it. Control APIs behind
+# $$VITSERVE_API_KEY or the key file it prints; OPEN_APIS=statistics,shared-memory,model-repository for make perf.
 serve: setup
-	$(BIN)/vitserve serve --repository $(REPO) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT)
+	$(BIN)/vitserve serve --repository $(REPO) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) \
+	  $(if $(OPEN_APIS),--open-apis $(OPEN_APIS))
 
 # The default model end to end: build (random-init weights when offline, loudly), serve, classify, stop.
 demo: setup
 	$(BIN)/vitserve demo --config $(CONFIG) --repository $(REPO)
 
-# Latency/throughput sweep of the running server (make serve) for the default model: perf_analyzer and
+# Latency/throughput sweep of the running server (make serve OPEN_APIS=statistics,shared-memory,model-repository:
+# perf_analyzer cannot send the API key over gRPC) for the default model: perf_analyzer and
 # the built-in generator, each model against its own ONNX in-process; report in perf/results/$(PERF_MODEL)/.
 PERF_MODEL ?= vitb32
 PERF_IMAGES ?= artifacts/perf_images
