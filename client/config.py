@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum, StrEnum
+from enum import StrEnum
 from pathlib import Path
 
 from vitserve.apikey import check_key, read_key
 from vitserve.client.shm import SharedMemory
 from vitserve.errors import ConfigError
+from vitserve.exporter.config import enum_value
 
 
 class Protocol(StrEnum):
@@ -18,14 +19,6 @@ class Protocol(StrEnum):
 
 DEFAULT_PORTS = {Protocol.GRPC: 8001, Protocol.HTTP: 8000}
 TLS_SCHEMES = ("https", "grpcs")
-
-
-def _enum(cls, value, what: str):
-    try:
-        return cls(value.value if isinstance(value, Enum) else str(value).lower())
-    except ValueError:
-        choices = ", ".join(m.value for m in cls)
-        raise ConfigError(f"{what} {value!r} is not one of: {choices}") from None
 
 
 def normalize_url(url: str | None, protocol: Protocol) -> str:
@@ -75,8 +68,8 @@ class ClientConfig:
     ca_file: str | None = None
 
     def __post_init__(self) -> None:
-        self.protocol = _enum(Protocol, self.protocol, "protocol")
-        self.shared_memory = _enum(SharedMemory, self.shared_memory, "shared_memory")
+        self.protocol = enum_value(Protocol, self.protocol, "protocol")
+        self.shared_memory = enum_value(SharedMemory, self.shared_memory, "shared_memory")
         if self.url and str(self.url).strip().lower().startswith(tuple(s + "://" for s in TLS_SCHEMES)):
             self.tls = True
         self.url = normalize_url(self.url, self.protocol)
