@@ -666,12 +666,10 @@ def check_repository(repository: str | Path, host: dict[str, Any] | None = None)
 
 
 def onnx_digest(onnx_path: str | Path) -> str:
-    """sha256 of an ONNX model and, when it has one, its external-data file(s) next to it."""
-    onnx_path = Path(onnx_path)
-    h = hashlib.sha256(sha256_file(onnx_path).encode())
-    for extra in sorted(onnx_path.parent.glob(onnx_path.name + ".data*")):
-        h.update(extra.name.encode() + sha256_file(extra).encode())
-    return h.hexdigest()
+    """The content of an ONNX model: its graph and every external-data file (`identity.model_digest`)."""
+    from vitserve.exporter.identity import model_digest
+
+    return model_digest(onnx_path)
 
 
 def plan_cache_key(
@@ -684,19 +682,22 @@ def plan_cache_key(
 ) -> str:
     """What decides a plan's bytes: the ONNX, the TensorRT version and GPU architecture that build it, the
     profile, the builder optimization level and the other build options (not the timing cache path)."""
+    from vitserve.exporter.identity import artifact_key
+
     p = settings.profile
-    parts = {
-        "onnx": onnx_sha256,
-        "tensorrt": tensorrt_version,
-        "compute_capability": compute_capability,
-        "profile": [p.min, p.opt, p.max],
-        "builder_optimization_level": settings.builder_optimization_level,
-        "hardware_compatibility": settings.hardware_compatibility,
-        "version_compatible": settings.version_compatible,
-        "workspace_mb": settings.workspace_mb,
-        "input": [input_name, *chw],
-    }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+    return artifact_key(
+        "tensorrt-plan",
+        length=24,
+        onnx=onnx_sha256,
+        tensorrt=tensorrt_version,
+        compute_capability=compute_capability,
+        profile=[p.min, p.opt, p.max],
+        builder_optimization_level=settings.builder_optimization_level,
+        hardware_compatibility=settings.hardware_compatibility,
+        version_compatible=settings.version_compatible,
+        workspace_mb=settings.workspace_mb,
+        input=[input_name, *chw],
+    )
 
 
 def timing_cache_path(cache_dir: str | Path, tensorrt_version: str, compute_capability: str) -> Path:

@@ -10,7 +10,6 @@ a temporary sibling folder that is renamed into place.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ import numpy as np
 
 from vitserve.errors import ConfigError, ExportError, ParityError
 from vitserve.exporter.compare import compare_outputs, concat_outputs, format_table
+from vitserve.exporter.identity import sha256_file
 from vitserve.exporter.triton_models.contract import LABELS_FILE as LABELS_NAME
 from vitserve.exporter.triton_models.contract import ONNX_FILE as ONNX_NAME
 from vitserve.exporter.triton_models.contract import PIXELS as INPUT_NAME
@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 
 EXTERNAL_DATA_NAME = "model.onnx.data"
 MANIFEST_NAME = "manifest.json"
-TWO_GB = 2**31 - 1
+# Weights of this many bytes or more go to one external-data file (protobuf's 2 GiB limit); a module
+# constant so a test can send a small model down the same path.
+EXTERNAL_DATA_BYTES = 2**31 - 1
 PARITY_COSINE = 0.99999
 
 
@@ -64,14 +66,6 @@ def labels_file(labels: str | tuple[str, ...] | list[str] | None, path: Path) ->
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
     return path
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def library_versions() -> dict[str, str]:
@@ -112,24 +106,26 @@ def atomic_directory(out_dir: Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def to_pixels(entry, images: list) -> tuple[list[str], np.ndarray]:
-    """(name, PIL image) pairs through the library's own eval transform (open_clip / timm, not the
-    registry's numbers), after vitserve's EXIF/16-bit handling, as (names, N x 3 x H x W)."""
+def to_pixels(entry, images: list, recipe=None) -> tuple[list[str], np.ndarray]:
+    """(name, PIL image) pairs as (names, N x 3 x H x W) pixels made with `recipe`, the model's one pixel
+    recipe (a `Preprocess`: at export, the loaded weights' `loaded.preprocess`; in a build,
+    `spec.served_preprocess(manifest)`; None: the registry's default, what random-init and default-tag
+    weights imply): vitserve's EXIF/16-bit handling as the recipe sets it, then the library's own eval
+    transform built from the recipe (`backbones.library_transform_for`)."""
     import torch
 
-    from vitserve.exporter.backbones import library_transform, prepare_image
+    from vitserve.exporter.backbones import library_transform_for, prepare_image
 
-    tf = library_transform(entry)
-    return [n for n, _ in images], torch.stack(
-        [tf(prepare_image(im, entry.preprocess)) for _, im in images]
-    ).numpy()
+    recipe = recipe or entry.preprocess
+    tf = library_transform_for(entry, recipe)
+    return [n for n, _ in images], torch.stack([tf(prepare_image(im, recipe)) for _, im in images]).numpy()
 
 
-def photo_batch(entry, count: int | None = None) -> tuple[list[str], np.ndarray]:
-    """The held-out photographs through the library's own eval transform."""
+def photo_batch(entry, count: int | None = None, recipe=None) -> tuple[list[str], np.ndarray]:
+    """The held-out photographs as pixels made with `recipe` (see `to_pixels`)."""
     from vitserve.exporter.samples import eval_photos
 
-    return to_pixels(entry, eval_photos()[:count])
+    return to_pixels(entry, eval_photos()[:count], recipe)
 
 
 def _torch_run(model, x: np.ndarray, batch: int) -> dict[str, np.ndarray]:
@@ -144,13 +140,14 @@ def _torch_run(model, x: np.ndarray, batch: int) -> dict[str, np.ndarray]:
     return concat_outputs(outs)
 
 
-def check_parity(model, onnx_path: Path, entry, options: ExportOptions) -> dict[str, Any]:
-    """PyTorch vs onnxruntime on real photos (batch 1 and >1) and random inputs; raise ParityError below
-    `options.min_cosine`, after reporting the worst error of every output."""
+def check_parity(model, onnx_path: Path, entry, options: ExportOptions, recipe=None) -> dict[str, Any]:
+    """PyTorch vs onnxruntime on real photos (batch 1 and >1, pixels made with `recipe`: the loaded
+    weights' own) and random inputs; raise ParityError below `options.min_cosine`, after reporting the
+    worst error of every output."""
     from vitserve.exporter import onnxrt
 
     session = onnxrt.cpu_session(onnx_path)
-    names, photos = photo_batch(entry)
+    names, photos = photo_batch(entry, recipe=recipe)
     rng = np.random.default_rng(0)
     size = entry.image_size
     cases = {
@@ -219,7 +216,7 @@ def _finalize_onnx(raw: Path, dest: Path, simplify: bool) -> None:
 
         model = onnxslim.slim(model)
     size = sum(t.ByteSize() for t in model.graph.initializer)
-    if size >= TWO_GB:
+    if size >= EXTERNAL_DATA_BYTES:
         onnx.save_model(
             model,
             str(dest),
@@ -283,7 +280,7 @@ def export_model(
             raise ExportError(f"ONNX export of {backbone} failed: {type(e).__name__}: {e}") from e
         shutil.rmtree(raw_dir)
         export_s = time.perf_counter() - t_export
-        parity = check_parity(model, tmp / ONNX_NAME, entry, options)
+        parity = check_parity(model, tmp / ONNX_NAME, entry, options, loaded.preprocess)
         if label_names:
             (tmp / LABELS_NAME).write_text("\n".join(label_names) + "\n", encoding="utf-8")
         files = sorted(p for p in tmp.iterdir() if p.is_file())

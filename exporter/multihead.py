@@ -15,7 +15,6 @@ the measured cost of the extra ensemble steps is in perf/results/heads.md.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -47,12 +46,6 @@ HEAD_REPORT = "head.json"
 HEAD_PARITY_COSINE = 0.99999
 
 
-def _digest(path: Path | None) -> str | None:
-    if path is None or not Path(path).is_file():
-        return None
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def head_labels_file(head: NamedHead, folder: Path) -> Path | None:
     """The head's labels as a file (inline labels are written to `folder/NAME.labels.in.txt`)."""
     from vitserve.exporter.export import labels_file
@@ -63,14 +56,16 @@ def head_labels_file(head: NamedHead, folder: Path) -> Path | None:
 def head_key(head: NamedHead, labels: Path | None, backbone_key: str) -> str:
     """What defines a head model: its kind, its weights file's bytes, its labels, and the backbone export
     it sits on (a zero-shot head is the backbone's own text tower)."""
+    from vitserve.exporter.identity import artifact_key, file_digest
+
     kind, _, file = head.head.partition(":")
-    parts = {
-        "kind": kind,
-        "head_sha": _digest(Path(file)) if file else None,
-        "labels_sha": _digest(labels),
-        "backbone": backbone_key,
-    }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    return artifact_key(
+        "head",
+        head_kind=kind,
+        head_sha=file_digest(file) if file else None,
+        labels_sha=file_digest(labels),
+        backbone=backbone_key,
+    )
 
 
 def _head_module(head: NamedHead, entry, weights: str, labels: list[str] | None, loaded: dict):
@@ -166,14 +161,18 @@ def export_head(model, feature_dim: int, out_dir: Path, eval_features: np.ndarra
     return report
 
 
-def _eval_outputs(onnx: Path, precision: Precision, cache: Path, pixels: np.ndarray) -> dict[str, np.ndarray]:
-    """{embeddings, features} of a backbone ONNX on the held-out photos, scored as the fidelity report
-    scores it (quantized graphs independent of the host's int8 kernels); cached by the ONNX's sha256."""
+def _eval_outputs(
+    onnx: Path, precision: Precision, cache: Path, pixels: np.ndarray, recipe, flavour: str | None = None
+) -> dict[str, np.ndarray]:
+    """{embeddings, features} of a backbone ONNX (a cpu-int8 `flavour`'s file) on the held-out photos
+    (`pixels`, made with `recipe`), scored as the fidelity report scores it (quantized graphs independent
+    of the host's int8 kernels); cached by (the model's files, the recipe, the number of photos)."""
     from vitserve.exporter import onnxrt
-    from vitserve.exporter.export import sha256_file
+    from vitserve.exporter.identity import artifact_key
 
-    sha = sha256_file(onnx)[:16]
-    path = cache / f".eval-{precision.value}-{sha}-{len(pixels)}.npz"
+    key = artifact_key("head-eval-outputs", models={"backbone": onnx}, recipe=recipe, images=len(pixels))
+    prefix = f".eval-{precision.value}-" + (f"{flavour}-" if flavour else "")
+    path = cache / f"{prefix}{key}.npz"
     if path.is_file():
         with np.load(path) as data:
             return {k: data[k] for k in data.files}
@@ -183,8 +182,9 @@ def _eval_outputs(onnx: Path, precision: Precision, cache: Path, pixels: np.ndar
     if FEATURES not in out:
         raise ExportError(f"{onnx} has no `{FEATURES}` output: re-export the backbone (make engines)")
     cache.mkdir(parents=True, exist_ok=True)
-    for old in cache.glob(f".eval-{precision.value}-*.npz"):
-        old.unlink()
+    for old in cache.glob(f"{prefix}*.npz"):
+        if old.name.removeprefix(prefix).count("-") == 0:  # not another flavour's
+            old.unlink()
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(tmp, **out)
     tmp.replace(path)
@@ -202,6 +202,7 @@ def build_heads(
     from vitserve.exporter.precision import eval_pixels
 
     entry = get_backbone(manifest["backbone"])
+    recipe = spec.served_preprocess(manifest)
     root = model_dir / HEADS_DIR
     root.mkdir(parents=True, exist_ok=True)
     for old in root.iterdir():
@@ -223,8 +224,8 @@ def build_heads(
                 records[head.name] = {**report, "dir": out, "cached": True}
                 continue
         if eval_feats is None:
-            _, pixels = eval_pixels(entry)
-            eval_feats = _eval_outputs(fp32_dir / ONNX_NAME, Precision.FP32, root, pixels)[FEATURES]
+            _, pixels = eval_pixels(entry, recipe=recipe)
+            eval_feats = _eval_outputs(fp32_dir / ONNX_NAME, Precision.FP32, root, pixels, recipe)[FEATURES]
         labels = read_labels(labels_file) if labels_file else None
         module = _head_module(head, entry, weights, labels, loaded)
         wrapped = _with_probs(module)
@@ -261,12 +262,15 @@ def head_fidelity(
     spec: ModelSpec,
     heads: dict[str, dict[str, Any]],
     fp32_dir: Path,
-    variants: dict[Precision, Path],
+    variants: dict[Precision, Path | dict[str, Path]],
     model_dir: Path,
 ) -> dict[str, dict[str, Any]]:
     """Each head through each backbone variant against the head on the FP32 backbone, on the held-out
-    photos, with the variant's gate (embeddings cosine; INT8 also the head's top-1 agreement).
-    Returns {precision: {head: report with passed, gate}}."""
+    photos (made with the model's one recipe), with the variant's gate (embeddings cosine; INT8 also the
+    head's top-1 agreement). A variant given as {flavour: file} (cpu-int8: every flavour that can serve)
+    is scored per flavour, each flavour's arithmetic computed independently of this host's CPU
+    (`onnxrt.exact_session`), and its report holds `flavours` {flavour: report}; it passes when every
+    flavour does. Returns {precision: {head: report with passed, gate}}."""
     from vitserve.exporter import onnxrt
     from vitserve.exporter.backbones import get_backbone
     from vitserve.exporter.compare import compare_outputs
@@ -275,22 +279,42 @@ def head_fidelity(
 
     if not variants or not heads:
         return {}
-    entry = get_backbone(read_manifest(fp32_dir)["backbone"])
-    _, pixels = eval_pixels(entry)
+    manifest = read_manifest(fp32_dir)
+    recipe = spec.served_preprocess(manifest)
+    _, pixels = eval_pixels(get_backbone(manifest["backbone"]), recipe=recipe)
     cache = model_dir / HEADS_DIR
-    ref = _eval_outputs(fp32_dir / ONNX_NAME, Precision.FP32, cache, pixels)
+    ref = _eval_outputs(fp32_dir / ONNX_NAME, Precision.FP32, cache, pixels, recipe)
     sessions = {n: onnxrt.cpu_session(r["dir"] / ONNX_NAME) for n, r in heads.items()}
     ref_heads = {n: run_head(s, ref[FEATURES]) for n, s in sessions.items()}
-    out: dict[str, dict[str, Any]] = {}
-    for precision, onnx in variants.items():
-        got = _eval_outputs(onnx, precision, cache, pixels)
+
+    def score(precision: Precision, onnx: Path, flavour: str | None) -> dict[str, dict[str, Any]]:
+        got = _eval_outputs(onnx, precision, cache, pixels, recipe, flavour)
         emb = compare_outputs({"embeddings": ref["embeddings"]}, {"embeddings": got["embeddings"]})
-        out[precision.value] = {}
+        reports = {}
         for name, session in sessions.items():
             metrics = {**emb, **compare_outputs(ref_heads[name], run_head(session, got[FEATURES]))}
             report = {"images": len(pixels), "outputs": metrics}
             report["passed"], report["gate"] = _gate(precision, report, spec.gates, check_gate)
-            out[precision.value][name] = report
+            reports[name] = report
+        return reports
+
+    out: dict[str, dict[str, Any]] = {}
+    for precision, onnx in variants.items():
+        if not isinstance(onnx, dict):
+            out[precision.value] = score(precision, Path(onnx), None)
+            continue
+        by_flavour = {f: score(precision, Path(file), f) for f, file in onnx.items()}
+        out[precision.value] = {}
+        for name in sessions:
+            flavours = {f: reports[name] for f, reports in by_flavour.items()}
+            ok = all(r["passed"] for r in flavours.values())
+            out[precision.value][name] = {
+                "images": len(pixels),
+                "flavours": flavours,
+                "passed": ok,
+                "gate": ("PASS: " if ok else "FAIL: ")
+                + "; ".join(f"{f} {r['gate']}" for f, r in flavours.items()),
+            }
     return out
 
 
@@ -314,7 +338,7 @@ def head_fidelity_table(fidelity: dict[str, dict[str, Any]]) -> str:
 
     rows = [
         {
-            "variant": p,
+            "variant": p if flavour is None else f"{p} ({flavour})",
             "head": h,
             "emb_cos_mean": r["outputs"]["embeddings"]["cosine_mean"],
             "logits_cos_min": r["outputs"]["logits"]["cosine_min"],
@@ -323,21 +347,32 @@ def head_fidelity_table(fidelity: dict[str, dict[str, Any]]) -> str:
             "gate": r["gate"].split(":")[0],
         }
         for p, heads in fidelity.items()
-        for h, r in heads.items()
+        for h, report in heads.items()
+        for flavour, r in (report.get("flavours") or {None: report}).items()
     ]
     return format_table(
         rows, ["variant", "head", "emb_cos_mean", "logits_cos_min", "probs_cos_min", "top1", "gate"]
     )
 
 
-def gate_heads(spec: ModelSpec, fidelity: dict[str, dict[str, Any]]) -> set[Precision]:
+def gate_heads(
+    spec: ModelSpec, fidelity: dict[str, dict[str, Any]], variants: dict[str, dict[str, Any]] | None = None
+) -> set[Precision]:
     """The variants that must not serve the heads: one of its heads failed the variant's gate (unless
-    `force`). Prints the table and each refusal."""
+    `force`). A variant scored per flavour (cpu-int8) loses each flavour a head failed: it leaves the
+    variant's `published_flavours` in `variants` (the precision stage's reports, by precision) with the
+    reason recorded as the flavour's `withheld`, and the variant is refused when the flavours left no longer
+    make it publishable (`precision.publishable`: its portable flavour must be among them). Prints the
+    table and each refusal."""
     if not fidelity:
         return set()
     print(f"[{spec.name}] heads through each backbone variant vs FP32:\n{head_fidelity_table(fidelity)}")
     refused = set()
     for p, heads in fidelity.items():
+        if any("flavours" in r for r in heads.values()):
+            if _gate_flavours(spec, p, heads, (variants or {}).get(p)):
+                refused.add(Precision(p))
+            continue
         failed = {h: r["gate"] for h, r in heads.items() if not r["passed"]}
         if failed and not spec.force:
             print(f"[{spec.name}] {p} is NOT published: head(s) failed its gate: {failed}")
@@ -347,6 +382,38 @@ def gate_heads(spec: ModelSpec, fidelity: dict[str, dict[str, Any]]) -> set[Prec
                 f"[{spec.name}] WARNING: {p} heads failed its gate but it is published (force: true): {failed}"
             )
     return refused
+
+
+def _gate_flavours(spec: ModelSpec, p: str, heads: dict[str, Any], variant: dict[str, Any] | None) -> bool:
+    """Drop the flavours of variant `p` that a head failed (see `gate_heads`); True when the variant is
+    refused."""
+    from vitserve.exporter.precision import publishable
+
+    flavours = list(next(iter(heads.values()))["flavours"])
+    failed: dict[str, dict[str, str]] = {}
+    for f in flavours:
+        bad = {h: r["flavours"][f]["gate"] for h, r in heads.items() if not r["flavours"][f]["passed"]}
+        if bad:
+            failed[f] = bad
+    if not failed:
+        return False
+    if spec.force:
+        print(
+            f"[{spec.name}] WARNING: {p} heads failed the gate of flavour(s) {failed} but are published (force: true)"
+        )
+        return False
+    published = (variant or {}).get("published_flavours", flavours)
+    for f, bad in failed.items():
+        reason = f"head(s) failed its gate: {bad}"
+        print(f"[{spec.name}] {p} flavour {f!r} is NOT published: {reason}")
+        if variant is not None and f in variant.get("flavours", {}):
+            variant["flavours"][f]["withheld"] = reason
+    ok, kept = publishable({f: f in published and f not in failed for f in flavours})
+    if variant is not None:
+        variant["published_flavours"] = kept
+    if not ok:
+        print(f"[{spec.name}] {p} is NOT published: flavours left after the heads' gates: {kept or 'none'}")
+    return not ok
 
 
 # ------------------------------------------------------------------------------------------ repository

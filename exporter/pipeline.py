@@ -3,9 +3,10 @@
 export (fp32 ONNX, parity-checked) -> precision variants (fp16 / int8 / cpu-int8, fidelity-gated) ->
 engines (TensorRT plans where TensorRT exists, build.sh everywhere) -> repository.
 
-Unchanged inputs are not rebuilt: the export is keyed by a hash of what defines it, the quantized models
-by a hash of (model, images, settings), TensorRT plans (artifacts/engines) by (ONNX sha256, TensorRT
-version, compute capability, profile, builder options). A plan that fails verification against FP32 is
+Unchanged inputs are not rebuilt: every artifact is keyed by `identity.artifact_key` over what makes it:
+the export by (backbone, weights and their config files, head, labels), the quantized models by (the FP32
+model's files, graph and external data, the images, the pixel recipe, settings), TensorRT plans
+(artifacts/engines) by (the ONNX's files, TensorRT version, compute capability, profile, builder options). A plan that fails verification against FP32 is
 withheld (unless `force`) and the ensemble routes to the best one that passed. The repository is written
 next to the old one and swapped in only when complete, so an interrupted build leaves the previous
 repository intact and loadable.
@@ -13,7 +14,6 @@ repository intact and loadable.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from vitserve.errors import ConfigError, ExportError
-from vitserve.exporter.config import Kind, ModelSpec, Precision, load_models
+from vitserve.exporter.config import Kind, ModelSpec, Precision, check_pretrained_tags, load_models
 from vitserve.exporter.export import (
     EXTERNAL_DATA_NAME,
     LABELS_NAME,
@@ -33,32 +33,44 @@ from vitserve.exporter.export import (
     labels_file,
     read_manifest,
 )
+from vitserve.exporter.identity import sha256_file
 from vitserve.exporter.repository import REPOSITORY_MANIFEST, WARMUP_FILE, Variant, write_model
-from vitserve.exporter.triton_models.contract import PIXELS, backbone_model_name, preprocess_model_name
+from vitserve.exporter.triton_models.contract import (
+    PIXELS,
+    backbone_model_name,
+    head_ensemble_name,
+    preprocess_model_name,
+)
 
 log = logging.getLogger(__name__)
 
 
-def _file_digest(path: str | None) -> str | None:
-    if not path or not Path(path).is_file():
-        return None
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def export_key(spec: ModelSpec, weights: str, labels: Path | None) -> str:
-    """What defines the FP32 export: backbone, weights, head (and its file's bytes), labels."""
+    """What defines the FP32 export: backbone, weights (a checkpoint's bytes and the config files next to
+    it, which choose its architecture and pixel recipe; random init's seed), head (and its file's bytes),
+    labels."""
+    from vitserve.exporter import backbones
+    from vitserve.exporter.identity import artifact_key, file_digest
+
     head_file = spec.head.partition(":")[2] or None
-    parts = {
+    parts: dict[str, Any] = {
         "backbone": spec.backbone,
         "weights": weights,
-        "weights_sha": _file_digest(weights),
+        "weights_sha": file_digest(weights),
         "head": spec.head.partition(":")[0],
-        "head_sha": _file_digest(head_file),
-        "labels_sha": _file_digest(str(labels) if labels else None),
+        "head_sha": file_digest(head_file),
+        "labels_sha": file_digest(str(labels) if labels else None),
     }
+    if Path(weights).is_file():
+        folder = Path(weights).parent
+        parts["weights_config"] = {
+            name: file_digest(folder / name) for name in (backbones.OPEN_CLIP_CONFIG, backbones.TIMM_CONFIG)
+        }
+    if weights == "random":
+        parts["random_init_seed"] = backbones.RANDOM_INIT_SEED
     if spec.heads:  # a backbone shared by heads outputs features; the heads themselves are not in the key
         parts["outputs"] = "embeddings+features"
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    return artifact_key("export", **parts)
 
 
 def export_stage(spec: ModelSpec, model_dir: Path, random_init: bool) -> tuple[Path, dict[str, Any]]:
@@ -124,10 +136,18 @@ def build_model(spec: ModelSpec, artifacts: Path, random_init: bool = False) -> 
 
         weights = "random" if random_init else spec.weights
         heads = multihead.build_heads(spec, fp32_dir, manifest, model_dir, weights)
-        others = {p: o for p, (o, _) in onnx_by_precision.items() if p is not Precision.FP32}
+        others: dict[Precision, Any] = {
+            p: o for p, (o, _) in onnx_by_precision.items() if p is not Precision.FP32
+        }
+        if Precision.CPU_INT8 in others:  # every flavour that can serve is run with the heads
+            others[Precision.CPU_INT8] = {k: f for k, f in cpu_int8_flavours if k != "probe"}
         head_fidelity = multihead.head_fidelity(spec, heads, fp32_dir, others, model_dir)
-        for p in multihead.gate_heads(spec, head_fidelity):
+        for p in multihead.gate_heads(spec, head_fidelity, fidelity):
             onnx_by_precision.pop(p)
+        if Precision.CPU_INT8 in onnx_by_precision:  # less the flavours a head failed
+            cpu_int8_flavours = _flavour_files(
+                fidelity[Precision.CPU_INT8.value], cpu_int8_flavours[0][1].parent
+            )
     # The CPU kind serves what is worth serving on a CPU (cpu_precisions: fp32 and cpu-int8 by default);
     # the GPU kinds never serve cpu-int8.
     variants = [
@@ -157,33 +177,37 @@ def _flavour_files(report: dict[str, Any], folder: Path) -> tuple[tuple[str, Pat
 
 
 VERIFY_SET = "verify.npz"  # held-out photos as pixel_values + the FP32 outputs, in each *_tensorrt model
+VERIFY_IMAGES = 32  # views of the held-out photos in it
 
 
 def write_verify_set(record: dict[str, Any], model_dir: Path) -> Path:
-    """`model_dir/verify.npz`: the held-out photos through the backbone's transform (`pixels`) and the FP32
-    ONNX's outputs on them (`ref_<output>`), so plans can be verified where only TensorRT is installed (the
-    serving image). Reused while the FP32 export's sha256 is unchanged."""
+    """`model_dir/verify.npz`: the held-out photos as pixels made with the model's one recipe
+    (`spec.served_preprocess(manifest)`: what the served preprocess model sends) and the FP32 ONNX's
+    outputs on them (`ref_<output>`), so plans can be verified where only TensorRT is installed (the
+    serving image). Reused while its key (the FP32 model's files, the recipe) is unchanged."""
     import numpy as np
 
     from vitserve.exporter import onnxrt
     from vitserve.exporter.backbones import get_backbone
+    from vitserve.exporter.identity import artifact_key
     from vitserve.exporter.precision import eval_pixels
 
-    manifest = record["manifest"]
-    fp32_sha = manifest["files"][ONNX_NAME]["sha256"]
+    manifest, fp32 = record["manifest"], record["fp32_dir"] / ONNX_NAME
+    recipe = record["spec"].served_preprocess(manifest)
+    key = artifact_key("verify-set", models={"fp32": fp32}, recipe=recipe, count=VERIFY_IMAGES)
     path = model_dir / VERIFY_SET
     if path.is_file():
         with np.load(path) as old:
-            if str(old["fp32_sha256"]) == fp32_sha:
+            if "key" in old.files and str(old["key"]) == key:
                 return path
-    names, pixels = eval_pixels(get_backbone(manifest["backbone"]))
-    ref = onnxrt.run(onnxrt.cpu_session(record["fp32_dir"] / ONNX_NAME), pixels)
+    names, pixels = eval_pixels(get_backbone(manifest["backbone"]), VERIFY_IMAGES, recipe)
+    ref = onnxrt.run(onnxrt.cpu_session(fp32), pixels)
     model_dir.mkdir(parents=True, exist_ok=True)
     tmp = model_dir / f".{VERIFY_SET}.tmp-{os.getpid()}.npz"
     np.savez(
         tmp,
         pixels=pixels.astype(np.float32),
-        fp32_sha256=np.array(fp32_sha),
+        key=np.array(key),
         names=np.array(names),
         **{f"ref_{k}": v for k, v in ref.items()},
     )
@@ -266,17 +290,13 @@ def build_model_engines(repo: Path, spec: ModelSpec, names: list[str], cache_dir
         )
         precision = Precision(name.removeprefix(f"{spec.name}_").removesuffix(f"_{Kind.TENSORRT.value}"))
         fidelity = meta.get("fidelity") if meta.get("cached") else None
-        if fidelity is None or fidelity.get("verify_sha256") != _sha(mdir / VERIFY_SET):
+        if fidelity is None or fidelity.get("verify_sha256") != sha256_file(mdir / VERIFY_SET):
             fidelity = verify_engine(plan, mdir / VERIFY_SET, precision, spec)
             if meta.get("cache_key"):
                 _remember_fidelity(cache_dir / meta["cache_key"], fidelity)
         fidelity["passed"], fidelity["gate"] = _engine_gate(precision, fidelity, spec)
         engines[name] = {**meta, "built": True, "fidelity": fidelity}
     return engines
-
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _remember_fidelity(entry: Path, fidelity: dict[str, Any]) -> None:
@@ -319,7 +339,7 @@ def verify_engine(plan: Path, verify: Path, precision: Precision, spec: ModelSpe
     report = {
         "evaluator": "TensorRT engine (run_engine) vs FP32 ONNX outputs (onnxruntime CPU) in verify.npz",
         "images": len(pixels),
-        "verify_sha256": _sha(verify),
+        "verify_sha256": sha256_file(verify),
         "outputs": compare_outputs(ref, {k: got[k].astype(np.float32) for k in ref}),
     }
     report["passed"], report["gate"] = _engine_gate(precision, report, spec)
@@ -372,7 +392,7 @@ def publish_engines(
             f"model {spec.name}: every plan it could serve failed verification {withheld}"
         ) from e
     backbone = backbone_model_name(spec.name, serve.precision, serve.kind)
-    for ensemble in [spec.name, *(f"{spec.name}_{h.name}" for h in spec.heads)]:
+    for ensemble in [spec.name, *(head_ensemble_name(spec.name, h.name) for h in spec.heads)]:
         ens = repo / ensemble / "config.pbtxt"
         if not ens.is_file():  # a head's ensemble, before multihead.write_heads
             continue
@@ -470,6 +490,8 @@ def build_all(
         specs = [s for s in specs if s.name in only]
     if random_init:
         print("WARNING: --random-init: every model gets RANDOM, UNTRAINED weights; outputs are meaningless.")
+    else:
+        check_pretrained_tags(specs)  # before model 1 is built, not when model 2's turn comes
     artifacts, repository = Path(artifacts), Path(repository)
     records = [build_model(spec, artifacts, random_init) for spec in specs]
     repository.parent.mkdir(parents=True, exist_ok=True)

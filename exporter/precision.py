@@ -17,7 +17,6 @@ process opening AutoCast models); the report says which evaluator ran.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import shutil
@@ -32,6 +31,7 @@ from vitserve.errors import CalibrationError, ConfigError
 from vitserve.exporter.compare import compare_outputs, format_table
 from vitserve.exporter.config import Calibration, Gates, ModelSpec, Precision
 from vitserve.exporter.export import ONNX_NAME, read_manifest, sha256_file
+from vitserve.exporter.triton_models.contract import PIXELS
 
 log = logging.getLogger(__name__)
 
@@ -72,21 +72,26 @@ def calibration_files(cal: Calibration, cache_dir: Path) -> list[Path]:
     return files
 
 
-def load_pixels(files: list[Path], entry, what: str = "calibration") -> tuple[list[Path], np.ndarray]:
-    """Files through the library's own eval transform (open_clip / timm: RGB conversion where the library
-    does it), after vitserve's EXIF orientation and 16-bit scaling as the served model applies them;
-    unreadable files are skipped with a warning naming them (an error when none is left)."""
+def load_pixels(
+    files: list[Path], entry, what: str = "calibration", recipe=None
+) -> tuple[list[Path], np.ndarray]:
+    """Files as pixels made with `recipe`, the model's one pixel recipe (`spec.served_preprocess(manifest)`;
+    None: the registry's default): vitserve's EXIF orientation and 16-bit scaling as the served model
+    applies them, then the library's own eval transform built from the recipe (open_clip / timm: RGB
+    conversion where the library does it). Unreadable files are skipped with a warning naming them (an
+    error when none is left)."""
     import torch
     from PIL import Image
 
-    from vitserve.exporter.backbones import library_transform, prepare_image
+    from vitserve.exporter.backbones import library_transform_for, prepare_image
 
-    tf = library_transform(entry)
+    recipe = recipe or entry.preprocess
+    tf = library_transform_for(entry, recipe)
     good, tensors, bad = [], [], []
     for f in files:
         try:
             with Image.open(f) as im:
-                tensors.append(tf(prepare_image(im, entry.preprocess)))
+                tensors.append(tf(prepare_image(im, recipe)))
             good.append(f)
         except Exception as e:
             bad.append(f"{f} ({type(e).__name__}: {e})")
@@ -98,14 +103,14 @@ def load_pixels(files: list[Path], entry, what: str = "calibration") -> tuple[li
     return good, torch.stack(tensors).numpy()
 
 
-def eval_pixels(entry, count: int = 32) -> tuple[list[str], np.ndarray]:
-    """Views of the held-out photographs (no calibration photo, near-duplicate or crop of one) through
-    the library's own eval transform. Views beyond the distinct photos are crops/flips of them: the
+def eval_pixels(entry, count: int = 32, recipe=None) -> tuple[list[str], np.ndarray]:
+    """Views of the held-out photographs (no calibration photo, near-duplicate or crop of one) as pixels
+    made with `recipe` (see `load_pixels`). Views beyond the distinct photos are crops/flips of them: the
     names say which source each view comes from (`samples.distinct_sources(names)` counts them)."""
     from vitserve.exporter.export import to_pixels
     from vitserve.exporter.samples import distinct_sources, eval_views
 
-    names, pixels = to_pixels(entry, eval_views(count))
+    names, pixels = to_pixels(entry, eval_views(count), recipe)
     log.info(
         "fidelity set: %d views of %d distinct held-out photographs", len(names), distinct_sources(names)
     )
@@ -209,9 +214,9 @@ def activation_absmax(src: Path, calib: np.ndarray, work: Path) -> dict[str, flo
     del model
     session = onnxrt.cpu_session(marked, optimization="disabled")
     names = [o.name for o in session.get_outputs()]
-    absmax: dict[str, float] = {"pixel_values": float(np.abs(calib).max())}
+    absmax: dict[str, float] = {PIXELS: float(np.abs(calib).max())}
     for i in range(len(calib)):
-        for name, value in zip(names, session.run(names, {"pixel_values": calib[i : i + 1]}), strict=True):
+        for name, value in zip(names, session.run(names, {PIXELS: calib[i : i + 1]}), strict=True):
             if np.issubdtype(value.dtype, np.floating) and value.size:
                 absmax[name] = max(absmax.get(name, 0.0), float(np.abs(value).max()))
     return absmax
@@ -312,7 +317,7 @@ def make_int8(
         quantize(
             onnx_path=str(src),
             quantize_mode="int8",
-            calibration_data={"pixel_values": calib},
+            calibration_data={PIXELS: calib},
             calibration_method=method,
             calibration_eps=["cpu"],
             nodes_to_exclude=[_exact(n) for n in excluded],
@@ -337,7 +342,7 @@ def _exact(name: str) -> str:
 
 class _Reader:
     def __init__(self, calib: np.ndarray, batch: int = 1):
-        self._it = iter([{"pixel_values": calib[i : i + batch]} for i in range(0, len(calib), batch)])
+        self._it = iter([{PIXELS: calib[i : i + batch]} for i in range(0, len(calib), batch)])
 
     def get_next(self):
         return next(self._it, None)
@@ -414,7 +419,7 @@ def write_probe(out: Path, folder: Path, pixels: np.ndarray) -> None:
     from vitserve.exporter import onnxrt
 
     pixels = np.ascontiguousarray(pixels, np.float32)
-    arrays = {"pixel_values": pixels}
+    arrays = {PIXELS: pixels}
     for flavour, f in CPU_INT8_FLAVOURS.items():
         session, _ = onnxrt.exact_session(folder / f["file"])
         arrays[f"embeddings_{flavour}"] = onnxrt.run(session, pixels, batch_size=len(pixels))["embeddings"]
@@ -500,15 +505,24 @@ def fidelity_table(reports: dict[str, dict[str, Any]]) -> str:
     return format_table(rows, cols)
 
 
+def publishable(passed: dict[str, bool]) -> tuple[bool, list[str]]:
+    """The one rule for a cpu-int8 variant's flavours, given whether each passed its gates: each flavour
+    that passed is published, and the variant only when its portable flavour is among them (every host
+    can fall back to it). Returns (variant published, published flavours)."""
+    published = [k for k, ok in passed.items() if ok]
+    return PORTABLE_FLAVOUR in published, published
+
+
 def apply_gates(precision: Precision, report: dict[str, Any], gates: Gates) -> dict[str, Any]:
     """Apply `gates` to a report (and to each cpu-int8 flavour); a cpu-int8 variant passes when its
-    portable flavour does (every host can fall back to it), and publishes each flavour that passes."""
+    portable flavour does (every host can fall back to it), and publishes each flavour that passes
+    (`publishable`). The heads of a many-heads model gate the flavours again (multihead.gate_heads)."""
     for f in report.get("flavours", {}).values():
         f["passed"], f["gate"] = check_gate(precision, f["fidelity"], gates)
     if "flavours" in report:
         portable = report["flavours"][PORTABLE_FLAVOUR]
+        _, report["published_flavours"] = publishable({k: f["passed"] for k, f in report["flavours"].items()})
         report["passed"], report["gate"] = portable["passed"], portable["gate"]
-        report["published_flavours"] = [k for k, f in report["flavours"].items() if f["passed"]]
     else:
         report["passed"], report["gate"] = check_gate(precision, report["fidelity"], gates)
     return report
@@ -531,20 +545,30 @@ def _onnxruntime_version() -> str:
     return onnxruntime.__version__
 
 
-def variant_key(precision: Precision, fp32_sha: str, files: list[Path], settings: dict[str, Any]) -> str:
+def variant_key(
+    precision: Precision,
+    fp32: Path,
+    files: list[Path],
+    settings: dict[str, Any],
+    recipe,
+    eval_count: int,
+) -> str:
+    """What makes a variant and its report: the FP32 model (all its files), the calibration images and
+    the pixel recipe they and the held-out photos go through, the settings, the quantizers' versions."""
     from importlib.metadata import version
 
-    from vitserve.exporter.samples import files_digest
+    from vitserve.exporter.identity import artifact_key, files_digest
 
-    parts = {
-        "precision": precision.value,
-        "fp32": fp32_sha,
-        "images": files_digest(files),
-        "settings": settings,
-        "modelopt": version("nvidia-modelopt"),
-        "onnxruntime": _onnxruntime_version(),
-    }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    return artifact_key(
+        f"variant-{precision.value}",
+        models={"fp32": fp32},
+        recipe=recipe,
+        images=files_digest(files),
+        settings=settings,
+        eval_count=eval_count,
+        modelopt=version("nvidia-modelopt"),
+        onnxruntime=_onnxruntime_version(),
+    )
 
 
 def make_variant(
@@ -556,13 +580,16 @@ def make_variant(
     eval_count: int = 32,
 ) -> dict[str, Any]:
     """Make the `precision` variant of the FP32 export in `fp32_dir` into `out_dir`, score it against
-    FP32 on held-out photos, apply the gate; returns the report (also `out_dir/variant.json`)."""
+    FP32 on held-out photos, apply the gate; returns the report (also `out_dir/variant.json`). Every pixel
+    (calibration, fidelity, the cpu-int8 probe) is made with the model's one recipe,
+    `spec.served_preprocess(manifest)`: what the served preprocess model sends."""
     from vitserve.exporter.backbones import get_backbone
     from vitserve.exporter.export import atomic_directory
 
     precision = Precision(precision)
     manifest = read_manifest(fp32_dir)
     entry = get_backbone(manifest["backbone"])
+    recipe = spec.served_preprocess(manifest)
     fp32 = fp32_dir / ONNX_NAME
     files = calibration_files(spec.calibration, out_dir.parent)
     if len(files) < spec.calibration.num_images:
@@ -583,7 +610,7 @@ def make_variant(
         settings["flavours"] = {k: v["reduce_range"] for k, v in CPU_INT8_FLAVOURS.items()}
     if precision is Precision.FP16:
         settings = {"keep": FP16_KEEP_OP_TYPES}
-    key = variant_key(precision, manifest["files"][ONNX_NAME]["sha256"], files, settings)
+    key = variant_key(precision, fp32, files, settings, recipe, eval_count)
     cached = out_dir / VARIANT_REPORT
     if cached.exists():
         report = json.loads(cached.read_text())
@@ -593,7 +620,7 @@ def make_variant(
             log.info("%s %s: unchanged (key %s), reusing %s", spec.name, precision.value, key, out_dir)
             return report
     t0 = time.perf_counter()
-    used, calib = load_pixels(files, entry)
+    used, calib = load_pixels(files, entry, recipe=recipe)
     with atomic_directory(out_dir) as tmp, tempfile.TemporaryDirectory(dir=out_dir.parent) as work:
         dst = tmp / ONNX_NAME
         # The quantizers write next to their input (ModelOpt rewrote model.onnx in place here):
@@ -612,7 +639,7 @@ def make_variant(
         else:
             raise ConfigError(f"no variant to make for precision {precision.value}")
         build_s = time.perf_counter() - t0
-        names, pixels = eval_pixels(entry, eval_count)
+        names, pixels = eval_pixels(entry, eval_count, recipe)
         from vitserve.exporter import onnxrt
         from vitserve.exporter.samples import distinct_sources
 
@@ -623,6 +650,7 @@ def make_variant(
         report = {
             "precision": precision.value,
             "key": key,
+            "preprocess": recipe.as_dict(),  # the pixel recipe of calibration, fidelity and the probe
             "details": details,
             "fidelity": fid,
             "build_seconds": round(build_s, 2),

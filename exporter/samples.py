@@ -15,7 +15,6 @@ any user folder.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -209,12 +208,3 @@ def list_images(folder: str | Path) -> list[Path]:
     """Image files under `folder`, recursively, sorted (so sampling is deterministic)."""
     folder = Path(folder)
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def files_digest(paths: list[Path]) -> str:
-    """sha256 over the names and bytes of `paths` (cache keys)."""
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(p.name.encode())
-        h.update(hashlib.sha256(p.read_bytes()).digest())
-    return h.hexdigest()

@@ -10,7 +10,6 @@ meaning: training then checks the mechanics only, and the output says so.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -104,19 +103,25 @@ def accuracy(weight: np.ndarray, bias: np.ndarray, x: np.ndarray, y: np.ndarray)
     return float(((x @ weight.T + bias).argmax(1) == y).mean())
 
 
-def _features(fp32_dir: Path, manifest: dict[str, Any], items: list[tuple[Path, int]], cache: Path):
-    """The backbone's `features` of every image, cached by (FP32 ONNX sha256, the images' bytes)."""
+def _features(fp32_dir: Path, manifest: dict[str, Any], items: list[tuple[Path, int]], cache: Path, recipe):
+    """The backbone's `features` of every image, its pixels made with `recipe` (the model's one recipe,
+    `spec.served_preprocess(manifest)`: what the served heads receive), cached by (the FP32 model's files,
+    the recipe, the images' bytes and labels)."""
     from PIL import Image
 
     from vitserve.exporter import onnxrt
     from vitserve.exporter.backbones import get_backbone
     from vitserve.exporter.export import ONNX_NAME, to_pixels
+    from vitserve.exporter.identity import artifact_key, files_digest
 
-    h = hashlib.sha256(manifest["files"][ONNX_NAME]["sha256"].encode())
-    for f, label in items:
-        h.update(f"{f.name}:{label}:".encode())
-        h.update(hashlib.sha256(f.read_bytes()).digest())
-    path = cache / f"{h.hexdigest()[:16]}.npz"
+    key = artifact_key(
+        "train-head-features",
+        models={"fp32": fp32_dir / ONNX_NAME},
+        recipe=recipe,
+        images=files_digest([f for f, _ in items]),
+        labels=[label for _, label in items],
+    )
+    path = cache / f"{key}.npz"
     if path.is_file():
         with np.load(path) as data:
             return data["features"], True, path
@@ -133,7 +138,7 @@ def _features(fp32_dir: Path, manifest: dict[str, Any], items: list[tuple[Path, 
             except Exception as e:
                 bad.append(f"{f} ({type(e).__name__}: {e})")
         if images:
-            _, pixels = to_pixels(entry, images)
+            _, pixels = to_pixels(entry, images, recipe)
             chunks.append(onnxrt.run(session, pixels)["features"])
     if bad:
         raise ConfigError(f"{len(bad)} image(s) could not be read; remove or fix them: " + "; ".join(bad))
@@ -180,8 +185,9 @@ def train_head(
         )
     classes, items = find_images(images)
     labels = np.array([c_ for _, c_ in items])
+    recipe = specs[model].served_preprocess(manifest)
     features, cached, cache_file = _features(
-        fp32_dir, manifest, items, Path(artifacts) / model / FEATURES_DIR
+        fp32_dir, manifest, items, Path(artifacts) / model / FEATURES_DIR, recipe
     )
     train, test = split(labels, holdout, seed)
     weight, bias = fit_logistic(features[train], labels[train], len(classes), c=c)

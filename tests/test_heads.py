@@ -41,6 +41,8 @@ def test_heads_config_both_forms_and_paths_resolved(tmp_path):
         ]
     }
     (tmp_path / "models.yaml").write_text(yaml.safe_dump(doc))
+    for f in ("sub/species.pt", "defects.pt", "sub/defects.txt"):  # models.yaml's files must exist
+        (tmp_path / f).write_bytes(b"")
     (spec,) = load_models(tmp_path / "models.yaml")
     heads = {h.name: h for h in spec.heads}
     assert heads["species"] == NamedHead("species", f"linear:{tmp_path / 'sub' / 'species.pt'}", None)
@@ -84,6 +86,7 @@ def test_head_ensemble_name_clashing_with_a_model_is_refused(tmp_path):
         ]
     }
     (tmp_path / "models.yaml").write_text(yaml.safe_dump(doc))
+    (tmp_path / "h.pt").write_bytes(b"")  # models.yaml's files must exist
     with pytest.raises(ConfigError, match=r"\['m_x'\] is both a model and a head's ensemble"):
         load_models(tmp_path / "models.yaml")
 

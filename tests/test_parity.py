@@ -162,3 +162,32 @@ def test_served_preprocess_model_matches_the_library(vitb32_build, vitb32_server
             worst[mode] = min(worst.get(mode, 1.0), cosine(served, ref))
     assert set(worst) == set(MODES)
     assert min(worst.values()) >= MIN_COSINE, worst
+
+
+def test_recipe_transform_is_the_library_default_for_every_entry(two_photos):
+    """The transform built from a recipe (`library_transform_for`, what every build-time pixel goes
+    through) is, for each registry entry's default recipe, the library's own default-tag transform: the
+    same tensor on real photographs (landscape and portrait)."""
+    from vitserve.exporter.backbones import library_transform_for
+
+    for entry in REGISTRY.values():
+        ours, theirs = library_transform_for(entry, library_preprocess(entry)), library_transform(entry)
+        for name, photo in two_photos:
+            a, b = ours(photo).numpy(), theirs(photo).numpy()
+            assert a.shape == b.shape and np.array_equal(a, b), (entry.name, name, np.abs(a - b).max())
+
+
+def test_recipe_transform_follows_a_tag_that_normalizes_otherwise(two_photos):
+    """ViT-L-14 `pretrained:laion2b_s32b_b82k` normalizes with 0.5/0.5 (open_clip's pretrained cfg): its
+    recipe's transform is open_clip's own for that tag, and not CLIP's 0.481/0.269 default."""
+    import open_clip
+
+    from vitserve.exporter.backbones import library_transform_for
+
+    vitl, tag = get_backbone("ViT-L-14"), "laion2b_s32b_b82k"
+    assert open_clip.get_pretrained_cfg("ViT-L-14", tag)["mean"] == (0.5, 0.5, 0.5)
+    recipe = library_preprocess(vitl, tag)
+    photo = two_photos[1][1]
+    got = library_transform_for(vitl, recipe)(photo).numpy()
+    np.testing.assert_array_equal(got, library_transform(vitl, tag)(photo).numpy())
+    assert np.abs(got - library_transform(vitl)(photo).numpy()).max() > 0.5
