@@ -6,7 +6,7 @@ Self-contained (numpy + onnxruntime): the repository may be built on one machine
 so everything that depends on the serving host is decided here, when the model loads:
 
 - threads: the cores this process may use (CPU affinity, cgroup quota) divided among the model's instances
-  and the repository's CPU backbones that serve at once (`share`), unless `intra_op_threads` is a number;
+  and the repository's CPU backbones that serve at once (`share`), unless `cpu_threads` is a number;
 - cpu-int8 flavour: onnxruntime's u8s8 int8 kernels saturate on x86 hosts without VNNI, so the build ships
   a `vnni` flavour (full-range weights, exact with VNNI) and an `avx2` one (7-bit weights, exact on every
   x86-64 host). The host's CPU flags pick one (`VITSERVE_CPU_ISA=vnni|avx2` overrides the detection), and
