@@ -139,6 +139,65 @@ def test_a_head_failing_a_variants_gate_withholds_that_variant(capsys):
     assert gate_heads(forced, fidelity) == set()
 
 
+def test_heads_are_gated_on_every_cpu_int8_flavour(tmp_path, capsys):
+    """Every cpu-int8 flavour that can serve (vnni on VNNI hosts, the portable avx2 everywhere) is run
+    with the heads before it is published, each flavour's arithmetic computed independently of this host
+    (exact integer matmuls). A flavour a head fails leaves the variant's published flavours, with the
+    reason printed and recorded; without its portable flavour the variant is withheld. (The flavour made
+    to fail here is another model's quantization put in its place, so no verdict depends on the CPU.)"""
+    import shutil
+
+    from tiny_models import tiny_backbone, tiny_head
+
+    from vitserve.exporter.config import Precision
+    from vitserve.exporter.multihead import gate_heads, head_fidelity
+    from vitserve.exporter.pipeline import _flavour_files
+    from vitserve.exporter.precision import make_variant
+
+    spec = _spec(heads={"x": "linear:/x.pt"}, precisions=["fp32", "cpu-int8"], calibration={"num_images": 4})
+    model_dir = tmp_path / "m"
+    tiny_backbone(model_dir / "fp32", seed=0)
+    tiny_backbone(tmp_path / "other" / "fp32", seed=1)
+    variant = make_variant(Precision.CPU_INT8, model_dir / "fp32", model_dir / "cpu-int8", spec, eval_count=8)
+    make_variant(
+        Precision.CPU_INT8, tmp_path / "other" / "fp32", tmp_path / "other" / "cpu-int8", spec, eval_count=8
+    )
+    assert variant["passed"] and variant["published_flavours"] == ["vnni", "avx2"]
+    heads = {"x": {"dir": tiny_head(tmp_path / "heads" / "x").parent}}
+    files = {k: model_dir / "cpu-int8" / f["file"] for k, f in variant["flavours"].items()}
+
+    def gated(broken: str | None, force: bool = False):
+        for k, f in files.items():  # the flavour `broken` computes another model
+            shutil.copyfile(
+                (tmp_path / "other" if k == broken else model_dir) / "cpu-int8" / f.name, f.with_suffix(".x")
+            )
+        scored = {k: f.with_suffix(".x") for k, f in files.items()}
+        fid = head_fidelity(spec, heads, model_dir / "fp32", {Precision.CPU_INT8: scored}, model_dir)
+        report = json.loads(json.dumps(variant))
+        refused = gate_heads(_spec(heads={"x": "linear:/x.pt"}, force=force), fid, {"cpu-int8": report})
+        return fid["cpu-int8"]["x"], report, refused
+
+    x, report, refused = gated(None)
+    assert set(x["flavours"]) == {"vnni", "avx2"} and x["passed"] and not refused
+    assert report["published_flavours"] == ["vnni", "avx2"]
+
+    x, report, refused = gated("vnni")
+    assert not x["flavours"]["vnni"]["passed"] and x["flavours"]["avx2"]["passed"] and not x["passed"]
+    assert not refused and report["published_flavours"] == ["avx2"]  # served on every host by avx2
+    assert report["flavours"]["vnni"]["withheld"].startswith("head(s) failed its gate: {'x': 'FAIL")
+    assert "cpu-int8 flavour 'vnni' is NOT published: head(s) failed its gate" in capsys.readouterr().out
+    assert [k for k, _ in _flavour_files(report, model_dir / "cpu-int8")] == ["avx2", "probe"]
+
+    x, report, refused = gated("avx2")
+    assert refused == {Precision.CPU_INT8} and report["published_flavours"] == ["vnni"]
+    assert (
+        "cpu-int8 is NOT published: flavours left after the heads' gates: ['vnni']" in capsys.readouterr().out
+    )
+
+    _, report, refused = gated("avx2", force=True)
+    assert not refused and report["published_flavours"] == ["vnni", "avx2"]
+
+
 # -------------------------------------------------------------------------------------------- repository
 
 

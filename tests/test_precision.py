@@ -169,3 +169,31 @@ def test_model_config_refusals_name_the_value():
         base | {"precisions": ["fp32", "cpu-int8"], "kinds": ["cpu", "tensorrt"], "cpu_int8_mode": "static"}
     )
     assert spec.cpu_int8_mode == "static"
+
+
+def test_build_pixels_follow_a_tag_that_normalizes_otherwise(tmp_path):
+    """ViT-L-14 `pretrained:laion2b_s32b_b82k` (mean/std 0.5/0.5 in open_clip's pretrained cfg, no
+    download needed): calibration (`load_pixels`), fidelity and the verify set (`eval_pixels`) and
+    train-head (`to_pixels`) make its pixels with that recipe, equal to open_clip's own transform for the
+    tag, not with CLIP's 0.481/0.269."""
+    import open_clip
+
+    from vitserve.exporter.backbones import get_backbone, library_preprocess, library_transform, prepare_image
+    from vitserve.exporter.export import to_pixels
+    from vitserve.exporter.precision import eval_pixels, load_pixels
+    from vitserve.exporter.samples import eval_views
+
+    vitl, tag = get_backbone("ViT-L-14"), "laion2b_s32b_b82k"
+    assert open_clip.get_pretrained_cfg("ViT-L-14", tag)["std"] == (0.5, 0.5, 0.5)
+    recipe = library_preprocess(vitl, tag)
+    views = eval_views(3)
+    tags_own = np.stack([library_transform(vitl, tag)(prepare_image(im, recipe)).numpy() for _, im in views])
+    clip = np.stack([library_transform(vitl)(prepare_image(im, recipe)).numpy() for _, im in views])
+    assert np.abs(tags_own - clip).max() > 1.0  # what the registry's default tag would have made
+    files = []
+    for name, im in views:
+        im.save(tmp_path / f"{name}.png")
+        files.append(tmp_path / f"{name}.png")
+    np.testing.assert_array_equal(load_pixels(files, vitl, recipe=recipe)[1], tags_own)
+    np.testing.assert_array_equal(eval_pixels(vitl, 3, recipe)[1], tags_own)
+    np.testing.assert_array_equal(to_pixels(vitl, views, recipe)[1], tags_own)
