@@ -152,3 +152,29 @@ def test_vitserve_serve_is_closed_by_default_with_a_key_file_only_its_owner_read
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_grpc_tls_of_tritonserver_itself_with_the_readme_flags(tiny_repository, tmp_path):
+    """README's direct gRPC TLS (`--grpc-use-ssl=true --grpc-server-cert --grpc-server-key`): a TLS client
+    that trusts the certificate is served, the key still guards the control APIs, a plaintext one is not."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    from vitserve.perf.cluster import self_signed_cert
+
+    tls = self_signed_cert(tmp_path)
+    flags = ["--grpc-use-ssl=true", f"--grpc-server-cert={tls.cert}", f"--grpc-server-key={tls.key}"]
+    with TritonServer(
+        tiny_repository, log_path=tmp_path / "tls.log", restricted=CONTROL_APIS, api_key=KEY, extra_args=flags
+    ) as server:
+        url = f"127.0.0.1:{server.grpc_port}"
+        client = grpcclient.InferenceServerClient(url, ssl=True, root_certificates=str(tls.cert))
+        inp = grpcclient.InferInput("INPUT0", [1, 4], "FP32")
+        inp.set_data_from_numpy(np.zeros((1, 4), dtype=np.float32))
+        np.testing.assert_array_equal(client.infer("add_one", [inp]).as_numpy("OUTPUT0"), np.ones((1, 4)))
+        assert client.get_model_repository_index(headers=headers(KEY, grpc=True)).models
+        with pytest.raises(InferenceServerException, match="restricted"):
+            client.get_model_repository_index()
+        plain = grpcclient.InferenceServerClient(url)
+        with pytest.raises(InferenceServerException):
+            plain.is_server_live(client_timeout=3)
