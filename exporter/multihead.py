@@ -4,7 +4,8 @@
         its cache keys do not include the heads, so adding, changing or removing a head reuses all of it
     head NAME (features -> logits, probs): a tiny ONNX per head, keyed by its own file, labels and the
         backbone's export key; checked against PyTorch on the backbone's features of real photographs, and
-        through every published backbone variant against FP32 with that variant's gate
+        through every published backbone variant (cpu-int8: every flavour that can serve) against FP32 with
+        that variant's gate; a flavour a head fails is not published
     Triton: MODEL_NAME_head (the head on onnxruntime, CPU or GPU kind as the backbone), the ensembles
         MODEL_NAME (image bytes -> that head's logits, probs with labels) and MODEL (image bytes ->
         embeddings + NAME_logits, NAME_probs of every head, one backbone pass)

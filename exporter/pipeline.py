@@ -145,9 +145,8 @@ def build_model(spec: ModelSpec, artifacts: Path, random_init: bool = False) -> 
         for p in multihead.gate_heads(spec, head_fidelity, fidelity):
             onnx_by_precision.pop(p)
         if Precision.CPU_INT8 in onnx_by_precision:  # less the flavours a head failed
-            cpu_int8_flavours = _flavour_files(
-                fidelity[Precision.CPU_INT8.value], cpu_int8_flavours[0][1].parent
-            )
+            report = fidelity[Precision.CPU_INT8.value]
+            cpu_int8_flavours = _flavour_files(report, Path(report["onnx"]).parent)
     # The CPU kind serves what is worth serving on a CPU (cpu_precisions: fp32 and cpu-int8 by default);
     # the GPU kinds never serve cpu-int8.
     variants = [

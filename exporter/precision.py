@@ -9,7 +9,9 @@ TensorRT 11 builds strongly typed networks: precision is decided in the ONNX.
   MatMuls of two activations) are left unquantized: quantizing them collapses ViT fidelity.
 - cpu-int8: onnxruntime's own quantizer for the CPU serving kind (VNNI): dynamic (default) or static QDQ,
   per-channel weights, attention matmuls kept in float.
-Quantized models are cached by a hash of (model, images, settings), so an unchanged rebuild is instant.
+Quantized models are cached by `identity.artifact_key` of (the FP32 model's files, the images, the pixel
+recipe, settings), so an unchanged rebuild is instant. Every pixel (calibration, fidelity, the probe) is
+made with the model's one recipe, `spec.served_preprocess(manifest)`: what the server sends.
 FP16 is evaluated on the CPU with onnxruntime at ORT_ENABLE_EXTENDED (ORT_ENABLE_ALL has killed the
 process opening AutoCast models); the report says which evaluator ran.
 """
