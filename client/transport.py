@@ -27,6 +27,12 @@ _RESTRICTED = "is restricted, expecting header"
 # src/dali_model_instance.cc). tritonserver's HTTP endpoint answers UNKNOWN with 400, its gRPC endpoint with
 # StatusCode.UNKNOWN: for a DALI ensemble the two mean what INVALID_ARGUMENT means elsewhere.
 _DALI_STATUS_KIND = {"StatusCode.UNKNOWN": INPUT}
+# Calls to APIs vitserve leaves open (inference, health, metadata, model config): they go without the key,
+# so that it travels only where it is needed.
+_OPEN_CALLS = frozenset(
+    ("infer", "is_server_live", "is_server_ready", "is_model_ready", "get_server_metadata",
+     "get_model_metadata", "get_model_config")
+)  # fmt: skip
 _STATUS_KIND = {
     "StatusCode.UNAVAILABLE": RETRY,
     "503": RETRY,
@@ -140,7 +146,7 @@ class Transport:
             kwargs["client_timeout"] = timeout_s
             if as_json:
                 kwargs["as_json"] = True
-        if self.headers:
+        if self.headers and method not in _OPEN_CALLS:
             kwargs["headers"] = self.headers
         # the protocol's own deadline ends the call; this one is the backstop for anything it misses
         return await asyncio.wait_for(getattr(self.client, method)(*args, **kwargs), timeout_s + 1.0)
