@@ -57,6 +57,7 @@ from vitserve.client.transport import (
     error_text,
     server_answered,
 )
+from vitserve.contract import head_ensemble_name
 from vitserve.errors import ClientError
 
 log = logging.getLogger(__name__)
@@ -301,7 +302,7 @@ class AsyncVitClient:
         if head not in heads:
             have = f"its heads are: {', '.join(heads)}" if heads else "it has a single head (omit head=)"
             raise ClientError(f"model {self.config.model!r} has no head {head!r}; {have}")
-        return await self._model_info(f"{self.config.model}_{head}")
+        return await self._model_info(head_ensemble_name(self.config.model, head))
 
     async def model_info(self, tensor: bool = False) -> ModelInfo:
         """What the server says about the model encoded images (or, `tensor=True`, tensors) are sent to."""

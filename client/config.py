@@ -8,8 +8,7 @@ from pathlib import Path
 
 from vitserve.apikey import check_key, read_key
 from vitserve.client.shm import SharedMemory
-from vitserve.errors import ConfigError
-from vitserve.exporter.config import enum_value
+from vitserve.errors import ConfigError, enum_value
 
 
 class Protocol(StrEnum):

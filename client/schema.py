@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from vitserve.contract import EMBEDDINGS, IMAGE_INPUT, PIXELS, PROBS  # noqa: F401
 from vitserve.errors import ClientError
-from vitserve.exporter.triton_models.contract import EMBEDDINGS, IMAGE_INPUT, PIXELS, PROBS  # noqa: F401
 
 # (datatype, shape without the batch dimension) of the encoded-image input: the python preprocess takes one
 # BYTES element per image; Triton's DALI backend takes no BYTES, so a DALI ensemble takes each image's raw

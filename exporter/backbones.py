@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vitserve.contract import OPENAI_MEAN, Preprocess
 from vitserve.errors import ConfigError, ExportError
-from vitserve.exporter.triton_models.contract import OPENAI_MEAN, Preprocess
 
 log = logging.getLogger(__name__)
 

@@ -5,14 +5,11 @@ Every value is validated in `__post_init__` and a refusal names the value, the f
 
 from __future__ import annotations
 
-import contextlib
-import enum
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from vitserve.errors import ConfigError
-from vitserve.exporter.triton_models.contract import (
+from vitserve.contract import (
     MAX_IMAGE_PIXELS,
     PREPROCESS_MODES,
     ContractError,
@@ -21,6 +18,7 @@ from vitserve.exporter.triton_models.contract import (
     Preprocess,
     head_ensemble_name,
 )
+from vitserve.errors import ConfigError, enum_value
 
 # Which precisions each serving kind can run.
 KIND_PRECISIONS: dict[Kind, tuple[Precision, ...]] = {
@@ -37,21 +35,6 @@ def check_kind_serves(kind: Kind, precision: Precision) -> None:
         raise ConfigError(
             f"precision {precision.value!r} cannot be served by kind {kind.value!r}; it is served by: {serving}"
         )
-
-
-def enum_value(cls: type[enum.Enum], value: Any, what: str):
-    """`value` as a member of the string enum `cls` (a member, or its value in any letter case); else
-    ConfigError naming `what`, the value and the choices. Shared with the client (vitserve.client.config)."""
-    if isinstance(value, cls):
-        return value
-    try:
-        return cls(value)
-    except ValueError:
-        if isinstance(value, str) and value.lower() != value:
-            with contextlib.suppress(ValueError):
-                return cls(value.lower())
-        choices = ", ".join(repr(m.value) for m in cls)
-        raise ConfigError(f"{what}: {value!r} is not one of {choices}") from None
 
 
 @dataclass(frozen=True)

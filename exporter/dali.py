@@ -21,9 +21,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from vitserve.contract import IMAGE_INPUT as INPUT  # the external source (Triton
+from vitserve.contract import PIXELS as OUTPUT  # feeds the input of that name)
 from vitserve.errors import ConfigError
-from vitserve.exporter.triton_models.contract import IMAGE_INPUT as INPUT  # the external source (Triton
-from vitserve.exporter.triton_models.contract import PIXELS as OUTPUT  # feeds the input of that name)
 
 INSTALL_HINT = "pip install 'nvidia-dali-cuda120==2.4.0' (or: pip install -e '.[dali]')"
 

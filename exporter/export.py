@@ -23,12 +23,12 @@ from typing import Any
 
 import numpy as np
 
+from vitserve.contract import LABELS_FILE as LABELS_NAME
+from vitserve.contract import ONNX_FILE as ONNX_NAME
+from vitserve.contract import PIXELS as INPUT_NAME
 from vitserve.errors import ConfigError, ExportError, ParityError
 from vitserve.exporter.compare import compare_outputs, concat_outputs, format_table
 from vitserve.exporter.identity import sha256_file
-from vitserve.exporter.triton_models.contract import LABELS_FILE as LABELS_NAME
-from vitserve.exporter.triton_models.contract import ONNX_FILE as ONNX_NAME
-from vitserve.exporter.triton_models.contract import PIXELS as INPUT_NAME
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from vitserve.exporter.triton_models.contract import Preprocess
+from vitserve.contract import Preprocess
 
 
 def sha256_file(path: str | Path) -> str:

@@ -25,9 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from vitserve.errors import ConfigError, ExportError, ParityError
-from vitserve.exporter.config import Kind, ModelSpec, NamedHead, Precision
-from vitserve.exporter.triton_models.contract import (
+from vitserve.contract import (
     CPU_BACKBONE_SOURCE,
     EMBEDDINGS,
     FEATURES,
@@ -39,6 +37,8 @@ from vitserve.exporter.triton_models.contract import (
     head_ensemble_name,
     head_model_name,
 )
+from vitserve.errors import ConfigError, ExportError, ParityError
+from vitserve.exporter.config import Kind, ModelSpec, NamedHead, Precision
 
 log = logging.getLogger(__name__)
 

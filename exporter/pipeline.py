@@ -23,6 +23,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from vitserve.contract import (
+    PIXELS,
+    backbone_model_name,
+    head_ensemble_name,
+    preprocess_model_name,
+)
 from vitserve.errors import ConfigError, ExportError
 from vitserve.exporter.config import Kind, ModelSpec, Precision, check_pretrained_tags, load_models
 from vitserve.exporter.export import (
@@ -35,12 +41,6 @@ from vitserve.exporter.export import (
 )
 from vitserve.exporter.identity import sha256_file
 from vitserve.exporter.repository import REPOSITORY_MANIFEST, WARMUP_FILE, Variant, write_model
-from vitserve.exporter.triton_models.contract import (
-    PIXELS,
-    backbone_model_name,
-    head_ensemble_name,
-    preprocess_model_name,
-)
 
 log = logging.getLogger(__name__)
 

@@ -29,11 +29,11 @@ from typing import Any
 
 import numpy as np
 
+from vitserve.contract import PIXELS
 from vitserve.errors import CalibrationError, ConfigError
 from vitserve.exporter.compare import compare_outputs, format_table
 from vitserve.exporter.config import Calibration, Gates, ModelSpec, Precision
 from vitserve.exporter.export import ONNX_NAME, read_manifest, sha256_file
-from vitserve.exporter.triton_models.contract import PIXELS
 
 log = logging.getLogger(__name__)
 

@@ -21,11 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vitserve.errors import ConfigError
-from vitserve.exporter.config import Kind, ModelSpec, Precision, check_kind_serves
-from vitserve.exporter.precision import PROBE_MIN_COSINE
-from vitserve.exporter.triton_models.contract import (
-    CONTRACT_SOURCE,
+from vitserve import contract
+from vitserve.contract import (
     CPU_BACKBONE_SOURCE,
     EMBEDDINGS,
     FEATURES,
@@ -37,6 +34,7 @@ from vitserve.exporter.triton_models.contract import (
     PREPROCESS_SOURCE,
     PROBE_FILE,
     PROBS,
+    SERVED_CONTRACT,
     ContractError,
     CpuBackboneParams,
     PreprocessParams,
@@ -44,6 +42,9 @@ from vitserve.exporter.triton_models.contract import (
     backbone_model_name,
     preprocess_model_name,
 )
+from vitserve.errors import ConfigError
+from vitserve.exporter.config import Kind, ModelSpec, Precision, check_kind_serves
+from vitserve.exporter.precision import PROBE_MIN_COSINE
 
 log = logging.getLogger(__name__)
 TRITON_MODELS = Path(__file__).parent / "triton_models"
@@ -104,7 +105,7 @@ def copy_served_source(source: str, version_dir: Path) -> None:
     copied (never linked: editing a served model must not edit the package)."""
     version_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(TRITON_MODELS / source, version_dir / "model.py")
-    shutil.copyfile(TRITON_MODELS / CONTRACT_SOURCE, version_dir / CONTRACT_SOURCE)
+    shutil.copyfile(contract.__file__, version_dir / SERVED_CONTRACT)
 
 
 def _dtype(dtype: str):

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from vitserve.errors import ConfigError, missing_extra
-from vitserve.exporter import onnxrt
-from vitserve.exporter.triton_models.contract import (
+from vitserve.contract import (
     CPU_BACKBONE_PARAM,
     OPTIMIZATION_LEVELS,
     ContractError,
     CpuBackboneParams,
 )
+from vitserve.errors import ConfigError, missing_extra
+from vitserve.exporter import onnxrt
 
 # Names another model's config may use for its onnxruntime settings, as parameters of their own or inside a
 # JSON-valued parameter (Triton's onnxruntime backend: `intra_op_thread_count`). A vitserve CPU model's

@@ -99,7 +99,7 @@ def pixel_values(url: str, model: str, images: list[bytes]) -> np.ndarray:
     """The images preprocessed with the server's own preprocess parameters (read from its config)."""
     import tritonclient.grpc as grpcclient
 
-    from vitserve.exporter.triton_models.contract import PreprocessParams, preprocess_model_name
+    from vitserve.contract import PreprocessParams, preprocess_model_name
     from vitserve.exporter.triton_models.preprocess import preprocess_bytes
 
     name = preprocess_model_name(model)

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vitserve.exporter.triton_models.contract import Kind, Precision, backbone_model_name, head_model_name
+from vitserve.contract import Kind, Precision, backbone_model_name, head_model_name
 
 RESULTS = Path(__file__).parent / "results"
 HEADS = ("species", "defects", "tags", "colour")
@@ -127,10 +127,10 @@ def add_ensembles(repo: Path, config: Path, artifacts: Path, summary: dict[str, 
     """mh_all1 / mh_all2 (the all-heads ensemble over the first 1 / 2 heads) and mh_folded4."""
     import shutil
 
+    from vitserve.contract import CPU_BACKBONE_SOURCE
     from vitserve.exporter.config import load_models
     from vitserve.exporter.multihead import head_config, heads_ensemble_config
     from vitserve.exporter.repository import copy_served_source, write_config
-    from vitserve.exporter.triton_models.contract import CPU_BACKBONE_SOURCE
 
     spec = next(s for s in load_models(config) if s.name == "mh")
     backbone = summary["models"]["mh"]["triton_models"]["mh"]["backbone"]

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vitserve.exporter.triton_models.contract import CpuBackboneParams
+from vitserve.contract import CpuBackboneParams
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from vitserve.contract import PreprocessParams
 from vitserve.exporter.compare import format_table
-from vitserve.exporter.triton_models.contract import PreprocessParams
 
 RESULTS = Path(__file__).parent / "results"
 COMMAND = "python -m vitserve.perf.bench_parity"

@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from vitserve.contract import Kind, PreprocessParams, backbone_model_name
 from vitserve.exporter.compare import format_table
-from vitserve.exporter.triton_models.contract import Kind, PreprocessParams, backbone_model_name
 
 RESULTS = Path(__file__).parent / "results"
 # the results files' tables (exporter/compare.py owns the helper)

@@ -34,8 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from vitserve.exporter.compare import format_table
-from vitserve.exporter.triton_models.contract import (
+from vitserve.contract import (
     PREPROCESS_SOURCE,
     Kind,
     Precision,
@@ -43,6 +42,7 @@ from vitserve.exporter.triton_models.contract import (
     backbone_model_name,
     preprocess_model_name,
 )
+from vitserve.exporter.compare import format_table
 
 RESULTS = Path(__file__).parent / "results"
 # the results file's tables (exporter/compare.py owns the helper)

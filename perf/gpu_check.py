@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vitserve.contract import PIXELS
 from vitserve.exporter.gpu_release import (
     IMAGE_TENSORRT_RECORD,
     TENSORRT_VERSION,
@@ -44,7 +45,6 @@ from vitserve.exporter.gpu_release import (
     version_tuple,
 )
 from vitserve.exporter.repository import WARMUP_FILE
-from vitserve.exporter.triton_models.contract import PIXELS
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE_TAG = f"vitserve-triton:{TRITON_RELEASE}"

@@ -10,9 +10,9 @@ import itertools
 import math
 from dataclasses import asdict, dataclass, field
 
+from vitserve.contract import Precision, backbone_model_name, parse_backbone_model_name
 from vitserve.errors import ClientError
 from vitserve.exporter.hostinfo import cpu_summary
-from vitserve.exporter.triton_models.contract import Precision, backbone_model_name, parse_backbone_model_name
 from vitserve.perf.baseline import BaselineResult
 from vitserve.perf.measure import Generator
 

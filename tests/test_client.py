@@ -351,9 +351,9 @@ def test_shared_memory_only_for_a_local_server():
 
 def test_bad_settings_are_refused():
     for kwargs, match in [
-        ({"protocol": "ftp"}, "protocol 'ftp'"),
+        ({"protocol": "ftp"}, "protocol: 'ftp'"),
         ({"batch_size": 0}, "batch_size 0"),
-        ({"shared_memory": "gpu"}, "shared_memory 'gpu'"),
+        ({"shared_memory": "gpu"}, "shared_memory: 'gpu'"),
         ({"timeout_s": 0}, "timeout_s 0"),
     ]:
         with pytest.raises(ConfigError, match=match):

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from vitserve import contract as C
 from vitserve.errors import ConfigError
 from vitserve.exporter.backbones import get_backbone
 from vitserve.exporter.config import ModelSpec, load_models
-from vitserve.exporter.triton_models import contract as C
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = [p for d in ("exporter", "client", "perf", "vitserve") for p in (ROOT / d).rglob("*.py")]
@@ -147,13 +147,13 @@ def test_served_sources_are_copies_that_import_the_contract_beside_them(tmp_path
     for source in (C.PREPROCESS_SOURCE, C.CPU_BACKBONE_SOURCE):
         version = tmp_path / source / "1"
         copy_served_source(source, version)
-        before = (TRITON_MODELS / source).read_bytes(), (TRITON_MODELS / C.CONTRACT_SOURCE).read_bytes()
-        for f in ("model.py", C.CONTRACT_SOURCE):
+        before = (TRITON_MODELS / source).read_bytes(), Path(C.__file__).read_bytes()
+        for f in ("model.py", C.SERVED_CONTRACT):
             assert (version / f).stat().st_nlink == 1
             (version / f).write_text("# edited by an operator\n")
         assert (
             (TRITON_MODELS / source).read_bytes(),
-            (TRITON_MODELS / C.CONTRACT_SOURCE).read_bytes(),
+            Path(C.__file__).read_bytes(),
         ) == before
 
 

@@ -18,6 +18,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from vitserve.contract import CpuBackboneParams
 from vitserve.exporter import onnxrt
 from vitserve.exporter.config import Gates, Precision
 from vitserve.exporter.precision import (
@@ -28,7 +29,6 @@ from vitserve.exporter.precision import (
     check_gate,
 )
 from vitserve.exporter.repository import read_config, read_params, set_params, write_config
-from vitserve.exporter.triton_models.contract import CpuBackboneParams
 from vitserve.exporter.triton_models.onnx_cpu import (
     choose_threads,
     cpu_flags,

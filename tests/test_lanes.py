@@ -13,8 +13,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from vitserve.contract import CpuBackboneParams
 from vitserve.exporter.repository import read_config, read_params, set_params, write_config
-from vitserve.exporter.triton_models.contract import CpuBackboneParams
 from vitserve.exporter.triton_models.onnx_cpu import LANES_AUTO_MAX_BYTES, choose_lanes, split_rows
 from vitserve.perf.bench_lanes import load  # the real model, initialised in this process
 

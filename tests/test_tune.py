@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from vitserve.contract import CpuBackboneParams, PreprocessParams
 from vitserve.errors import ConfigError
-from vitserve.exporter.triton_models.contract import CpuBackboneParams, PreprocessParams
 from vitserve.perf.tune import run_tune
 from vitserve.perf.tune.configs import Reloader, Target, backbone_override
 from vitserve.perf.tune.search import (

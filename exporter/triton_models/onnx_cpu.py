@@ -36,10 +36,24 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-try:  # in the package (the exporter, perf, tests)
-    from .contract import EMBEDDINGS, INT8_ISAS, ONNX_FILE, OPTIMIZATION_LEVELS, PIXELS, CpuBackboneParams
-except ImportError:  # served by Triton: contract.py is copied next to this model.py
-    from contract import EMBEDDINGS, INT8_ISAS, ONNX_FILE, OPTIMIZATION_LEVELS, PIXELS, CpuBackboneParams
+if __package__:  # part of the vitserve package (the exporter, perf, tests)
+    from vitserve.contract import (
+        EMBEDDINGS,
+        INT8_ISAS,
+        ONNX_FILE,
+        OPTIMIZATION_LEVELS,
+        PIXELS,
+        CpuBackboneParams,
+    )
+else:  # served by Triton: the repository copies vitserve/contract.py next to this model.py
+    from vitserve_contract import (
+        EMBEDDINGS,
+        INT8_ISAS,
+        ONNX_FILE,
+        OPTIMIZATION_LEVELS,
+        PIXELS,
+        CpuBackboneParams,
+    )
 
 try:
     import triton_python_backend_utils as pb_utils

@@ -33,10 +33,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-try:  # in the package (the exporter, perf, tests)
-    from .contract import PreprocessParams
-except ImportError:  # served by Triton: contract.py is copied next to this model.py
-    from contract import PreprocessParams
+if __package__:  # part of the vitserve package (the exporter, perf, tests)
+    from vitserve.contract import PreprocessParams
+else:  # served by Triton: the repository copies vitserve/contract.py next to this model.py
+    from vitserve_contract import PreprocessParams
 
 try:
     import triton_python_backend_utils as pb_utils

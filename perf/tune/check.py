@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from vitserve.exporter.triton_models.contract import ONNX_FILE, CpuBackboneParams
+from vitserve.contract import ONNX_FILE, CpuBackboneParams
 from vitserve.perf.tune.configs import cpu_params, served_params
 from vitserve.perf.tune.measurer import Measurer
 from vitserve.perf.tune.search import Knobs, Point

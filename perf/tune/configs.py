@@ -15,8 +15,7 @@ import copy
 import json
 from dataclasses import dataclass, field, replace
 
-from vitserve.errors import ConfigError, ServerError
-from vitserve.exporter.triton_models.contract import (
+from vitserve.contract import (
     CPU_BACKBONE_PARAM,
     PREPROCESS_PARAM,
     ContractError,
@@ -25,6 +24,7 @@ from vitserve.exporter.triton_models.contract import (
     PreprocessParams,
     parse_backbone_model_name,
 )
+from vitserve.errors import ConfigError, ServerError
 from vitserve.perf.tune.search import Knobs
 
 

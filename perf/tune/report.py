@@ -13,7 +13,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from vitserve.exporter.triton_models.contract import Kind, parse_backbone_model_name
+from vitserve.contract import Kind, parse_backbone_model_name
 from vitserve.perf.tune.measurer import MEASUREMENTS
 from vitserve.perf.tune.search import Knobs, Point, knob_effects
 

@@ -13,9 +13,9 @@ from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from vitserve.contract import Precision
 from vitserve.errors import ConfigError
 from vitserve.exporter.config import DynamicBatching, Tuned
-from vitserve.exporter.triton_models.contract import Precision
 from vitserve.perf.tune.configs import Target
 from vitserve.perf.tune.search import Knobs
 

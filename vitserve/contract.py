@@ -8,8 +8,9 @@ back by the same code. Writers (exporter/repository.py, exporter/multihead.py, t
 served `model.py` files, perf, the tuner's read-back) all go through these classes; a malformed parameter is
 refused at load with a message naming the key.
 
-Self-contained (standard library only): the repository copies this file next to each served `model.py`,
-which imports it from there (`from contract import ...`), so a repository serves in any Triton container.
+Self-contained (standard library only): the repository copies this file next to each served `model.py` as
+`vitserve_contract.py`, which the served model imports from there, so a repository serves in any Triton
+container, with or without vitserve installed; inside the package the same code imports `vitserve.contract`.
 One knob has one name from models.yaml to the served model (`cpu_threads`, `cpu_spinning`, `cpu_lanes`,
 `preprocess_threads`, `max_image_pixels`, ...).
 """
@@ -67,7 +68,7 @@ PROBE_FILE = "probe.npz"  # the cpu-int8 load-time probe (onnx_cpu.py)
 # the served python models' source files: copied (never linked) into each model's version folder
 PREPROCESS_SOURCE = "preprocess.py"
 CPU_BACKBONE_SOURCE = "onnx_cpu.py"
-CONTRACT_SOURCE = "contract.py"
+SERVED_CONTRACT = "vitserve_contract.py"  # this file, as the served models import it beside their model.py
 
 # --------------------------------------------------------------------------------- model names
 _BACKBONE_NAME = re.compile(
