@@ -26,6 +26,7 @@ import numpy as np
 from vitserve.contract import LABELS_FILE as LABELS_NAME
 from vitserve.contract import ONNX_FILE as ONNX_NAME
 from vitserve.contract import PIXELS as INPUT_NAME
+from vitserve.contract import Preprocess
 from vitserve.errors import ConfigError, ExportError, ParityError
 from vitserve.exporter.compare import compare_outputs, concat_outputs, format_table
 from vitserve.exporter.identity import sha256_file
@@ -106,22 +107,21 @@ def atomic_directory(out_dir: Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def to_pixels(entry, images: list, recipe=None) -> tuple[list[str], np.ndarray]:
+def to_pixels(entry, images: list, recipe: Preprocess) -> tuple[list[str], np.ndarray]:
     """(name, PIL image) pairs as (names, N x 3 x H x W) pixels made with `recipe`, the model's one pixel
     recipe (a `Preprocess`: at export, the loaded weights' `loaded.preprocess`; in a build,
-    `spec.served_preprocess(manifest)`; None: the registry's default, what random-init and default-tag
-    weights imply): vitserve's EXIF/16-bit handling as the recipe sets it, then the library's own eval
+    `spec.served_preprocess(manifest)`; `entry.preprocess` is what random-init and default-tag weights
+    imply; required, so that no caller gets another model's pixels by omission): vitserve's EXIF/16-bit handling as the recipe sets it, then the library's own eval
     transform built from the recipe (`backbones.library_transform_for`)."""
     import torch
 
     from vitserve.exporter.backbones import library_transform_for, prepare_image
 
-    recipe = recipe or entry.preprocess
     tf = library_transform_for(entry, recipe)
     return [n for n, _ in images], torch.stack([tf(prepare_image(im, recipe)) for _, im in images]).numpy()
 
 
-def photo_batch(entry, count: int | None = None, recipe=None) -> tuple[list[str], np.ndarray]:
+def photo_batch(entry, recipe: Preprocess, count: int | None = None) -> tuple[list[str], np.ndarray]:
     """The held-out photographs as pixels made with `recipe` (see `to_pixels`)."""
     from vitserve.exporter.samples import eval_photos
 
@@ -147,7 +147,7 @@ def check_parity(model, onnx_path: Path, entry, options: ExportOptions, recipe=N
     from vitserve.exporter import onnxrt
 
     session = onnxrt.cpu_session(onnx_path)
-    names, photos = photo_batch(entry, recipe=recipe)
+    names, photos = photo_batch(entry, recipe)
     rng = np.random.default_rng(0)
     size = entry.image_size
     cases = {

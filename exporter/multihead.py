@@ -225,7 +225,7 @@ def build_heads(
                 records[head.name] = {**report, "dir": out, "cached": True}
                 continue
         if eval_feats is None:
-            _, pixels = eval_pixels(entry, recipe=recipe)
+            _, pixels = eval_pixels(entry, recipe)
             eval_feats = _eval_outputs(fp32_dir / ONNX_NAME, Precision.FP32, root, pixels, recipe)[FEATURES]
         labels = read_labels(labels_file) if labels_file else None
         module = _head_module(head, entry, weights, labels, loaded)
@@ -282,7 +282,7 @@ def head_fidelity(
         return {}
     manifest = read_manifest(fp32_dir)
     recipe = spec.served_preprocess(manifest)
-    _, pixels = eval_pixels(get_backbone(manifest["backbone"]), recipe=recipe)
+    _, pixels = eval_pixels(get_backbone(manifest["backbone"]), recipe)
     cache = model_dir / HEADS_DIR
     ref = _eval_outputs(fp32_dir / ONNX_NAME, Precision.FP32, cache, pixels, recipe)
     sessions = {n: onnxrt.cpu_session(r["dir"] / ONNX_NAME) for n, r in heads.items()}

@@ -199,7 +199,7 @@ def write_verify_set(record: dict[str, Any], model_dir: Path) -> Path:
         with np.load(path) as old:
             if "key" in old.files and str(old["key"]) == key:
                 return path
-    names, pixels = eval_pixels(get_backbone(manifest["backbone"]), VERIFY_IMAGES, recipe)
+    names, pixels = eval_pixels(get_backbone(manifest["backbone"]), recipe, VERIFY_IMAGES)
     ref = onnxrt.run(onnxrt.cpu_session(fp32), pixels)
     model_dir.mkdir(parents=True, exist_ok=True)
     tmp = model_dir / f".{VERIFY_SET}.tmp-{os.getpid()}.npz"

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from vitserve.contract import PIXELS
+from vitserve.contract import PIXELS, Preprocess
 from vitserve.errors import CalibrationError, ConfigError
 from vitserve.exporter.compare import compare_outputs, format_table
 from vitserve.exporter.config import Calibration, Gates, ModelSpec, Precision
@@ -75,10 +75,10 @@ def calibration_files(cal: Calibration, cache_dir: Path) -> list[Path]:
 
 
 def load_pixels(
-    files: list[Path], entry, what: str = "calibration", recipe=None
+    files: list[Path], entry, recipe: Preprocess, what: str = "calibration"
 ) -> tuple[list[Path], np.ndarray]:
     """Files as pixels made with `recipe`, the model's one pixel recipe (`spec.served_preprocess(manifest)`;
-    None: the registry's default): vitserve's EXIF orientation and 16-bit scaling as the served model
+    required, see `export.to_pixels`): vitserve's EXIF orientation and 16-bit scaling as the served model
     applies them, then the library's own eval transform built from the recipe (open_clip / timm: RGB
     conversion where the library does it). Unreadable files are skipped with a warning naming them (an
     error when none is left)."""
@@ -87,7 +87,6 @@ def load_pixels(
 
     from vitserve.exporter.backbones import library_transform_for, prepare_image
 
-    recipe = recipe or entry.preprocess
     tf = library_transform_for(entry, recipe)
     good, tensors, bad = [], [], []
     for f in files:
@@ -105,7 +104,7 @@ def load_pixels(
     return good, torch.stack(tensors).numpy()
 
 
-def eval_pixels(entry, count: int = 32, recipe=None) -> tuple[list[str], np.ndarray]:
+def eval_pixels(entry, recipe: Preprocess, count: int = 32) -> tuple[list[str], np.ndarray]:
     """Views of the held-out photographs (no calibration photo, near-duplicate or crop of one) as pixels
     made with `recipe` (see `load_pixels`). Views beyond the distinct photos are crops/flips of them: the
     names say which source each view comes from (`samples.distinct_sources(names)` counts them)."""
@@ -622,7 +621,7 @@ def make_variant(
             log.info("%s %s: unchanged (key %s), reusing %s", spec.name, precision.value, key, out_dir)
             return report
     t0 = time.perf_counter()
-    used, calib = load_pixels(files, entry, recipe=recipe)
+    used, calib = load_pixels(files, entry, recipe)
     with atomic_directory(out_dir) as tmp, tempfile.TemporaryDirectory(dir=out_dir.parent) as work:
         dst = tmp / ONNX_NAME
         # The quantizers write next to their input (ModelOpt rewrote model.onnx in place here):
@@ -641,7 +640,7 @@ def make_variant(
         else:
             raise ConfigError(f"no variant to make for precision {precision.value}")
         build_s = time.perf_counter() - t0
-        names, pixels = eval_pixels(entry, eval_count, recipe)
+        names, pixels = eval_pixels(entry, recipe, eval_count)
         from vitserve.exporter import onnxrt
         from vitserve.exporter.samples import distinct_sources
 

@@ -73,7 +73,7 @@ def bench(backbone: str, work: Path, threads: int, rounds: int, seconds: float, 
     fp32 = work / backbone / "fp32"
     export_model(backbone, fp32, weights="random", head="none")
     src = fp32 / "model.onnx"
-    _, pixels = eval_pixels(get_backbone(backbone), 32)
+    _, pixels = eval_pixels(get_backbone(backbone), get_backbone(backbone).preprocess, 32)
     ref = onnxrt.run(onnxrt.cpu_session(src), pixels)["embeddings"]
     sessions = {"fp32": onnxrt.cpu_session(src, threads=threads)}
     rows: dict[str, dict[str, Any]] = {}

@@ -101,8 +101,8 @@ def run(backbone: str, work: Path, num_calib: int, eval_count: int) -> list[dict
     fp32 = out / "fp32" / ONNX_NAME
     entry = get_backbone(backbone)
     files = calibration_files(Calibration(num_images=num_calib), work)
-    _, calib = load_pixels(files, entry)
-    _, pixels = eval_pixels(entry, eval_count)
+    _, calib = load_pixels(files, entry, entry.preprocess)
+    _, pixels = eval_pixels(entry, entry.preprocess, eval_count)
     ref = onnxrt.run(onnxrt.cpu_session(fp32), pixels)
     rows = []
     for precision in ("fp16", "int8"):

@@ -151,7 +151,7 @@ def test_portable_flavour_runs_exactly_on_this_host(vitb32_build):
     from vitserve.exporter.precision import eval_pixels
 
     path = vitb32_build["artifacts"] / "vitb32" / "cpu-int8" / CPU_INT8_FLAVOURS[PORTABLE_FLAVOUR]["file"]
-    _, pixels = eval_pixels(get_backbone("ViT-B-32"), 8)
+    _, pixels = eval_pixels(get_backbone("ViT-B-32"), get_backbone("ViT-B-32").preprocess, 8)
     native = onnxrt.run(onnxrt.cpu_session(path), pixels)["embeddings"]
     exact_session, how = onnxrt.exact_session(path)
     exact = onnxrt.run(exact_session, pixels)["embeddings"]
@@ -229,7 +229,7 @@ def test_served_on_either_isa_within_the_gate(vitb32_build, tmp_path):
     _copy_model(repo, src, "as_avx2", isa="avx2")
     _tamper_probe(_copy_model(repo, src, "probe_vnni_off", isa="vnni"), "vnni")
     _tamper_probe(_copy_model(repo, src, "probe_all_off", isa="vnni"), "vnni", "avx2")
-    _, pixels = eval_pixels(get_backbone("ViT-B-32"), 8)
+    _, pixels = eval_pixels(get_backbone("ViT-B-32"), get_backbone("ViT-B-32").preprocess, 8)
     ref = onnxrt.run(onnxrt.cpu_session(vitb32_build["artifacts"] / "vitb32" / "fp32" / "model.onnx"), pixels)
     log = tmp_path / "server.log"
     args = [

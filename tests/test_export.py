@@ -130,7 +130,7 @@ def test_no_head_exports_normalized_embeddings(vitb32_build, tmp_path):
 
     export_model("ViT-B-32", tmp_path / "emb", weights="random", head="none")
     _check_manifest(tmp_path / "emb", ["embeddings"])
-    _, x = photo_batch(get_backbone("ViT-B-32"), 3)
+    _, x = photo_batch(get_backbone("ViT-B-32"), get_backbone("ViT-B-32").preprocess, 3)
     emb = onnxrt.run(onnxrt.cpu_session(tmp_path / "emb" / "model.onnx"), x)["embeddings"]
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
 

@@ -103,7 +103,7 @@ def _stages(spec: ModelSpec, model_dir: Path, items) -> dict:
     with np.load(verify) as data:
         verify_set = {k: data[k] for k in data.files}
     features, features_cached, _ = _features(fp32, manifest, items, model_dir / "features", recipe)
-    _, pixels = eval_pixels(backbones.get_backbone("ViT-B-32"), 8, recipe)
+    _, pixels = eval_pixels(backbones.get_backbone("ViT-B-32"), recipe, 8)
     evals = _eval_outputs(fp32 / "model.onnx", Precision.FP32, model_dir / HEADS_DIR, pixels, recipe)
     with np.load(model_dir / "cpu-int8" / "probe.npz") as probe:
         probe_pixels = probe["pixel_values"]
@@ -154,11 +154,13 @@ def _check_pixels_follow_the_manifests_recipe(spec, model_dir, items) -> None:
     assert not got["variant"]["cached"] and got["variant"]["key"] != default["variant"]["key"]
     _, photos = to_pixels(entry, eval_photos()[:4], recipe)
     np.testing.assert_array_equal(got["probe_pixels"], photos)
-    _, clip = to_pixels(entry, eval_photos()[:4])  # CLIP's 0.481/0.269: what the default recipe made
+    _, clip = to_pixels(
+        entry, eval_photos()[:4], entry.preprocess
+    )  # CLIP's 0.481/0.269: what the default recipe made
     np.testing.assert_array_equal(default["probe_pixels"], clip)
     assert np.abs(photos - clip).max() > 0.5  # the two recipes' pixels differ: the check can fail
     # the TensorRT verify set and train-head's features
-    np.testing.assert_array_equal(got["verify"]["pixels"], eval_pixels(entry, 32, recipe)[1])
+    np.testing.assert_array_equal(got["verify"]["pixels"], eval_pixels(entry, recipe, 32)[1])
     assert not got["features_cached"]
     from PIL import Image
 

@@ -51,7 +51,9 @@ def _pixels(n: int) -> np.ndarray:
     from vitserve.exporter.backbones import get_backbone
     from vitserve.exporter.precision import eval_pixels
 
-    return np.ascontiguousarray(eval_pixels(get_backbone("ViT-B-32"), n)[1], np.float32)
+    return np.ascontiguousarray(
+        eval_pixels(get_backbone("ViT-B-32"), get_backbone("ViT-B-32").preprocess, n)[1], np.float32
+    )
 
 
 @pytest.mark.parametrize("variant", ["fp32", "cpu-int8"])

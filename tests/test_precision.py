@@ -135,13 +135,15 @@ def test_unreadable_calibration_files_are_named_and_skipped(tmp_path, capsys):
     (folder / "broken.png").write_bytes(b"\x89PNG garbage")
     files = calibration_files(Calibration(images=str(tmp_path / "cal"), num_images=8), tmp_path)
     assert [f.name for f in files] == ["broken.png", "ok.jpg"]
-    used, pixels = load_pixels(files, get_backbone("ViT-B-32"))
+    used, pixels = load_pixels(files, get_backbone("ViT-B-32"), get_backbone("ViT-B-32").preprocess)
     assert [f.name for f in used] == ["ok.jpg"] and pixels.shape == (1, 3, 224, 224)
     assert "broken.png" in capsys.readouterr().out
     (folder / "ok.jpg").unlink()
     with pytest.raises(CalibrationError, match=r"broken\.png"):
         load_pixels(
-            calibration_files(Calibration(images=str(tmp_path / "cal")), tmp_path), get_backbone("ViT-B-32")
+            calibration_files(Calibration(images=str(tmp_path / "cal")), tmp_path),
+            get_backbone("ViT-B-32"),
+            get_backbone("ViT-B-32").preprocess,
         )
 
 
@@ -194,6 +196,6 @@ def test_build_pixels_follow_a_tag_that_normalizes_otherwise(tmp_path):
     for name, im in views:
         im.save(tmp_path / f"{name}.png")
         files.append(tmp_path / f"{name}.png")
-    np.testing.assert_array_equal(load_pixels(files, vitl, recipe=recipe)[1], tags_own)
-    np.testing.assert_array_equal(eval_pixels(vitl, 3, recipe)[1], tags_own)
+    np.testing.assert_array_equal(load_pixels(files, vitl, recipe)[1], tags_own)
+    np.testing.assert_array_equal(eval_pixels(vitl, recipe, 3)[1], tags_own)
     np.testing.assert_array_equal(to_pixels(vitl, views, recipe)[1], tags_own)
