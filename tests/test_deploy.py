@@ -569,39 +569,6 @@ def test_test_data_is_what_its_readme_names():
     assert len(re.findall(r"^\| `", readme, flags=re.M)) == 6
 
 
-def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    """A certificate for localhost and its key (PEM), made here."""
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp_path / "server.crt", tmp_path / "server.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return cert_path, key_path
-
-
 @pytest.mark.triton
 def test_readmes_direct_grpc_tls_flags_work_on_the_real_tritonserver(tiny_repository, tmp_path):
     """README "Serving on a GPU host": gRPC TLS without a proxy is tritonserver's own; the flags as written
@@ -614,7 +581,10 @@ def test_readmes_direct_grpc_tls_flags_work_on_the_real_tritonserver(tiny_reposi
     readme = (ROOT / "README.md").read_text()
     flags = re.search(r"`(--grpc-use-ssl=true --grpc-server-cert=FILE --grpc-server-key=FILE)`", readme)
     assert flags, "README no longer documents --grpc-use-ssl for direct use"
-    cert, key = _self_signed(tmp_path)
+    from vitserve.perf.cluster import self_signed_cert
+
+    tls = self_signed_cert(tmp_path)
+    cert, key = tls.cert, tls.key
     args = [
         f.replace("cert=FILE", f"cert={cert}").replace("key=FILE", f"key={key}")
         for f in flags.group(1).split()

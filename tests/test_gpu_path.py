@@ -277,14 +277,19 @@ def test_check_repository(tmp_path):
     assert "no vitserve-manifest.json" in engine.check_repository(repo, HOST)[0]
 
 
-def test_entrypoint_checks_plans_before_tritonserver(tmp_path):
-    """docker/entrypoint.sh runs the real `vitserve check-engines` on the repository of the tritonserver
-    command; this host has no TensorRT, so a recorded plan is refused before the server is started."""
+def _env_with_fake_tritonserver(tmp_path: Path) -> dict[str, str]:
+    """PATH with a `tritonserver` that only says it started (and this venv's python, for `vitserve`)."""
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
     (fake_bin / "tritonserver").write_text('#!/usr/bin/env bash\necho "server started $*"\n')
     (fake_bin / "tritonserver").chmod(0o755)
-    env = {**os.environ, "PATH": f"{fake_bin}:{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    return {**os.environ, "PATH": f"{fake_bin}:{Path(sys.executable).parent}:{os.environ['PATH']}"}
+
+
+def test_entrypoint_checks_plans_before_tritonserver(tmp_path):
+    """docker/entrypoint.sh runs the real `vitserve check-engines` on the repository of the tritonserver
+    command; this host has no TensorRT, so a recorded plan is refused before the server is started."""
+    env = _env_with_fake_tritonserver(tmp_path)
     entry = str(ROOT / "docker" / "entrypoint.sh")
     repo = _repo_with_plan(tmp_path, BUILT)
 
@@ -310,11 +315,7 @@ def test_entrypoint_checks_plans_before_tritonserver(tmp_path):
 def test_entrypoint_takes_plain_tritonserver_args(tmp_path):
     """Kubernetes `args:` without a command reach the image's ENTRYPOINT as plain tritonserver flags: the
     entrypoint checks the plans and runs tritonserver with them."""
-    fake_bin = tmp_path / "bin"
-    fake_bin.mkdir()
-    (fake_bin / "tritonserver").write_text('#!/usr/bin/env bash\necho "server started $*"\n')
-    (fake_bin / "tritonserver").chmod(0o755)
-    env = {**os.environ, "PATH": f"{fake_bin}:{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = _env_with_fake_tritonserver(tmp_path)
     entry = str(ROOT / "docker" / "entrypoint.sh")
     repo = _repo_with_plan(tmp_path, BUILT)
     refused = subprocess.run(

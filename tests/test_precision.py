@@ -96,6 +96,7 @@ def test_unchanged_rebuild_is_cached(vitb32_build):
     assert report["cached"] is True and time.perf_counter() - t0 < 10
 
 
+@pytest.mark.slow  # a third INT8 calibration of ViT-B-32: ~3 min on an AVX2 host
 def test_broken_calibration_scores_visibly_worse(vitb32_build, tmp_path):
     """The fidelity numbers are computed from the model: calibrating on flat mean-grey images (which
     normalize to ~0, so the input scale is tiny and real photos saturate) gives a visibly worse INT8.

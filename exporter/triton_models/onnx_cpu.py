@@ -37,23 +37,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 if __package__:  # part of the vitserve package (the exporter, perf, tests)
-    from vitserve.contract import (
-        EMBEDDINGS,
-        INT8_ISAS,
-        ONNX_FILE,
-        OPTIMIZATION_LEVELS,
-        PIXELS,
-        CpuBackboneParams,
-    )
+    from vitserve import contract
 else:  # served by Triton: the repository copies vitserve/contract.py next to this model.py
-    from vitserve_contract import (
-        EMBEDDINGS,
-        INT8_ISAS,
-        ONNX_FILE,
-        OPTIMIZATION_LEVELS,
-        PIXELS,
-        CpuBackboneParams,
-    )
+    import vitserve_contract as contract
 
 try:
     import triton_python_backend_utils as pb_utils
@@ -70,8 +56,8 @@ def graph_optimization_level(name: str):
     """onnxruntime's GraphOptimizationLevel for one of contract.OPTIMIZATION_LEVELS."""
     import onnxruntime as ort
 
-    if name not in OPTIMIZATION_LEVELS:
-        raise ValueError(f"optimization {name!r}: expected one of {OPTIMIZATION_LEVELS}")
+    if name not in contract.OPTIMIZATION_LEVELS:
+        raise ValueError(f"optimization {name!r}: expected one of {contract.OPTIMIZATION_LEVELS}")
     return {
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
@@ -102,8 +88,8 @@ def int8_isa(flags: set[str], env: dict[str, str] | None = None, forced: str | N
     for source, value in (("isa parameter", forced), (ISA_ENV, env.get(ISA_ENV))):
         value = (value or "").strip().lower()
         if value:
-            if value not in INT8_ISAS:
-                raise ValueError(f"{source}={value!r}: expected one of {', '.join(INT8_ISAS)}")
+            if value not in contract.INT8_ISAS:
+                raise ValueError(f"{source}={value!r}: expected one of {', '.join(contract.INT8_ISAS)}")
             return value
     return "vnni" if any(f in flags for f in VNNI_FLAGS) else "avx2"
 
@@ -203,7 +189,9 @@ class TritonPythonModel:
         import onnxruntime as ort
 
         config = json.loads(args["model_config"])
-        params = CpuBackboneParams.from_model_config(config)  # a malformed parameter fails the load, by name
+        params = contract.CpuBackboneParams.from_model_config(
+            config
+        )  # a malformed parameter fails the load, by name
         name = config["name"]
         folder = os.path.join(args["model_repository"], args["model_version"])
         instances = sum(int(g.get("count", 1)) for g in config.get("instance_group", [])) or 1
@@ -228,7 +216,7 @@ class TritonPythonModel:
         self.pool = None
         flavours = params.flavours
         if not flavours:
-            path = os.path.join(folder, ONNX_FILE)
+            path = os.path.join(folder, contract.ONNX_FILE)
             self.session = session(path, threads)
             self._start_lanes(name, params.cpu_lanes, threads, path, session, None)
             _log(
@@ -274,8 +262,8 @@ class TritonPythonModel:
         )
 
     def _probe(self, session, probe, flavour: str) -> float:
-        got = session.run([EMBEDDINGS], {self.input_name: probe[PIXELS]})[0]
-        return min_cosine(probe[f"{EMBEDDINGS}_{flavour}"], got)
+        got = session.run([contract.EMBEDDINGS], {self.input_name: probe[contract.PIXELS]})[0]
+        return min_cosine(probe[f"{contract.EMBEDDINGS}_{flavour}"], got)
 
     def _start_lanes(self, name, setting, threads, path, session, probe) -> str:
         """Open the narrow session and the threads that run a batch's slices at once (see the module
