@@ -13,21 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitserve import contract
 from vitserve.errors import ConfigError, ExportError
 
 HEAD_KINDS = ("none", "linear", "mlp", "zeroshot")
 
-# The standard short CLIP prompt ensemble (a subset of the 80 ImageNet templates of the CLIP paper).
-DEFAULT_TEMPLATES = (
-    "a photo of a {}.",
-    "a bad photo of a {}.",
-    "a photo of the large {}.",
-    "a photo of the small {}.",
-    "a cropped photo of a {}.",
-    "a close-up photo of a {}.",
-    "a bright photo of a {}.",
-    "a photo of a nice {}.",
-)
+DEFAULT_TEMPLATES = contract.ZEROSHOT_TEMPLATES  # one owner: vitserve/contract.py
 
 
 @dataclass(frozen=True)

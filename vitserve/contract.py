@@ -57,11 +57,14 @@ FEATURES = "features"  # pooled features of a backbone shared by several heads
 LOGITS = "logits"
 PROBS = "probs"
 LABELS_FILE = "labels.txt"  # the classification extension's label file of `probs`
+TEXT_INPUT = "text"  # UTF-8 strings, BYTES [N, 1]: the NAME_text ensemble's and its tokenizer's input
+TOKENS = "tokens"  # int64 [N, context_length]: open_clip's tokens, the text backbone's input
 
 # ------------------------------------------------------------------------- config.pbtxt parameters
 PREPROCESS_PARAM = "preprocess"  # PreprocessParams of NAME_preprocess (python backend)
 CPU_BACKBONE_PARAM = "onnx_cpu"  # CpuBackboneParams of every onnx_cpu.py model (backbones, heads)
 TUNED_PARAM = "vitserve_tuned"  # where and for what `vitserve tune` chose a model's settings
+TEXT_PARAM = "text"  # TextParams of NAME_text_tokenize (its load-time settings; what clients read)
 
 ONNX_FILE = "model.onnx"  # a served ONNX model's file in its version folder
 PROBE_FILE = "probe.npz"  # the cpu-int8 load-time probe (onnx_cpu.py)
@@ -96,6 +99,18 @@ def preprocess_model_name(model: str) -> str:
     return f"{model}_preprocess"
 
 
+def text_model_name(model: str) -> str:
+    """`NAME_text`: the text side of CLIP model NAME, named like an image model of its own: the ensemble
+    `NAME_text` (strings -> L2-normalised embeddings in the image embeddings' space), its backbone variants
+    `NAME_text_{precision}_{kind}` (tokens -> embeddings) and its tokenizer `NAME_text_tokenize`."""
+    return f"{model}_text"
+
+
+def tokenizer_model_name(model: str) -> str:
+    """`NAME_text_tokenize`: UTF-8 strings -> open_clip's tokens for CLIP model NAME."""
+    return f"{text_model_name(model)}_tokenize"
+
+
 def head_ensemble_name(model: str, head: str) -> str:
     """`NAME_HEAD`: the ensemble of one named head of a many-heads model (images -> its logits/probs)."""
     return f"{model}_{head}"
@@ -105,6 +120,20 @@ def head_model_name(model: str, head: str) -> str:
     """`NAME_HEAD_head`: one named head on its own (features -> logits, probs)."""
     return f"{model}_{head}_head"
 
+
+# The prompt templates a zero-shot head averages over (the standard short CLIP ensemble, a subset of the 80
+# ImageNet templates of the CLIP paper): the exported head (exporter/heads.py) and request-time labels
+# (client classify(labels=)) both use these, so the two give the same classifier.
+ZEROSHOT_TEMPLATES = (
+    "a photo of a {}.",
+    "a bad photo of a {}.",
+    "a photo of the large {}.",
+    "a photo of the small {}.",
+    "a cropped photo of a {}.",
+    "a close-up photo of a {}.",
+    "a bright photo of a {}.",
+    "a photo of a nice {}.",
+)
 
 # ---------------------------------------------------------------------------- parameter checks
 
@@ -327,6 +356,42 @@ class CpuBackboneParams(_Params):
                 raise ContractError(f"probe_min_cosine={c!r}: expected a number in (0, 1]")
         if self.isa is not None:
             _one_of("isa", self.isa, INT8_ISAS)
+
+
+MAX_TEXT_BYTES = 4096  # default longest string NAME_text_tokenize takes (UTF-8 bytes); longer is refused
+MAX_TEXTS = 256  # default most strings in one request to NAME_text
+
+
+@dataclass(frozen=True)
+class TextParams(_Params):
+    """NAME_text_tokenize (python backend, triton_models/tokenize.py) and what a client needs to use the
+    text side: `tokenizer` (the open_clip model name whose tokenizer it is), `context_length` (tokens per
+    string; longer text is truncated ending with the end token, as open_clip does), the request limits
+    `max_text_bytes` and `max_texts` (refused per request, naming the limit), and the zero-shot classifier's
+    `logit_scale` and `templates` (request-time labels give the exported zero-shot head's logits)."""
+
+    KEY: ClassVar[str] = TEXT_PARAM
+
+    tokenizer: str
+    context_length: int
+    logit_scale: float
+    templates: tuple[str, ...] = ZEROSHOT_TEMPLATES
+    max_text_bytes: int = MAX_TEXT_BYTES
+    max_texts: int = MAX_TEXTS
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tokenizer, str) or not self.tokenizer:
+            raise ContractError(f"tokenizer={self.tokenizer!r}: expected an open_clip model name")
+        _positive_int("context_length", self.context_length)
+        v = self.logit_scale
+        if not isinstance(v, int | float) or isinstance(v, bool) or not v > 0:
+            raise ContractError(f"logit_scale={v!r}: expected a number > 0")
+        t = self.templates
+        if not isinstance(t, list | tuple) or not t or not all(isinstance(x, str) and "{}" in x for x in t):
+            raise ContractError(f"templates={t!r}: expected a non-empty list of strings with '{{}}'")
+        object.__setattr__(self, "templates", tuple(t))
+        _positive_int("max_text_bytes", self.max_text_bytes)
+        _positive_int("max_texts", self.max_texts)
 
 
 @dataclass(frozen=True)
