@@ -327,6 +327,9 @@ class ModelSpec:
     preprocess_instances: int | None = None
     # threads of one NAME_preprocess instance (pillow / fast): the images of one request done at once
     preprocess_threads: int = 1
+    # CLIP backbones: also serve the text tower (NAME_text: strings -> embeddings in the image embeddings'
+    # space, with NAME_text_tokenize and NAME_text_{precision}_{kind}; exporter/text.py)
+    text: bool = False
 
     def __post_init__(self) -> None:
         if not self.name or not all(c.isalnum() or c in "_-" for c in self.name):
@@ -340,6 +343,8 @@ class ModelSpec:
             raise ConfigError(
                 f"model {self.name}: onnxruntime_trt_fp16={self.onnxruntime_trt_fp16!r} must be true or false"
             )
+        if not isinstance(self.text, bool):
+            raise ConfigError(f"model {self.name}: text={self.text!r} must be true or false")
         if self.cpu_threads is not None and (
             not isinstance(self.cpu_threads, int)
             or isinstance(self.cpu_threads, bool)
@@ -559,6 +564,13 @@ def check_sources(spec: ModelSpec) -> None:
             )
         if isinstance(labels, str) and not Path(labels).is_file():
             raise ConfigError(f"{what} {field_name} labels: file {labels} does not exist")
+    if spec.text:
+        from vitserve.exporter.text import require_text_tower
+
+        try:
+            require_text_tower(entry)
+        except ConfigError as e:
+            raise ConfigError(f"{what} text: {e}") from None
     if spec.calibration.images and not Path(spec.calibration.images).is_dir():
         raise ConfigError(
             f"{what} calibration.images: folder {spec.calibration.images} does not exist; give a folder of "

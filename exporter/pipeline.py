@@ -163,6 +163,30 @@ def build_model(spec: ModelSpec, artifacts: Path, random_init: bool = False) -> 
         "fidelity": fidelity,
         "heads": heads,
         "head_fidelity": head_fidelity,
+        "text": text_stage(spec, model_dir, random_init) if spec.text else None,
+    }
+
+
+def text_stage(spec: ModelSpec, model_dir: Path, random_init: bool) -> dict[str, Any]:
+    """`text: true`: the text tower's FP32 export (exporter/text.py, parity-checked, keyed) and the variants
+    the repository serves it as: one per kind of the model that serves text (cpu, onnxruntime)."""
+    from vitserve.exporter.text import text_export_stage, text_params
+
+    fp32_dir, manifest = text_export_stage(spec, model_dir, random_init)
+    ext = fp32_dir / EXTERNAL_DATA_NAME
+    onnx, data = fp32_dir / ONNX_NAME, (ext if ext.exists() else None)
+    kinds = [k for k in spec.kinds if k is not Kind.TENSORRT]
+    if not kinds:
+        raise ConfigError(
+            f"model {spec.name}: text: true needs a cpu or onnxruntime kind (the text tower is not built as a "
+            "TensorRT plan yet); add one to `kinds`"
+        )
+    return {
+        "fp32_dir": fp32_dir,
+        "manifest": manifest,
+        "params": text_params(manifest),
+        "variants": [Variant(Precision.FP32, k, onnx, data) for k in kinds],
+        "fidelity": {},
     }
 
 
@@ -523,6 +547,14 @@ def build_all(
                 serve = written[spec.name]["backbone"]
                 written |= write_heads(staging, spec, rec["heads"], serve, rec["manifest"]["feature_dim"])
                 heads_record = head_summary(rec["heads"], rec["head_fidelity"])
+            if rec["text"] is not None:
+                from vitserve.exporter.repository import write_text_models
+
+                t = rec["text"]
+                cpu_share = sum(r["spec"].kinds[0] is Kind.CPU for r in records) or 1
+                written |= write_text_models(
+                    staging, spec, t["manifest"], t["params"], t["variants"], cpu_share
+                )
             _write_warmup_inputs(staging, spec, rec, artifacts)
             engines_missing += [
                 f"{staging.name}/{e['build_script']}" for e in engines.values() if not e.get("built", True)
@@ -540,6 +572,17 @@ def build_all(
             }
             if spec.heads:
                 summary["models"][spec.name]["heads"] = heads_record
+            if rec["text"] is not None:
+                t = rec["text"]["manifest"]
+                summary["models"][spec.name]["text"] = {
+                    "export": {
+                        k: t.get(k)
+                        for k in ("backbone", "weights", "random_init", "feature_dim", "build_key")
+                    },
+                    "tokenizer": t["tokenizer"],
+                    "parity_cosine_min": min(c["cosine_min"] for c in t["parity"]["cases"].values()),
+                    "fidelity": rec["text"]["fidelity"],
+                }
         (staging / REPOSITORY_MANIFEST).write_text(json.dumps(summary, indent=2, default=str) + "\n")
         readme = repository / "README.md"
         if readme.exists():

@@ -7,6 +7,11 @@ Per model `NAME` of models.yaml:
                                  tritonserver), `onnxruntime` (onnxruntime_onnx, GPU) or `tensorrt`
                                  (tensorrt_plan, with a build.sh next to the plan)
   NAME                           ensemble: `image` bytes -> `embeddings`, `logits`, `probs`
+and, for a CLIP model with `text: true` (exporter/text.py):
+  NAME_text_tokenize             python backend: UTF-8 strings -> open_clip's tokens (bad strings fail only
+                                 their request)
+  NAME_text_{precision}_{kind}   the text tower: tokens -> embeddings (`cpu` or `onnxruntime`)
+  NAME_text                      ensemble: `text` strings -> L2-normalised `embeddings` (the image space)
 Configs are written through Triton's protobuf schema (model_config_pb2 + text_format), never by string
 templates, and can be read back with `read_config`.
 """
@@ -35,12 +40,18 @@ from vitserve.contract import (
     PROBE_FILE,
     PROBS,
     SERVED_CONTRACT,
+    TEXT_INPUT,
+    TOKENIZER_SOURCE,
+    TOKENS,
     ContractError,
     CpuBackboneParams,
     PreprocessParams,
+    TextParams,
     TunedMark,
     backbone_model_name,
     preprocess_model_name,
+    text_model_name,
+    tokenizer_model_name,
 )
 from vitserve.errors import ConfigError
 from vitserve.exporter.config import Kind, ModelSpec, Precision, check_kind_serves
@@ -397,6 +408,122 @@ def write_model(
     if labels is not None:
         _link_or_copy(labels, ens_dir / LABELS_FILE)
     written[spec.name] = {"role": "ensemble", "backbone": serve_name}
+    return written
+
+
+def tokenizer_config(name: str, params: TextParams):
+    """NAME_text_tokenize: the python model (triton_models/tokenize.py) turning `text` strings into open_clip's
+    `tokens`; its `text` parameter (TextParams) is what the clients read through the model-config API."""
+    mc = _pb()
+    cfg = mc.ModelConfig(name=name, backend="python", max_batch_size=params.max_texts)
+    # No dynamic batching, as NAME_preprocess: tritonserver 2.51's python backend fails every request of a
+    # gathered batch for one malformed BYTES length prefix, before model.py runs; tokenizing is cheap.
+    cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
+    cfg.version_policy.latest.num_versions = 1
+    cfg.input.add(name=TEXT_INPUT, data_type=mc.TYPE_STRING, dims=[1])
+    cfg.output.add(name=TOKENS, data_type=mc.TYPE_INT64, dims=[params.context_length])
+    set_params(cfg, params)
+    return cfg
+
+
+def text_backbone_config(
+    name: str, spec: ModelSpec, params: TextParams, dim: int, variant: Variant, cpu_share: int = 1
+):
+    """NAME_text_{precision}_{kind}: `tokens` -> `embeddings`, batched dynamically up to `max_texts` (a whole
+    request of strings is one batch). The cpu kind runs onnx_cpu.py (as the image backbones do)."""
+    mc = _pb()
+    check_kind_serves(variant.kind, variant.precision)
+    cfg = mc.ModelConfig(name=name)
+    if variant.kind is Kind.CPU:
+        cfg.backend = "python"
+        set_params(
+            cfg,
+            CpuBackboneParams(
+                cpu_threads=spec.cpu_threads or "auto",
+                share=cpu_share,
+                optimization="extended" if variant.precision in (Precision.FP16, Precision.INT8) else "all",
+                cpu_spinning=spec.cpu_spinning,
+                cpu_lanes=spec.cpu_lanes or "auto",
+            ),
+        )
+    elif variant.kind is Kind.ONNXRUNTIME:
+        cfg.platform, cfg.backend = "onnxruntime_onnx", "onnxruntime"
+    else:
+        raise ConfigError(f"model {spec.name}: the text tower is not served by kind {variant.kind.value} yet")
+    _common(cfg, spec, gpu=variant.kind is not Kind.CPU)
+    cfg.max_batch_size = params.max_texts
+    cfg.input.add(name=TOKENS, data_type=mc.TYPE_INT64, dims=[params.context_length])
+    cfg.output.add(name=EMBEDDINGS, data_type=mc.TYPE_FP32, dims=[dim])
+    warm = cfg.model_warmup.add(name="zeros_batch1", batch_size=1)
+    warm.inputs[TOKENS].zero_data = True
+    warm.inputs[TOKENS].data_type = mc.TYPE_INT64
+    warm.inputs[TOKENS].dims.extend([params.context_length])
+    return cfg
+
+
+def text_ensemble_config(name: str, spec: ModelSpec, params: TextParams, dim: int, backbone: str):
+    """NAME_text: `text` strings -> NAME_text_tokenize -> `backbone` -> L2-normalised `embeddings`."""
+    mc = _pb()
+    cfg = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=params.max_texts)
+    cfg.input.add(name=TEXT_INPUT, data_type=mc.TYPE_STRING, dims=[1])
+    cfg.output.add(name=EMBEDDINGS, data_type=mc.TYPE_FP32, dims=[dim])
+    tok = cfg.ensemble_scheduling.step.add(model_name=tokenizer_model_name(spec.name), model_version=-1)
+    tok.input_map[TEXT_INPUT] = TEXT_INPUT
+    tok.output_map[TOKENS] = TOKENS
+    step = cfg.ensemble_scheduling.step.add(model_name=backbone, model_version=-1)
+    step.input_map[TOKENS] = TOKENS
+    step.output_map[EMBEDDINGS] = EMBEDDINGS
+    return cfg
+
+
+# The text backbone NAME_text routes to, by its first kind: the CPU default is FP32 (the same embedding for
+# a string alone or in a batch; onnxruntime's dynamic int8 is not), GPUs FP16 where it is published.
+TEXT_SERVING_ORDER = {
+    Kind.CPU: (Precision.FP32,),
+    Kind.ONNXRUNTIME: (Precision.FP32, Precision.FP16),
+    Kind.TENSORRT: (Precision.FP16, Precision.FP32),
+}
+
+
+def write_text_models(
+    repo: Path,
+    spec: ModelSpec,
+    manifest: dict[str, Any],
+    params: TextParams,
+    variants: list[Variant],
+    cpu_share: int = 1,
+) -> dict[str, Any]:
+    """Write the text side of CLIP model `spec` (`text: true`) into `repo`: NAME_text_tokenize, the text
+    backbone variants NAME_text_{precision}_{kind} and the ensemble NAME_text; returns what was written, by
+    Triton model name (roles text_tokenize, text_backbone, text_ensemble)."""
+    spec = spec.serving()
+    text = text_model_name(spec.name)
+    dim = int(manifest["feature_dim"])
+    written: dict[str, Any] = {}
+    tok_name = tokenizer_model_name(spec.name)
+    write_config(repo / tok_name, tokenizer_config(tok_name, params))
+    copy_served_source(TOKENIZER_SOURCE, repo / tok_name / "1")
+    written[tok_name] = {"role": "text_tokenize", "tokenizer": params.tokenizer}
+    for v in variants:
+        name = backbone_model_name(text, v.precision, v.kind)
+        mdir = repo / name
+        write_config(mdir, text_backbone_config(name, spec, params, dim, v, cpu_share))
+        if v.kind is Kind.CPU:
+            copy_served_source(CPU_BACKBONE_SOURCE, mdir / "1")
+        _link_or_copy(v.onnx, mdir / "1" / ONNX_FILE)
+        if v.external_data is not None:
+            _link_or_copy(v.external_data, mdir / "1" / v.external_data.name)
+        written[name] = {"role": "text_backbone", "precision": v.precision.value, "kind": v.kind.value}
+    kind = spec.kinds[0]
+    serve = next(
+        (v for p in TEXT_SERVING_ORDER[kind] for v in variants if v.kind is kind and v.precision is p), None
+    )
+    if serve is None:
+        raise ConfigError(f"model {spec.name}: no text variant can be served by kind {kind.value}")
+    serve_name = backbone_model_name(text, serve.precision, serve.kind)
+    write_config(repo / text, text_ensemble_config(text, spec, params, dim, serve_name))
+    (repo / text / "1").mkdir(parents=True, exist_ok=True)
+    written[text] = {"role": "text_ensemble", "backbone": serve_name, "tokenizer": tok_name}
     return written
 
 

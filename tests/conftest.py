@@ -145,6 +145,55 @@ def vitb32_build(tmp_path_factory, linear_head) -> dict:
     }
 
 
+CLIP_TEXT_MODEL = "clip"  # the model of clip_text_build: ensembles `clip` (images) and `clip_text` (strings)
+
+
+@pytest.fixture(scope="session")
+def clip_text_build(tmp_path_factory) -> dict:
+    """ViT-B-32 (random init) with a zero-shot head over LABELS and `text: true`, FP32 on the cpu kind only
+    (fast): the image ensemble `clip` and the text side `clip_text` (+ clip_text_tokenize,
+    clip_text_fp32_cpu). Shared by the text build/serving tests and the client/API text tests."""
+    import yaml
+
+    from vitserve.exporter.pipeline import build_all
+
+    root = tmp_path_factory.mktemp("clip_text_build")
+    model = {
+        "name": CLIP_TEXT_MODEL,
+        "backbone": "ViT-B-32",
+        "weights": "random",
+        "head": "zeroshot",
+        "labels": LABELS,
+        "text": True,
+        "precisions": ["fp32"],
+        "kinds": ["cpu"],
+        "profile": {"min": 1, "opt": 4, "max": 8},
+        "dynamic_batching": {"preferred_batch_sizes": [4, 8], "max_queue_delay_us": 2000},
+    }
+    config = root / "models.yaml"
+    config.write_text(yaml.safe_dump({"models": [model]}))
+    artifacts = Path(os.environ.get("VITSERVE_TEST_ARTIFACTS") or root / "artifacts")
+    summary = build_all(config, root / "model_repository", artifacts, random_init=True)
+    return {
+        "root": root,
+        "config": config,
+        "repository": root / "model_repository",
+        "artifacts": artifacts,
+        "summary": summary,
+        "model": CLIP_TEXT_MODEL,
+    }
+
+
+@pytest.fixture(scope="session")
+def clip_text_server(clip_text_build, tmp_path_factory):
+    """The real tritonserver serving clip_text_build's repository (`clip`, `clip_text`)."""
+    from vitserve.server import TritonServer
+
+    log = tmp_path_factory.mktemp("logs") / "clip_text_server.log"
+    with TritonServer(clip_text_build["repository"], log_path=log) as server:
+        yield server
+
+
 @pytest.fixture(scope="session")
 def vitb32_server(vitb32_build, tmp_path_factory):
     """The real tritonserver serving the ViT-B-32 repository (ensemble `vitb32`)."""

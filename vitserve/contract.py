@@ -71,6 +71,7 @@ PROBE_FILE = "probe.npz"  # the cpu-int8 load-time probe (onnx_cpu.py)
 # the served python models' source files: copied (never linked) into each model's version folder
 PREPROCESS_SOURCE = "preprocess.py"
 CPU_BACKBONE_SOURCE = "onnx_cpu.py"
+TOKENIZER_SOURCE = "tokenize.py"  # NAME_text_tokenize
 SERVED_CONTRACT = "vitserve_contract.py"  # this file, as the served models import it beside their model.py
 
 # --------------------------------------------------------------------------------- model names

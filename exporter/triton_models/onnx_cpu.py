@@ -309,7 +309,7 @@ class TritonPythonModel:
         try:
             arrays = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy() for r in requests]
             batch = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
-            results = self._run(np.ascontiguousarray(batch, np.float32))
+            results = self._run(np.ascontiguousarray(batch))  # config.pbtxt's dtype (text: int64 tokens)
         except Exception as e:  # one response per request, never an exception out of execute()
             err = pb_utils.TritonError(f"onnxruntime failed: {type(e).__name__}: {e}")
             return [pb_utils.InferenceResponse(error=err) for _ in requests]
