@@ -69,7 +69,7 @@ def require_text_tower(entry) -> None:
 
 def logit_scale(clip_model) -> float:
     """CLIP's learned temperature exp(logit_scale): the zero-shot logits' scale (heads.zeroshot_head)."""
-    return float(clip_model.logit_scale.exp()) if hasattr(clip_model, "logit_scale") else 100.0
+    return float(clip_model.logit_scale.detach().exp()) if hasattr(clip_model, "logit_scale") else 100.0
 
 
 def text_params(manifest: dict[str, Any]) -> TextParams:
