@@ -199,11 +199,14 @@ def reference(clip_text_build):
 def _infer(url, model, texts, output):
     import tritonclient.http as httpclient
 
-    client = httpclient.InferenceServerClient(url)
     arr = np.array([[t if isinstance(t, bytes) else t.encode()] for t in texts], dtype=object)
     inp = httpclient.InferInput(TEXT_INPUT, list(arr.shape), "BYTES")
     inp.set_data_from_numpy(arr)
-    return client.infer(model, [inp]).as_numpy(output)
+    client = httpclient.InferenceServerClient(url)
+    try:
+        return client.infer(model, [inp]).as_numpy(output)
+    finally:
+        client.close()  # an open keep-alive connection holds tritonserver's shutdown for 30 s
 
 
 def _cosines(a, b):
