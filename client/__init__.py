@@ -5,6 +5,8 @@
     with VitClient("localhost:8001", model="vitb32") as client:
         result = client.embed(["a.jpg", "b.png"])        # result.embeddings (N, D), result.errors {index: msg}
         top = client.classify(["a.jpg"], top_k=3)         # [[("cat", 0.91), ...]]
+        text = client.embed_text("a photo of a cat")      # (1, D), the image embeddings' space
+        top = client.classify(["a.jpg"], labels=["cat", "dog", "car"])  # labels chosen per call
 
 Only tritonclient, numpy and Pillow are needed (the `client` extra); torch is never imported.
 """

@@ -3,6 +3,11 @@
     async with AsyncVitClient("localhost:8001", model="vitb32") as client:
         result = await client.embed(["a.jpg", "b.png"])      # result.embeddings (2, D), result.errors {}
         top = await client.classify(["a.jpg"], top_k=3)       # [[("cat", 0.91), ("dog", 0.05), ...]]
+        text = await client.embed_text(["a photo of a cat"])  # the same space as the image embeddings
+        top = await client.classify(["a.jpg"], labels=["cat", "dog", "car"])  # labels chosen now
+
+Strings go to the model's text ensemble `NAME_text` (a CLIP model built with `text: true`); its limits, logit
+scale and prompt templates are read from the tokenizer's config (`contract.TextParams`).
 
 Encoded images (paths, bytes, PIL images, HWC uint8 arrays) go to the ensemble `model`; preprocessed CHW
 float32 arrays go to a backbone model (`backbone=`, or the one the ensemble routes to). Calls are split into
@@ -25,6 +30,8 @@ import math
 import time
 import warnings
 import weakref
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +48,7 @@ from vitserve.client.schema import (
     IMAGE_INPUT,
     PIXELS,
     PROBS,
+    TEXT_INPUT,
     ModelInfo,
     describe_index,
     parse_model,
@@ -57,12 +65,21 @@ from vitserve.client.transport import (
     error_text,
     server_answered,
 )
-from vitserve.contract import head_ensemble_name
-from vitserve.errors import ClientError
+from vitserve.contract import (
+    TOKENS,
+    ContractError,
+    TextParams,
+    head_ensemble_name,
+    text_model_name,
+    tokenizer_model_name,
+)
+from vitserve.errors import ClientError, UnavailableError
 
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 5.0
+LABEL_CACHE_SIZE = 64  # label sets whose classifier (text embeddings) a client keeps
+TEXT_TARGET = ("text", None)  # the key of the text ensemble among a client's targets
 
 
 @dataclass
@@ -75,6 +92,11 @@ class _Target:
     embed_dim: int | None
     slots: SlotPool
     image_datatype: str | None = None  # the ensemble's `image`: "BYTES" [N, 1] or "UINT8" [1, len] (DALI)
+    text: bool = False  # the text ensemble NAME_text: items are UTF-8 strings
+
+    @property
+    def noun(self) -> str:
+        return "text" if self.text else "image"
 
 
 def _key_hint(e: BaseException) -> str:
@@ -130,7 +152,9 @@ class AsyncVitClient:
             ca_file=ca_file,
         )
         self._transport: Transport | None = None
-        self._targets: dict[tuple[bool, str | None], _Target] = {}
+        self._targets: dict[tuple[bool | str, str | None], _Target] = {}
+        self._text_params: TextParams | None = None
+        self._label_cache: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self._lock: asyncio.Lock | None = None
         self._regions: list[shm.Region] = []  # made here, destroyed in close() (or by the finalizer)
         self._pools: list[SlotPool] = []
@@ -184,16 +208,25 @@ class AsyncVitClient:
     def _error(self, e: BaseException, doing: str) -> ClientError:
         kind = error_kind(e)
         if kind == RETRY:
-            return ClientError(
+            return UnavailableError(
                 f"cannot reach {self._where()} while {doing} ({self.config.retries + 1} attempts): {error_text(e)}. "
                 "Is the server running there? (`vitserve serve --repository ...`)"
             )
         if kind == TIMEOUT:
-            return ClientError(
+            return UnavailableError(
                 f"{self._where()} did not answer within {self.config.timeout_s:g} s while {doing}; "
                 "raise timeout_s or check the server's load"
             )
         return ClientError(f"{self._where()} refused {doing}: {error_text(e)}{_key_hint(e)}")
+
+    async def server_ready(self) -> bool:
+        """Whether the server answers that it is ready (False when it cannot be reached); one attempt."""
+        try:
+            return bool(await self._conn().call("is_server_ready", timeout_s=min(5.0, self.config.timeout_s)))
+        except Exception as e:
+            if error_kind(e) in (RETRY, TIMEOUT):
+                return False
+            raise
 
     async def wait_until_ready(self, timeout_s: float | None = None) -> None:
         """Wait until the server and `model` are ready; ClientError saying what was missing after `timeout_s`
@@ -292,6 +325,55 @@ class AsyncVitClient:
             self._targets[(tensor, head)] = target
             return target
 
+    async def _text_target(self) -> _Target:
+        """The checked text ensemble NAME_text and, read once, its TextParams (from the tokenizer's config)."""
+        self._conn()
+        async with self._lock:
+            if TEXT_TARGET in self._targets:
+                return self._targets[TEXT_TARGET]
+            name = text_model_name(self.config.model)
+            try:
+                info = await self._model_info(name)
+            except ClientError as e:
+                raise ClientError(
+                    f"model {self.config.model!r} serves no text side ({e}); text needs a CLIP model built "
+                    "with `text: true` in models.yaml"
+                ) from e
+            info.check_text()
+            self._text_params = await self._read_text_params()
+            batch_size = min(self.config.batch_size, info.max_batch_size, self._text_params.max_texts)
+            embed_dim = info.output_dim(EMBEDDINGS)
+            slots = await self._make_slots(info, batch_size, None, embed_dim)
+            target = _Target(info, batch_size, None, embed_dim, slots, text=True)
+            self._targets[TEXT_TARGET] = target
+            return target
+
+    async def _read_text_params(self) -> TextParams:
+        name = tokenizer_model_name(self.config.model)
+        try:
+            config = await self._call("get_model_config", name, as_json=True)
+        except Exception as e:
+            if error_kind(e) in (RETRY, TIMEOUT):
+                raise self._error(e, f"reading the config of model {name!r}") from e
+            raise ClientError(
+                f"model {name!r} (the tokenizer of {self.config.model}_text) is not loaded on {self._where()}: "
+                f"{error_text(e)}"
+            ) from e
+        try:
+            return TextParams.from_model_config(config.get("config", config))
+        except ContractError as e:
+            raise ClientError(str(e)) from e
+
+    async def text_params(self) -> TextParams:
+        """The served text side's parameters: tokenizer, context length, logit scale, prompt templates and
+        the request limits (`max_text_bytes`, `max_texts`)."""
+        await self._text_target()
+        return self._text_params
+
+    async def text_model_info(self) -> ModelInfo:
+        """What the server says about the text ensemble NAME_text (its `embeddings` size: the model's dim)."""
+        return (await self._text_target()).info
+
     async def _heads(self) -> list[str]:
         """The heads of the model (its ensemble's `HEAD_probs` outputs), [] for a single-head model."""
         info = await self._model_info(self.config.model)
@@ -362,7 +444,13 @@ class AsyncVitClient:
         """tritonclient inputs and outputs for one request (runs in a worker thread: it encodes images)."""
         module = self._transport.module
         n = len(items)
-        if target.image_datatype == "UINT8":
+        if target.text:
+            data = np.empty((n, 1), dtype=np.object_)
+            for row, item in enumerate(items):
+                data[row, 0] = item.value  # UTF-8 bytes, checked by _text_items
+            inp = module.InferInput(TEXT_INPUT, [n, 1], "BYTES")
+            inp.set_data_from_numpy(data)
+        elif target.image_datatype == "UINT8":
             if n != 1:  # _target sets batch_size 1: this is a bug, not bad input
                 raise AssertionError(f"{n} images in one UINT8 request")
             raw = images_mod.encoded(items[0])
@@ -454,11 +542,12 @@ class AsyncVitClient:
         except Exception as e:
             if error_kind(e, dali=target.image_datatype == "UINT8") != INPUT:
                 first, last = items[0].index, items[-1].index
-                span = f"image {first}" if first == last else f"images {first}-{last}"
+                noun = target.noun
+                span = f"{noun} {first}" if first == last else f"{noun}s {first}-{last}"
                 raise self._error(e, f"running model {target.info.name!r} on {span}") from e
             if len(items) == 1:
                 return {}, {items[0].index: error_text(e)}
-        # Triton fails the whole request for one bad image: send its images one by one to find it
+        # Triton fails the whole request for one bad image (or string): send them one by one to find it
         parts = await asyncio.gather(*(self._run_chunk(target, [item], top_k) for item in items))
         rows, errors = {}, {}
         for r, err in parts:
@@ -518,14 +607,148 @@ class AsyncVitClient:
             raise ClientError(failure_message(errors, {it.index: it.source for it in batch.items}))
         return EmbedResult(out, errors)
 
+    def _text_items(self, texts: str | Sequence[str]) -> list[Item]:
+        """The strings of one call as items (UTF-8 bytes), every bad one refused before anything is sent."""
+        if isinstance(texts, str):
+            texts = [texts]
+        if isinstance(texts, (bytes, bytearray)) or not isinstance(texts, Sequence):
+            raise ClientError(f"texts must be a string or a list of strings, got {type(texts).__name__}")
+        limit = self._text_params.max_text_bytes
+        items, problems = [], []
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                problems.append(f"text {i}: {type(text).__name__} is not a string")
+                continue
+            try:
+                raw = text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                problems.append(f"text {i}: not encodable as UTF-8 ({e.reason} at {e.start}); remove it")
+                continue
+            if not raw:
+                problems.append(f"text {i}: empty string; send at least one character")
+            elif len(raw) > limit:
+                problems.append(
+                    f"text {i}: {len(raw)} bytes of UTF-8, over the model's max_text_bytes {limit}; shorten it "
+                    "(the text tower reads only its first tokens anyway)"
+                )
+            else:
+                short = text if len(text) <= 40 else text[:37] + "..."
+                items.append(Item(i, repr(short), raw))
+        if problems:
+            shown = "\n  ".join(problems[:10])
+            more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+            raise ClientError(f"{len(problems)} text(s) refused before sending:\n  {shown}{more}")
+        return items
+
+    async def embed_text(self, texts: str | Sequence[str], *, strict: bool = False) -> EmbedResult:
+        """L2-normalised text embeddings (N, D) float32 of `texts` (a string or a list), in order, in the
+        same space as the image embeddings (the model's `NAME_text` ensemble).
+
+        An empty string, one that is not valid UTF-8 or longer than the model's `max_text_bytes` raises
+        ClientError before anything is sent. A string the server refuses leaves a NaN row and its message in
+        `.errors[index]` (with `strict=True`, ClientError instead)."""
+        target = await self._text_target()
+        items = self._text_items(texts)
+        rows, errors = await self._run(target, items, 0)
+        out = np.full((len(items), target.embed_dim), np.nan, dtype=np.float32)
+        for i, row in rows.items():
+            out[i] = row
+        if strict and errors:
+            raise ClientError(failure_message(errors, {it.index: it.source for it in items}, noun="text"))
+        return EmbedResult(out, errors)
+
+    async def text_tokens(self, texts: str | Sequence[str]) -> np.ndarray:
+        """open_clip's tokens of `texts` as the server makes them (int64 [N, context_length], zero padded),
+        from the tokenizer model `NAME_text_tokenize`: what a text costs (e.g. the API's `usage`)."""
+        await self._text_target()
+        items = self._text_items(texts)
+        name, size = tokenizer_model_name(self.config.model), self._text_params.max_texts
+        module = self._transport.module
+
+        async def one(chunk: list[Item]) -> np.ndarray:
+            data = np.empty((len(chunk), 1), dtype=np.object_)
+            for row, item in enumerate(chunk):
+                data[row, 0] = item.value
+            inp = module.InferInput(TEXT_INPUT, [len(chunk), 1], "BYTES")
+            inp.set_data_from_numpy(data)
+            try:
+                result = await self._call("infer", name, [inp], outputs=[module.InferRequestedOutput(TOKENS)])
+            except Exception as e:
+                raise self._error(e, f"tokenizing {len(chunk)} text(s) with model {name!r}") from e
+            return result.as_numpy(TOKENS)
+
+        parts = await asyncio.gather(*(one(items[i : i + size]) for i in range(0, len(items), size)))
+        return np.concatenate(parts) if parts else np.zeros((0, self._text_params.context_length), np.int64)
+
+    async def label_embeddings(self, labels: Sequence[str]) -> np.ndarray:
+        """The zero-shot classifier of `labels`, (L, D) float32: for each label, the mean over the served
+        prompt templates ("a photo of a {}.", ...) of the normalised prompt embeddings, renormalised (what
+        the exported zero-shot head computes at build time). Cached per (model, labels, templates)."""
+        if isinstance(labels, str) or not isinstance(labels, Sequence) or not labels:
+            raise ClientError(f"labels must be a non-empty list of class names, got {labels!r}")
+        bad = [f"{i}: {x!r}" for i, x in enumerate(labels) if not isinstance(x, str) or not x.strip()]
+        if bad:
+            raise ClientError(f"labels must be non-empty strings; refused label(s) {', '.join(bad[:10])}")
+        dupes = sorted({x for x in labels if list(labels).count(x) > 1})
+        if dupes:
+            raise ClientError(f"labels repeat {dupes}; give each class once")
+        params = await self.text_params()
+        key = (self.config.model, tuple(labels), params.templates)
+        if key in self._label_cache:
+            self._label_cache.move_to_end(key)
+            return self._label_cache[key]
+        prompts = [t.format(label) for label in labels for t in params.templates]
+        emb = (await self.embed_text(prompts, strict=True)).embeddings.astype(np.float64)
+        mean = emb.reshape(len(labels), len(params.templates), -1).mean(axis=1)
+        weights = (mean / np.linalg.norm(mean, axis=1, keepdims=True)).astype(np.float32)
+        self._label_cache[key] = weights
+        while len(self._label_cache) > LABEL_CACHE_SIZE:
+            self._label_cache.popitem(last=False)
+        return weights
+
+    async def _classify_labels(
+        self, images: Images, labels: Sequence[str], top_k: int, strict: bool
+    ) -> ClassifyResult:
+        weights = await self.label_embeddings(labels)
+        scale = self._text_params.logit_scale
+        result = await self.embed(images, strict=strict)
+        logits = (scale * (result.embeddings.astype(np.float64) @ weights.T.astype(np.float64))).astype(
+            np.float32
+        )
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        probs = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
+        k = min(top_k, len(labels))
+        predictions: list[list[tuple[str, float]] | None] = []
+        for i, row in enumerate(probs):
+            if i in result.errors:
+                predictions.append(None)
+                continue
+            order = np.argsort(-row, kind="stable")[:k]
+            predictions.append([(labels[j], float(row[j])) for j in order])
+        return ClassifyResult(predictions, result.errors, logits=logits)
+
     async def classify(
-        self, images: Images, top_k: int = 5, *, strict: bool = False, head: str | None = None
+        self,
+        images: Images,
+        top_k: int = 5,
+        *,
+        strict: bool = False,
+        head: str | None = None,
+        labels: Sequence[str] | None = None,
     ) -> ClassifyResult:
         """The `top_k` (label, score) pairs of each image, best first, from the model's `probs` output and
         its label file (Triton's classification extension). `head`: which head of a model whose heads share
-        one backbone (models.yaml `heads:`). Failures as in `embed`."""
+        one backbone (models.yaml `heads:`). Failures as in `embed`.
+
+        `labels`: classify against these class names instead, chosen now (a CLIP model served with its text
+        side): logits = logit_scale * image embedding . label_embeddings(labels), the exported zero-shot
+        head's computation, scores their softmax; `.logits` holds them all."""
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ClientError(f"top_k {top_k!r} must be an integer >= 1")
+        if labels is not None:
+            if head is not None:
+                raise ClientError("pass labels= or head=, not both (labels classify with the text side)")
+            return await self._classify_labels(images, labels, top_k, strict)
         batch = images_mod.prepare(images)
         target = await self._target(batch.tensor, head)
         if head is None and PROBS not in target.info.outputs:

@@ -1,7 +1,9 @@
 """`vitserve classify` and `vitserve embed`: a thin layer over VitClient.
 
 vitserve classify --url localhost:8001 --model vitb32 --top-k 5 img1.jpg img2.png
+vitserve classify --model vitb32 --labels cat,dog,car img1.jpg    # labels chosen now (the text side)
 vitserve embed --url localhost:8000 --protocol http --model vitb32 imgs/*.jpg --out emb.npy
+vitserve embed --model vitb32 --text "a photo of a cat" --text "a dog" --out text.npy
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("images", nargs="+", help="image files (JPEG, PNG, WebP, ...)")
+def _common(p: argparse.ArgumentParser, images: str = "+") -> None:
+    p.add_argument("images", nargs=images, help="image files (JPEG, PNG, WebP, ...)")
     p.add_argument(
         "--url", default=None, help="tritonserver host:port (default localhost:8001 gRPC, :8000 HTTP)"
     )
@@ -34,9 +36,26 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     _common(p)
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--head", default=None, help="which head, for a model with several (models.yaml `heads:`)")
+    p.add_argument(
+        "--labels",
+        default=None,
+        metavar="A,B,C",
+        help="classify against these class names instead (comma-separated; a CLIP model served with its "
+        "text side): the zero-shot classifier of the model's prompt templates, made at request time",
+    )
     p.set_defaults(func=_classify)
-    p = sub.add_parser("embed", help="embeddings of images from a deployed model, saved as .npy")
-    _common(p)
+    p = sub.add_parser(
+        "embed", help="embeddings of images (or, with --text, of sentences) from a deployed model, as .npy"
+    )
+    _common(p, images="*")
+    p.add_argument(
+        "--text",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="embed this sentence instead of images (repeat for several; the model's NAME_text ensemble, "
+        "the image embeddings' space)",
+    )
     p.add_argument(
         "--out", required=True, help="output .npy file: (N, D) float32, NaN rows for failed images"
     )
@@ -57,15 +76,30 @@ def _client(args: argparse.Namespace):
     )
 
 
-def _report_errors(args: argparse.Namespace, errors: dict[int, str]) -> int:
+def _report_errors(args: argparse.Namespace, errors: dict[int, str], inputs: list[str] | None = None) -> int:
+    inputs = args.images if inputs is None else inputs
     for i in sorted(errors):
-        print(f"{args.images[i]}: error: {errors[i]}", file=sys.stderr)
+        print(f"{inputs[i]}: error: {errors[i]}", file=sys.stderr)
     return 1 if errors else 0
 
 
+def _labels(text: str | None) -> list[str] | None:
+    from vitserve.errors import ConfigError
+
+    if text is None:
+        return None
+    labels = [x.strip() for x in text.split(",")]
+    if not all(labels):
+        raise ConfigError(f"--labels {text!r}: expected class names separated by commas, e.g. cat,dog,car")
+    return labels
+
+
 def _classify(args: argparse.Namespace) -> int:
+    labels = _labels(args.labels)
     with _client(args) as client:
-        result = client.classify(args.images, top_k=args.top_k, strict=args.strict, head=args.head)
+        result = client.classify(
+            args.images, top_k=args.top_k, strict=args.strict, head=args.head, labels=labels
+        )
     for path, top in zip(args.images, result.predictions, strict=True):
         if top is None:
             continue
@@ -76,8 +110,18 @@ def _classify(args: argparse.Namespace) -> int:
 
 
 def _embed(args: argparse.Namespace) -> int:
+    from vitserve.errors import ConfigError
+
+    if bool(args.images) == bool(args.text):
+        raise ConfigError(
+            "vitserve embed takes image files or --text sentences (one kind per run: two runs give two .npy "
+            "files in the same space)"
+        )
     with _client(args) as client:
-        result = client.embed(args.images, strict=args.strict)
+        if args.text:
+            result = client.embed_text(args.text, strict=args.strict)
+        else:
+            result = client.embed(args.images, strict=args.strict)
     out = Path(args.out)
     if out.suffix != ".npy":
         out = out.with_name(out.name + ".npy")  # what np.save would do, said out loud
@@ -89,4 +133,4 @@ def _embed(args: argparse.Namespace) -> int:
     n, d = result.embeddings.shape
     failed = f", {len(result.errors)} failed (NaN rows)" if result.errors else ""
     print(f"wrote {out}: {n} x {d} float32{failed}")
-    return _report_errors(args, result.errors)
+    return _report_errors(args, result.errors, args.text or args.images)

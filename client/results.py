@@ -10,13 +10,16 @@ import numpy as np
 from vitserve.errors import ClientError
 
 
-def failure_message(errors: dict[int, str], sources: dict[int, str] | None = None, limit: int = 10) -> str:
+def failure_message(
+    errors: dict[int, str], sources: dict[int, str] | None = None, limit: int = 10, noun: str = "image"
+) -> str:
     sources = sources or {}
     lines = [
-        f"image {i}" + (f" ({sources[i]})" if i in sources else "") + f": {errors[i]}" for i in sorted(errors)
+        f"{noun} {i}" + (f" ({sources[i]})" if i in sources else "") + f": {errors[i]}"
+        for i in sorted(errors)
     ]
     more = f"\n  ... and {len(lines) - limit} more" if len(lines) > limit else ""
-    return f"{len(errors)} image(s) failed:\n  " + "\n  ".join(lines[:limit]) + more
+    return f"{len(errors)} {noun}(s) failed:\n  " + "\n  ".join(lines[:limit]) + more
 
 
 @dataclass
@@ -57,10 +60,13 @@ class EmbedResult:
 @dataclass
 class ClassifyResult:
     """`predictions[i]` is image i's top-k as [(label, score)], best first, or None when it failed; `errors`
-    maps the index of each failed image to the server's message. Behaves as the list of predictions."""
+    maps the index of each failed image to the server's message. Behaves as the list of predictions.
+    With labels chosen at request time (`classify(images, labels=...)`) `logits` holds every image's logits
+    over those labels, (N, L) float32 in their order (NaN rows for failed images); otherwise it is None."""
 
     predictions: list[list[tuple[str, float]] | None]
     errors: dict[int, str] = field(default_factory=dict)
+    logits: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.predictions)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from vitserve.contract import EMBEDDINGS, IMAGE_INPUT, PIXELS, PROBS  # noqa: F401
+from vitserve.contract import EMBEDDINGS, IMAGE_INPUT, PIXELS, PROBS, TEXT_INPUT  # noqa: F401
 from vitserve.errors import ClientError
 
 # (datatype, shape without the batch dimension) of the encoded-image input: the python preprocess takes one
@@ -72,6 +72,16 @@ class ModelInfo:
             )
         self._check_batching()
         return spec.datatype
+
+    def check_text(self) -> None:
+        """The model must take UTF-8 strings, batched: `text` BYTES [1] (the NAME_text ensemble)."""
+        spec = self.inputs.get(TEXT_INPUT)
+        if spec is None or len(self.inputs) != 1 or (spec.datatype, spec.shape) != BYTES_IMAGES:
+            raise ClientError(
+                f"model {self.name!r} does not take text: expected input `{TEXT_INPUT}` BYTES [-1, 1], the "
+                f"server has {self.describe_inputs()}"
+            )
+        self._check_batching()
 
     def check_pixels(self) -> tuple[int, ...]:
         """The model must take `pixel_values` FP32 [3, H, W] (batched); returns (3, H, W)."""

@@ -6,6 +6,7 @@ blocking client works from any thread, inside a running event loop (Jupyter) inc
 
     with VitClient("localhost:8001", model="vitb32") as client:
         emb = client.embed(["a.jpg", "b.png"]).embeddings
+        text = client.embed_text(["a photo of a cat"]).embeddings
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import asyncio
 import contextlib
 import threading
 import weakref
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
+
+import numpy as np
 
 from vitserve.client.aio import AsyncVitClient
 from vitserve.client.config import Protocol
@@ -23,6 +26,7 @@ from vitserve.client.images import Images
 from vitserve.client.results import ClassifyResult, EmbedResult
 from vitserve.client.schema import ModelInfo
 from vitserve.client.shm import SharedMemory
+from vitserve.contract import TextParams
 from vitserve.errors import ClientError
 
 T = TypeVar("T")
@@ -107,10 +111,32 @@ class VitClient:
         return self._run(self._async.embed(images, strict=strict))
 
     def classify(
-        self, images: Images, top_k: int = 5, *, strict: bool = False, head: str | None = None
+        self,
+        images: Images,
+        top_k: int = 5,
+        *,
+        strict: bool = False,
+        head: str | None = None,
+        labels: Sequence[str] | None = None,
     ) -> ClassifyResult:
         """See AsyncVitClient.classify."""
-        return self._run(self._async.classify(images, top_k, strict=strict, head=head))
+        return self._run(self._async.classify(images, top_k, strict=strict, head=head, labels=labels))
+
+    def embed_text(self, texts: str | Sequence[str], *, strict: bool = False) -> EmbedResult:
+        """See AsyncVitClient.embed_text."""
+        return self._run(self._async.embed_text(texts, strict=strict))
+
+    def label_embeddings(self, labels: Sequence[str]) -> np.ndarray:
+        """See AsyncVitClient.label_embeddings."""
+        return self._run(self._async.label_embeddings(labels))
+
+    def text_tokens(self, texts: str | Sequence[str]) -> np.ndarray:
+        """See AsyncVitClient.text_tokens."""
+        return self._run(self._async.text_tokens(texts))
+
+    def text_params(self) -> TextParams:
+        """See AsyncVitClient.text_params."""
+        return self._run(self._async.text_params())
 
     def model_info(self, tensor: bool = False) -> ModelInfo:
         """See AsyncVitClient.model_info."""

@@ -27,6 +27,10 @@ GRPC_HEADER_PREFIX = "triton-grpc-protocol-"  # tritonserver reads a restricted 
 GRPC_API_KEY_HEADER = GRPC_HEADER_PREFIX + API_KEY_HEADER
 # Behind the key by default; the rest (health, metadata, inference, model-config) stays open.
 CONTROL_APIS = ("model-repository", "shared-memory", "statistics", "trace", "logging")
+# The bearer key of `vitserve api` (the OpenAI-compatible endpoint; clients send `Authorization: Bearer KEY`):
+# a key of its own, for the API's users, never the operator's control key above.
+EMBEDDINGS_KEY_ENV = "VITSERVE_EMBEDDINGS_KEY"
+EMBEDDINGS_KEY_FILE = "embeddings_api_key"
 # Every API tritonserver 2.51 can restrict (its --help): a name outside it is refused at the door.
 KNOWN_APIS = (
     "health", "metadata", "inference", "shared-memory", "model-config", "model-repository", "statistics", "trace",
@@ -34,43 +38,44 @@ KNOWN_APIS = (
 )  # fmt: skip
 
 
-def key_file() -> Path:
+def key_file(name: str = "api_key") -> Path:
     """Where a generated key is kept (readable by its owner only)."""
     base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
-    return Path(base) / "vitserve" / "api_key"
+    return Path(base) / "vitserve" / name
 
 
-def check_key(key: str) -> str:
+def check_key(key: str, env: str = API_KEY_ENV, name: str = "api_key") -> str:
     """`key` if it can travel in a header and on tritonserver's command line; ConfigError otherwise."""
     if not key or not all(c.isascii() and (c.isalnum() or c in "-_.~") for c in key):
         raise ConfigError(
-            f"API key from ${API_KEY_ENV} or {key_file()} must be non-empty and use only letters, digits "
+            f"API key from ${env} or {key_file(name)} must be non-empty and use only letters, digits "
             "and -_.~ (it travels in a header); e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
         )
     return key
 
 
-def read_key() -> str | None:
-    """The operator's key: `$VITSERVE_API_KEY`, else the key file's; None when neither is set."""
-    key = os.environ.get(API_KEY_ENV)
+def read_key(env: str = API_KEY_ENV, name: str = "api_key") -> str | None:
+    """The operator's key: `$VITSERVE_API_KEY`, else the key file's; None when neither is set. (`env`,
+    `name`: another key kept the same way, e.g. EMBEDDINGS_KEY_ENV / EMBEDDINGS_KEY_FILE.)"""
+    key = os.environ.get(env)
     if key is None:
         with contextlib.suppress(FileNotFoundError, PermissionError):
-            key = key_file().read_text().strip()
-    return None if key is None else check_key(key)
+            key = key_file(name).read_text().strip()
+    return None if key is None else check_key(key, env, name)
 
 
-def server_key() -> tuple[str, str]:
+def server_key(env: str = API_KEY_ENV, name: str = "api_key") -> tuple[str, str]:
     """(key, where it came from) for a server: the operator's key, or a new random one written to the key
     file with mode 0600 (created exclusively: two servers starting at once end with the same key)."""
-    key = read_key()
+    key = read_key(env, name)
     if key is not None:
-        return key, f"${API_KEY_ENV}" if API_KEY_ENV in os.environ else str(key_file())
-    path = key_file()
+        return key, f"${env}" if env in os.environ else str(key_file(name))
+    path = key_file(name)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:  # another process made it meanwhile
-        return check_key(path.read_text().strip()), str(path)
+        return check_key(path.read_text().strip(), env, name), str(path)
     key = secrets.token_urlsafe(32)
     with os.fdopen(fd, "w") as f:
         f.write(key + "\n")

@@ -89,6 +89,60 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_api(sub: argparse._SubParsersAction) -> None:
+    from vitserve.api import DEFAULT_PORT, DEFAULT_TRITON_URL, MAX_BODY_BYTES, MAX_INPUTS
+
+    p = sub.add_parser(
+        "api",
+        help="the OpenAI-compatible embeddings endpoint (POST /v1/embeddings, GET /v1/models) in front of a "
+        "running tritonserver (make api)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 in a container)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument(
+        "--triton-url", default=DEFAULT_TRITON_URL, help="tritonserver gRPC host:port (grpcs:// for TLS)"
+    )
+    p.add_argument(
+        "--open",
+        action="store_true",
+        help="serve without a bearer key (default: requests need `Authorization: Bearer KEY`, KEY from "
+        "$VITSERVE_EMBEDDINGS_KEY or the key file, made on first start)",
+    )
+    p.add_argument("--max-body-mb", type=float, default=MAX_BODY_BYTES / 2**20, help="request body limit")
+    p.add_argument("--max-inputs", type=int, default=MAX_INPUTS, help="strings and images per request")
+    p.add_argument("--batch-size", type=int, default=8, help="images or strings per request to Triton")
+    p.add_argument("--max-in-flight", type=int, default=64, help="requests to Triton at once, per model")
+    p.add_argument("--timeout-s", type=float, default=60.0, help="deadline of every call to Triton")
+    p.set_defaults(func=_api)
+
+
+def _api(args: argparse.Namespace) -> int:
+    from vitserve.api import ApiSettings, serve
+    from vitserve.apikey import EMBEDDINGS_KEY_ENV, EMBEDDINGS_KEY_FILE, server_key
+
+    key, source = (None, None) if args.open else server_key(EMBEDDINGS_KEY_ENV, EMBEDDINGS_KEY_FILE)
+    settings = ApiSettings(
+        triton_url=args.triton_url,
+        bearer_key=key,
+        open_access=args.open,
+        max_body_bytes=int(args.max_body_mb * 2**20),
+        max_inputs=args.max_inputs,
+        batch_size=args.batch_size,
+        max_in_flight=args.max_in_flight,
+        timeout_s=args.timeout_s,
+    )
+    print(
+        f"vitserve api: http://{args.host}:{args.port}/v1 (OpenAI embeddings) -> tritonserver {args.triton_url}"
+    )
+    if key is None:
+        print("WARNING: no bearer key (--open): every client that reaches the port is served")
+    else:
+        print(f"requests need `Authorization: Bearer KEY` (OpenAI clients: api_key=KEY); key from {source}")
+    print("Ctrl-C stops it", flush=True)
+    serve(settings, args.host, args.port)
+    return 0
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo", help="build the default model, serve it, classify the sample photos (make demo)"
@@ -245,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_head(sub)
     _add_serve(sub)
+    _add_api(sub)
     _add_demo(sub)
     _add_cluster(sub)
     _add_engines(sub)

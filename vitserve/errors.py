@@ -33,6 +33,10 @@ class ClientError(VitServeError):
     """A request to a deployed model failed."""
 
 
+class UnavailableError(ClientError):
+    """The server could not be reached, or did not answer in time (try again later; not the input's fault)."""
+
+
 def missing_extra(package: str, extra: str) -> VitServeError:
     """Error for an optional dependency that is not installed."""
     return VitServeError(f"{package} is not installed; install it with `pip install 'vitserve[{extra}]'`")
