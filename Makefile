@@ -11,7 +11,7 @@ RANDOM_INIT ?=
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 
-.PHONY: setup perf-deps test test-slow lint format engines serve demo perf clean
+.PHONY: setup perf-deps test test-slow lint format engines serve api demo perf clean
 .PHONY: image engines-gpu gpu-check
 .PHONY: cluster-deps cluster-demo
 
@@ -54,6 +54,14 @@ engines: setup
 serve: setup
 	$(BIN)/vitserve serve --repository $(REPO) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) \
 	  $(if $(OPEN_APIS),--open-apis $(OPEN_APIS))
+
+# The OpenAI-compatible embeddings endpoint (vitserve api) in front of the running server (after make serve):
+# POST /v1/embeddings, GET /v1/models on 127.0.0.1:$(API_PORT); bearer key $$VITSERVE_EMBEDDINGS_KEY or the key
+# file it prints. README "Text and search".
+API_PORT ?= 9000
+TRITON_URL ?= localhost:$(GRPC_PORT)
+api: setup
+	$(BIN)/vitserve api --port $(API_PORT) --triton-url $(TRITON_URL)
 
 # The default model end to end: build (random-init weights when offline, loudly), serve, classify, stop.
 demo: setup

@@ -24,7 +24,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 DATA = ROOT / "tests" / "data" / "deploy"
-TARGETS = ["overlays/cpu", "overlays/gpu", "kserve", "monitoring", "ingress"]
+TARGETS = ["overlays/cpu", "overlays/gpu", "kserve", "monitoring", "ingress", "api"]
 # Custom resources: kubernetes-validate bundles only Kubernetes' own schemas (the InferenceService is checked
 # against KServe's CRD below)
 CRDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("serving.kserve.io/v1beta1", "InferenceService")}
@@ -626,3 +626,45 @@ def test_readme_deploy_steps_name_what_the_manifests_use(rendered):
     for name, keys in used.items():
         assert name in created and keys <= created[name], f"README does not create Secret {name} with {keys}"
     assert API_KEY_ENV in created["vitserve-api-key"]
+
+
+def test_api_runs_vitserve_api_beside_the_triton_pods_closed_by_default(rendered):
+    """deploy/api: `vitserve api` on the port its Service and Ingress name, talking gRPC to the Triton
+    Service of deploy/base; the bearer key and the Triton control key from the Secrets the README creates;
+    probes on routes the app has; the ingress body limit is the API's own."""
+    from vitserve.api import DEFAULT_PORT, MAX_BODY_BYTES, ApiSettings, create_app
+    from vitserve.apikey import API_KEY_ENV, EMBEDDINGS_KEY_ENV
+
+    objs = rendered["api"]
+    deployment = find(objs, "Deployment", "vitserve-api")
+    pod = deployment["spec"]["template"]
+    (c,) = pod["spec"]["containers"]
+    assert c["command"] == ["vitserve"] and c["args"][0] == "api"
+    from vitserve.cli import build_parser
+
+    args = build_parser().parse_args(["api", *c["args"][1:]])
+    assert args.port == DEFAULT_PORT == c["ports"][0]["containerPort"] and not args.open
+    triton = find(rendered["overlays/cpu"], "Service", "vitserve-triton")
+    host, port = args.triton_url.split(":")
+    grpc_port = next(p["port"] for p in triton["spec"]["ports"] if p["name"] == "grpc")
+    assert (host, int(port)) == (triton["metadata"]["name"], grpc_port)
+    secrets = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"] if "valueFrom" in e}
+    assert secrets[EMBEDDINGS_KEY_ENV] == {"name": "vitserve-embeddings-key", "key": EMBEDDINGS_KEY_ENV}
+    assert secrets[API_KEY_ENV] == {"name": "vitserve-api-key", "key": API_KEY_ENV}
+    routes = {r.path for r in create_app(ApiSettings(open_access=True)).routes}
+    assert {c["readinessProbe"]["httpGet"]["path"], c["livenessProbe"]["httpGet"]["path"]} <= routes
+    assert {"/v1/embeddings", "/v1/models"} <= routes
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    service = find(objs, "Service", "vitserve-api")
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    ingress = find(objs, "Ingress", "vitserve-api")
+    limit = ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-body-size"]
+    assert quantity(limit.upper() + "i") == MAX_BODY_BYTES  # 64m in nginx's units is 64 MiB
+    (path,) = ingress["spec"]["rules"][0]["http"]["paths"]
+    assert path["path"] == "/v1" and path["backend"]["service"]["name"] == "vitserve-api"
+    readme = (ROOT / "README.md").read_text()
+    assert (
+        f"kubectl create secret generic vitserve-embeddings-key --from-literal={EMBEDDINGS_KEY_ENV}="
+        in readme
+    )
