@@ -345,6 +345,11 @@ class ModelSpec:
             )
         if not isinstance(self.text, bool):
             raise ConfigError(f"model {self.name}: text={self.text!r} must be true or false")
+        if self.text and not any(k in (Kind.CPU, Kind.ONNXRUNTIME) for k in self.kinds):
+            raise ConfigError(
+                f"model {self.name}: text: true needs a cpu or onnxruntime kind (TensorRT text plans are not "
+                "built yet); add one to `kinds`"
+            )
         if self.cpu_threads is not None and (
             not isinstance(self.cpu_threads, int)
             or isinstance(self.cpu_threads, bool)

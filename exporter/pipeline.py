@@ -168,25 +168,38 @@ def build_model(spec: ModelSpec, artifacts: Path, random_init: bool = False) -> 
 
 
 def text_stage(spec: ModelSpec, model_dir: Path, random_init: bool) -> dict[str, Any]:
-    """`text: true`: the text tower's FP32 export (exporter/text.py, parity-checked, keyed) and the variants
-    the repository serves it as: one per kind of the model that serves text (cpu, onnxruntime)."""
-    from vitserve.exporter.text import text_export_stage, text_params
+    """`text: true`: the text tower's FP32 export (exporter/text.py, parity-checked, keyed), its FP16/INT8
+    variants where `precisions` asks for them (fidelity-gated), and the variants the repository serves: FP32
+    on every cpu/onnxruntime kind of the model, FP16/INT8 that passed their gate on the onnxruntime kind
+    (the CPU kind serves the text tower in FP32 only: the same embedding for a string alone or in a batch)."""
+    from vitserve.exporter.text import TEXT_VARIANTS, make_text_variant, text_export_stage, text_params
 
     fp32_dir, manifest = text_export_stage(spec, model_dir, random_init)
     ext = fp32_dir / EXTERNAL_DATA_NAME
     onnx, data = fp32_dir / ONNX_NAME, (ext if ext.exists() else None)
-    kinds = [k for k in spec.kinds if k is not Kind.TENSORRT]
-    if not kinds:
-        raise ConfigError(
-            f"model {spec.name}: text: true needs a cpu or onnxruntime kind (the text tower is not built as a "
-            "TensorRT plan yet); add one to `kinds`"
+    kinds = [k for k in spec.kinds if k is not Kind.TENSORRT]  # at least one (ModelSpec checks it)
+    variants = [Variant(Precision.FP32, k, onnx, data) for k in kinds]
+    fidelity: dict[str, Any] = {}
+    for precision in (p for p in spec.precisions if p.value in TEXT_VARIANTS):
+        report = make_text_variant(precision, fp32_dir, model_dir / "text" / precision.value, spec.gates)
+        fidelity[precision.value] = report
+        published = report["passed"] or spec.force
+        print(
+            f"[{spec.name}] text {precision.value}: {report['gate']}"
+            + ("" if published else " (NOT published)")
         )
+        if published and Kind.ONNXRUNTIME in kinds:
+            variant_onnx = Path(report["onnx"])
+            vdata = variant_onnx.with_name(variant_onnx.name + ".data")
+            variants.append(
+                Variant(precision, Kind.ONNXRUNTIME, variant_onnx, vdata if vdata.exists() else None)
+            )
     return {
         "fp32_dir": fp32_dir,
         "manifest": manifest,
         "params": text_params(manifest),
-        "variants": [Variant(Precision.FP32, k, onnx, data) for k in kinds],
-        "fidelity": {},
+        "variants": variants,
+        "fidelity": fidelity,
     }
 
 

@@ -514,12 +514,21 @@ def write_text_models(
         if v.external_data is not None:
             _link_or_copy(v.external_data, mdir / "1" / v.external_data.name)
         written[name] = {"role": "text_backbone", "precision": v.precision.value, "kind": v.kind.value}
-    kind = spec.kinds[0]
+    # the first kind of the model that serves text (no TensorRT text plans yet: a GPU model's onnxruntime kind)
     serve = next(
-        (v for p in TEXT_SERVING_ORDER[kind] for v in variants if v.kind is kind and v.precision is p), None
+        (
+            v
+            for kind in spec.kinds
+            for p in TEXT_SERVING_ORDER[kind]
+            for v in variants
+            if v.kind is kind and v.precision is p
+        ),
+        None,
     )
     if serve is None:
-        raise ConfigError(f"model {spec.name}: no text variant can be served by kind {kind.value}")
+        raise ConfigError(
+            f"model {spec.name}: no text variant can be served by its kinds {[k.value for k in spec.kinds]}"
+        )
     serve_name = backbone_model_name(text, serve.precision, serve.kind)
     write_config(repo / text, text_ensemble_config(text, spec, params, dim, serve_name))
     (repo / text / "1").mkdir(parents=True, exist_ok=True)

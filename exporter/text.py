@@ -289,3 +289,174 @@ def text_export_stage(spec, model_dir: Path, random_init: bool) -> tuple[Path, d
     manifest["build_key"] = key
     write_manifest(fp32, manifest)
     return fp32, manifest
+
+
+# ------------------------------------------------------------------------------- precision variants
+
+# Calibration sentences of the FP16 range check and INT8 Q/DQ (captions and prompts, none of them among the
+# held-out PARITY_SENTENCES the variants are scored on).
+CALIBRATION_SENTENCES = (
+    "a photo of a dog.",
+    "a bad photo of a car.",
+    "a photo of the large rocket.",
+    "a cropped photo of a woman.",
+    "a close-up photo of a flower.",
+    "a bright photo of a bird.",
+    "a photo of a nice motorcycle.",
+    "a photo of the small cup of coffee.",
+    "a man riding a wave on top of a surfboard",
+    "a plate of food with broccoli, rice and chicken",
+    "a living room with a couch, a television and a lamp",
+    "a group of people standing around a kitchen island",
+    "a black and white cat sleeping on a laptop keyboard",
+    "a train traveling down tracks next to a forest",
+    "an aerial view of a city at night with lit streets",
+    "a child holding an umbrella in the rain",
+    "a bowl of ramen with an egg and green onions",
+    "a satellite image of farmland and rivers",
+    "a histology slide stained with hematoxylin and eosin",
+    "a red stop sign on a snowy street corner",
+    "eine Katze sitzt auf dem Fensterbrett",
+    "un perro corriendo en el parque",
+    "夕焼けの海と砂浜",
+    "кошка на диване",
+    "🐶🐱 pets 🐾",
+    "screenshot of a spreadsheet with charts",
+    "a vintage poster advertising a circus, 1920s",
+    "macro photograph of a bee on a sunflower",
+    "two giraffes standing in a savanna under a blue sky",
+    "a hand-drawn sketch of a castle",
+    "people waiting at a bus stop, blurry motion",
+    " ".join(["an extremely long description of a busy market street with many stalls"] * 8),
+)
+TEXT_VARIANTS = ("fp16", "int8")  # models.yaml precisions the text tower is built in besides fp32
+TEXT_VARIANT_REPORT = "variant.json"
+
+
+def _text_fidelity(fp32: Path, variant: Path, held_out: np.ndarray) -> dict[str, Any]:
+    """The variant vs FP32 on held-out tokens, scored independently of this CPU's int8 kernels
+    (onnxrt.exact_session: Q/DQ as fake quantization), FP16 parts at ORT_ENABLE_EXTENDED."""
+    from vitserve.exporter import onnxrt
+
+    ref = onnxrt.cpu_session(fp32).run([EMBEDDINGS], {TOKENS: held_out})[0]
+    t0 = time.perf_counter()
+    session, how = onnxrt.exact_session(variant, optimization="extended")
+    got = session.run([EMBEDDINGS], {TOKENS: held_out})[0]
+    return {
+        "evaluator": f"onnxruntime CPUExecutionProvider, graph optimization EXTENDED, {how}",
+        "hardware_independent": True,
+        "sentences": len(held_out),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "outputs": compare_outputs({EMBEDDINGS: ref}, {EMBEDDINGS: got}),
+    }
+
+
+def make_text_variant(precision, fp32_dir: Path, out_dir: Path, gates) -> dict[str, Any]:
+    """The FP16 (AutoCast, LayerNorm/Softmax/L2 norm and out-of-range nodes kept FP32) or INT8 (ModelOpt
+    explicit Q/DQ, attention matmuls unquantized, rest FP16) text tower from the FP32 export in `fp32_dir`
+    into `out_dir`, calibrated on CALIBRATION_SENTENCES, scored against FP32 on the held-out sentences and
+    random token ids, gated like the image side (`precision.check_gate`); returns the report (also
+    `out_dir/variant.json`), reused while its key is unchanged."""
+    import json
+
+    import open_clip
+
+    from vitserve.contract import Precision
+    from vitserve.exporter.identity import artifact_key
+    from vitserve.exporter.precision import (
+        FP16_DATA_MAX,
+        FP16_KEEP_OP_TYPES,
+        _exact,
+        attention_matmuls,
+        check_gate,
+        quiet_modelopt,
+        save_onnx,
+    )
+
+    precision = Precision(precision)
+    if precision.value not in TEXT_VARIANTS:
+        raise ConfigError(f"text variant {precision.value!r}: the text tower is built in {TEXT_VARIANTS}")
+    manifest = read_manifest(fp32_dir)
+    fp32 = fp32_dir / ONNX_FILE
+    t = manifest["tokenizer"]
+    tokenizer = open_clip.get_tokenizer(t["name"], context_length=t["context_length"])
+    calib = tokenize(tokenizer, CALIBRATION_SENTENCES, t["context_length"])
+    held_out = np.concatenate(
+        [
+            tokenize(tokenizer, PARITY_SENTENCES, t["context_length"]),
+            random_tokens(tokenizer, 4, t["context_length"]),
+        ]
+    )
+    settings = {"keep": FP16_KEEP_OP_TYPES, "data_max": FP16_DATA_MAX}
+    if precision is Precision.INT8:
+        settings |= {"method": "max", "excluded": "attention matmuls", "high_precision_dtype": "fp16"}
+    key = artifact_key(
+        f"text-variant-{precision.value}",
+        models={"fp32": fp32},
+        calibration=calib.tolist(),
+        held_out=held_out.tolist(),
+        settings=settings,
+        versions=library_versions(),
+    )
+    cached = out_dir / TEXT_VARIANT_REPORT
+    if cached.is_file() and (out_dir / ONNX_FILE).is_file():
+        report = json.loads(cached.read_text())
+        if report.get("key") == key:
+            report["passed"], report["gate"] = check_gate(precision, report["fidelity"], gates)
+            return report
+    t0 = time.perf_counter()
+    with atomic_directory(out_dir) as tmp:
+        dst = tmp / ONNX_FILE
+        if precision is Precision.FP16:
+            from modelopt.onnx.autocast import convert_to_mixed_precision
+
+            np.savez(tmp / "calibration.npz", **{TOKENS: calib})
+            with quiet_modelopt():
+                model = convert_to_mixed_precision(
+                    onnx_path=str(fp32),
+                    low_precision_type="fp16",
+                    keep_io_types=True,
+                    op_types_to_exclude=FP16_KEEP_OP_TYPES,
+                    data_max=FP16_DATA_MAX,  # AutoCast's own range check, on the calibration sentences
+                    calibration_data=str(tmp / "calibration.npz"),
+                    providers=["cpu"],
+                )
+            save_onnx(model, dst)
+            del model
+            (tmp / "calibration.npz").unlink()
+            made = {"autocast": "fp16", "kept_op_types": FP16_KEEP_OP_TYPES, "data_max": FP16_DATA_MAX}
+        else:
+            from modelopt.onnx.quantization import quantize
+
+            excluded = attention_matmuls(fp32)
+            with quiet_modelopt():
+                quantize(
+                    onnx_path=str(fp32),
+                    quantize_mode="int8",
+                    calibration_data={TOKENS: calib},
+                    calibration_method="max",
+                    calibration_eps=["cpu"],
+                    nodes_to_exclude=[_exact(n) for n in excluded],
+                    high_precision_dtype="fp16",
+                    op_types_to_exclude_fp16=FP16_KEEP_OP_TYPES,
+                    output_path=str(dst),
+                    log_level="WARNING",
+                )
+            made = {
+                "method": "max",
+                "excluded_attention_matmuls": len(excluded),
+                "high_precision_dtype": "fp16",
+            }
+        report = {
+            "precision": precision.value,
+            "tower": "text",
+            "key": key,
+            "onnx": str(out_dir / ONNX_FILE),
+            "calibration_sentences": len(calib),
+            "made": made,
+            "seconds": round(time.perf_counter() - t0, 2),
+            "fidelity": _text_fidelity(fp32, dst, held_out),
+        }
+        report["passed"], report["gate"] = check_gate(precision, report["fidelity"], gates)
+        (tmp / TEXT_VARIANT_REPORT).write_text(json.dumps(report, indent=2) + "\n")
+    return report

@@ -116,6 +116,8 @@ def test_backbone_without_text_tower_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="text='yes' must be true or false"):
         ModelSpec(name="m", backbone="ViT-B-32", text="yes")
     assert ModelSpec(name="m", backbone="ViT-B-32").text is False
+    with pytest.raises(ConfigError, match="model m: text: true needs a cpu or onnxruntime kind"):
+        ModelSpec(name="m", backbone="ViT-B-32", text=True, kinds=("tensorrt",))
 
 
 # ------------------------------------------------------------------------------------------ the build
@@ -280,3 +282,45 @@ def test_big_text_towers_parity(backbone, tmp_path):
     cosines = [c["cosine_min"] for c in m["parity"]["cases"].values()]
     print(f"{backbone} text parity cosine_min {min(cosines):.8f}, export {m['export_seconds']} s")
     assert min(cosines) >= PARITY_COSINE and m["feature_dim"] == 768
+
+
+def test_text_models_on_gpu_kinds_route_to_onnxruntime(clip_text_build, tmp_path):
+    """kinds [tensorrt, onnxruntime] (no TensorRT text plans yet): the text ensemble routes to the
+    onnxruntime kind's FP32 text backbone, served by Triton's onnxruntime backend."""
+    from vitserve.contract import Kind, Precision
+    from vitserve.exporter.config import ModelSpec
+    from vitserve.exporter.repository import Variant, read_config, write_text_models
+
+    fp32 = clip_text_build["artifacts"] / NAME / "text" / "fp32" / "model.onnx"
+    spec = ModelSpec(
+        name="g", backbone="ViT-B-32", kinds=(Kind.TENSORRT, Kind.ONNXRUNTIME), text=True, preprocess="pillow"
+    )
+    params = TextParams(tokenizer="ViT-B-32", context_length=77, logit_scale=100.0)
+    written = write_text_models(
+        tmp_path, spec, {"feature_dim": 512}, params, [Variant(Precision.FP32, Kind.ONNXRUNTIME, fp32)]
+    )
+    assert written["g_text"]["backbone"] == "g_text_fp32_onnxruntime"
+    cfg = read_config(tmp_path / "g_text_fp32_onnxruntime" / "config.pbtxt")
+    assert (cfg.platform, cfg.max_batch_size) == ("onnxruntime_onnx", params.max_texts)
+    assert (tmp_path / "g_text_fp32_onnxruntime" / "1" / "model.onnx").is_file()
+    with pytest.raises(ConfigError, match="no text variant can be served by its kinds"):
+        write_text_models(tmp_path, spec, {"feature_dim": 512}, params, [])
+
+
+@pytest.mark.slow
+def test_text_fp16_and_int8_variants_pass_their_gates(clip_text_build, tmp_path):
+    """The ViT-B-32 text tower in FP16 (AutoCast) and INT8 (explicit Q/DQ): scored against FP32 on the
+    held-out sentences independently of this CPU's int8 kernels, gated like the image side, cached."""
+    from vitserve.exporter.config import Gates
+    from vitserve.exporter.text import make_text_variant
+
+    fp32 = clip_text_build["artifacts"] / NAME / "text" / "fp32"
+    for precision, floor in (("fp16", 0.9999), ("int8", 0.98)):
+        report = make_text_variant(precision, fp32, tmp_path / precision, Gates())
+        emb = report["fidelity"]["outputs"][EMBEDDINGS]
+        print(f"text {precision}: {emb}, {report['seconds']} s, {report['gate']}")
+        assert report["passed"] and report["gate"].startswith("PASS")
+        assert report["fidelity"]["hardware_independent"] and emb["cosine_mean"] >= floor
+        assert report["fidelity"]["sentences"] == len(PARITY_SENTENCES) + 4
+        again = make_text_variant(precision, fp32, tmp_path / precision, Gates())
+        assert again["key"] == report["key"] and again["seconds"] == report["seconds"]  # reused
