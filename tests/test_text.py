@@ -280,7 +280,7 @@ def test_big_text_towers_parity(backbone, tmp_path):
 
     m = export_text(backbone, tmp_path / "text", weights="random")
     cosines = [c["cosine_min"] for c in m["parity"]["cases"].values()]
-    print(f"{backbone} text parity cosine_min {min(cosines):.8f}, export {m['export_seconds']} s")
+    print(f"{backbone} text parity 1 - cosine_min {1 - min(cosines):.2e}, export {m['export_seconds']} s")
     assert min(cosines) >= PARITY_COSINE and m["feature_dim"] == 768
 
 
@@ -324,3 +324,20 @@ def test_text_fp16_and_int8_variants_pass_their_gates(clip_text_build, tmp_path)
         assert report["fidelity"]["sentences"] == len(PARITY_SENTENCES) + 4
         again = make_text_variant(precision, fp32, tmp_path / precision, Gates())
         assert again["key"] == report["key"] and again["seconds"] == report["seconds"]  # reused
+
+
+@pytest.mark.parametrize(
+    ("params", "needle"),
+    [
+        ({"tokenizer": "ViT-B-32", "context_length": 77}, "logit_scale"),
+        ({"tokenizer": "ViT-B-32", "context_length": 0, "logit_scale": 100.0}, "context_length=0"),
+        ({"tokenizer": "ViT-B-32", "context_length": 77, "logit_scale": 1, "max_strings": 9}, "max_strings"),
+    ],
+)
+def test_served_tokenizer_validates_its_parameters_when_it_loads(params, needle):
+    from vitserve.contract import TEXT_PARAM, ContractError
+    from vitserve.exporter.triton_models.tokenize import TritonPythonModel
+
+    config = {"name": "m_text_tokenize", "parameters": {TEXT_PARAM: {"string_value": json.dumps(params)}}}
+    with pytest.raises(ContractError, match=needle):
+        TritonPythonModel().initialize({"model_config": json.dumps(config)})

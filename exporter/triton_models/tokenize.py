@@ -22,9 +22,9 @@ import json
 import numpy as np
 
 if __package__:  # part of the vitserve package (the exporter, perf, tests)
-    from vitserve.contract import TextParams
+    from vitserve.contract import TEXT_INPUT, TextParams
 else:  # served by Triton: the repository copies vitserve/contract.py next to this model.py
-    from vitserve_contract import TextParams
+    from vitserve_contract import TEXT_INPUT, TextParams
 
 try:
     import triton_python_backend_utils as pb_utils
@@ -36,7 +36,7 @@ class TextError(ValueError):
     """A request's strings are not what this model accepts; the message names the index and the limit."""
 
 
-def check_texts(items, params: TextParams, input_name: str = "text") -> list[str]:
+def check_texts(items, params: TextParams, input_name: str = TEXT_INPUT) -> list[str]:
     """A request's BYTES elements (bytes or str) as strings, refusing the first bad one by index: empty,
     not UTF-8, longer than `params.max_text_bytes`; and more than `params.max_texts` of them."""
     n = len(items)
@@ -77,7 +77,7 @@ def load_tokenizer(params: TextParams):
     return open_clip.get_tokenizer(params.tokenizer, context_length=params.context_length)
 
 
-def tokenize_items(tokenizer, items, params: TextParams, input_name: str = "text") -> np.ndarray:
+def tokenize_items(tokenizer, items, params: TextParams, input_name: str = TEXT_INPUT) -> np.ndarray:
     """A request's strings -> int64 [N, context_length], open_clip's tokens (TextError for bad input)."""
     texts = check_texts(items, params, input_name)
     tokens = tokenizer(texts, context_length=params.context_length)
