@@ -46,6 +46,7 @@ class TuneResult:
     tuned: dict | None = None
     written_to: str | None = None
     check: dict | None = None
+    untuned: dict | None = None  # search.untuned_over_tuned: the served defaults against the choice
     files: dict[str, str] = field(default_factory=dict)
 
 
@@ -171,6 +172,7 @@ def markdown(r: TuneResult) -> str:
             "settings into config.pbtxt (instance_group, dynamic_batching, the `onnx_cpu` parameters, the "
             "ensemble's backbone step) and marks the configs with a `vitserve_tuned` parameter.",
         ]
+    out += ["", "## Untuned vs tuned", "", *_untuned_markdown(r)]
     out += ["", "## Pareto front (throughput vs p99)", "", *_points_table(r.front), "", "![front](front.png)"]
     out += ["", "## Every configuration", "", *_points_table(r.points)]
     effects = knob_effects(r.points)
@@ -196,6 +198,27 @@ def markdown(r: TuneResult) -> str:
         out += ["", *_check_markdown(r.check)]
     out += ["", "## Model Analyzer, and what vitserve adds", "", MODEL_ANALYZER, ""]
     return "\n".join(out)
+
+
+def _untuned_markdown(r: TuneResult) -> list[str]:
+    u = r.untuned
+    if not u:
+        return [
+            "The configuration before tuning was not measured in this run (the time bound, or no choice)."
+        ]
+    lines = [
+        f"The configuration the server had before tuning, `{u['knobs']}`, measured as it is (stage `untuned`), "
+        f"against the choice, `{u['chosen']}`, at every workload point:",
+        "",
+        "| concurrency | images/request | untuned img/s | tuned img/s | untuned / tuned |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {row['concurrency']} | {row['batch_size']} | {row['untuned']:.1f} | {row['tuned']:.1f} | "
+        f"{row['ratio']:.2f} |"
+        for row in u["points"]
+    ]
+    return [*lines, "", f"Geometric mean untuned / tuned: **{u['geomean']:.2f}**."]
 
 
 def _check_markdown(check: dict) -> list[str]:

@@ -18,7 +18,16 @@ from vitserve.perf.tune.check import CHECK_ROUNDS, compare_in_process
 from vitserve.perf.tune.configs import Reloader, current_knobs, discover
 from vitserve.perf.tune.measurer import MEASUREMENTS, Measurer, load_earlier, signature
 from vitserve.perf.tune.report import TuneResult, write_tune_report
-from vitserve.perf.tune.search import Knobs, Point, Space, choose, default_space, pareto_front, search
+from vitserve.perf.tune.search import (
+    Knobs,
+    Point,
+    Space,
+    choose,
+    default_space,
+    pareto_front,
+    search,
+    untuned_over_tuned,
+)
 from vitserve.perf.tune.writeback import tuned_section, write_tuned
 
 
@@ -175,6 +184,7 @@ def run_tune(
             truncated=outcome.truncated, note=outcome.note, elapsed_s=0.0,
         )  # fmt: skip
         if chosen is not None:
+            result.untuned = untuned_over_tuned(outcome.points, current, chosen.knobs)
             result.tuned = tuned_section(chosen.knobs, target, host=host, p99_ms=p99_ms, report=str(out))
             if check_s:
                 result.check = compare_in_process(

@@ -5,9 +5,11 @@ A configuration is `Knobs` (its knobs named as models.yaml `tuned:` and the serv
 it at one (concurrency, images per request) a `Point`. The stages (`stage_plan`): `compute` (variant x
 instances/threads x lanes x spinning, batching as configured), then `batching` (queue delay x preferred
 sizes around the best so far), then `preprocess` (instances x threads; ensemble only), then `refine` (the
-compute knobs again under the batching and preprocess chosen, and the other variants). The choice
-(`choose`) is the configuration with the best geometric mean of its throughput over the best seen at each
-workload point, p99 within the budget at every one; `pareto_front` and `knob_effects` are for the report.
+compute knobs again under the batching and preprocess chosen, and the other variants), then `untuned` (the
+configuration the server had before tuning, measured as it is, so that the report can say what tuning
+bought: `untuned_over_tuned`). The choice (`choose`) is the configuration with the best geometric mean of
+its throughput over the best seen at each workload point, p99 within the budget at every one;
+`pareto_front` and `knob_effects` are for the report.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 
 from vitserve.errors import ConfigError
 
-STAGES = ("compute", "batching", "preprocess", "refine")
+STAGES = ("compute", "batching", "preprocess", "refine", "untuned")
 # points stored by a tuner with other knobs (before `lanes`, preprocess threads, the contract's names) are
 # not reused
 KNOBS_VERSION = 4
@@ -180,9 +182,29 @@ def stage_plan(stage: str, space: Space, best: Knobs, current: Knobs) -> list[Kn
         # with the best's settings
         plan = [k for k in stage_plan("compute", space, best, best) if k.variant == best.variant]
         plan += [replace(best, variant=v) for v in space.variants if v != best.variant]
+    elif stage == "untuned":
+        plan = [current]  # the reference for untuned / tuned: the served defaults, as they are
     else:
         raise ConfigError(f"unknown tuning stage {stage!r}; stages: {', '.join(STAGES)}")
     return list(dict.fromkeys(plan))
+
+
+def untuned_over_tuned(points: Iterable[Point], untuned: Knobs, tuned: Knobs) -> dict[str, Any] | None:
+    """The untuned configuration's throughput over the tuned one's at every workload point both were measured
+    at, and the geometric mean of those ratios (None when either was not measured)."""
+    ok = [p for p in points if p.ok]
+    at = {k: {(p.concurrency, p.batch_size): p for p in ok if p.knobs == k} for k in (untuned, tuned)}
+    shared = sorted(set(at[untuned]) & set(at[tuned]))
+    if not shared:
+        return None
+    rows = [
+        {"concurrency": c, "batch_size": b, "untuned": at[untuned][(c, b)].images_per_s,
+         "tuned": at[tuned][(c, b)].images_per_s,
+         "ratio": at[untuned][(c, b)].images_per_s / at[tuned][(c, b)].images_per_s}
+        for c, b in shared
+    ]  # fmt: skip
+    geomean = math.exp(sum(math.log(r["ratio"]) for r in rows) / len(rows))
+    return {"knobs": untuned.key(), "chosen": tuned.key(), "points": rows, "geomean": geomean}
 
 
 def pareto_front(points: Iterable[Point]) -> list[Point]:
