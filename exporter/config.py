@@ -24,8 +24,12 @@ from vitserve.errors import ConfigError, enum_value
 KIND_PRECISIONS: dict[Kind, tuple[Precision, ...]] = {
     Kind.TENSORRT: (Precision.FP32, Precision.FP16, Precision.INT8),
     Kind.ONNXRUNTIME: (Precision.FP32, Precision.FP16, Precision.INT8),
-    Kind.CPU: (Precision.FP32, Precision.FP16, Precision.INT8, Precision.CPU_INT8),
+    Kind.CPU: (Precision.FP32, Precision.FP16, Precision.BF16, Precision.INT8, Precision.CPU_INT8),
 }
+
+
+# What the CPU kind serves by default, of the precisions built (ModelSpec.cpu_precisions)
+CPU_DEFAULT_PRECISIONS = (Precision.FP32, Precision.INT8, Precision.BF16)
 
 
 def check_kind_serves(kind: Kind, precision: Precision) -> None:
@@ -101,6 +105,7 @@ class Gates:
     """Fidelity gates a variant must pass (against FP32 on held-out images) to be published."""
 
     fp16_mean_cosine: float = 0.999
+    bf16_mean_cosine: float = 0.999  # on the emulation (precision.make_bf16): gated like FP16
     int8_mean_cosine: float = 0.98
     int8_top1_agreement: float = 0.95
     cpu_int8_mean_cosine: float = 0.995
@@ -297,10 +302,12 @@ class ModelSpec:
     exif_transpose: bool = True
     scale_16bit: bool = True
     cpu_int8_mode: str = "dynamic"  # dynamic | static (QDQ, calibrated on the calibration images)
-    # What the CPU kind serves of the precisions built. FP16 on onnxruntime's CPU runs at ~0.15x FP32 and the
-    # TensorRT Q/DQ model runs slower than FP32 there: they are built (for the fidelity report and the GPU
-    # kinds) but loaded on a CPU only when listed here.
-    # None: fp32 and cpu-int8, of those built; a list given must name built precisions only.
+    # What the CPU kind serves of the precisions built. None: fp32, int8 (TensorRT's Q/DQ INT8 ONNX, run by
+    # OpenVINO where the host's int8 kernels fit it, else FP32) and bf16 (OpenVINO where the host has BF16,
+    # else FP32), of those built: each gives an image the same embedding alone or in any batch. cpu-int8
+    # (onnxruntime dynamic int8: activation scales per call, so an image's embedding changes with its
+    # batch-mates, max abs 2-3e-3) and fp16 (~0.15x FP32 on onnxruntime's CPU) serve only when listed here.
+    # A list given must name built precisions only.
     cpu_precisions: tuple[Precision, ...] | None = None
     # onnxruntime intra-op threads of each CPU backbone instance; None: decided when the model loads, from the
     # cores the server may use (affinity, cgroup quota) divided among its instances and the repository's
@@ -373,13 +380,14 @@ class ModelSpec:
             raise ConfigError(
                 f"model {self.name}: cpu_int8_mode {self.cpu_int8_mode!r}: expected 'dynamic' or 'static'"
             )
-        if Precision.CPU_INT8 in self.precisions and Kind.CPU not in self.kinds:
-            # cpu-int8 is only ever published to the kinds that serve it; with none configured, refuse.
-            check_kind_serves(self.kinds[0], Precision.CPU_INT8)
+        for cpu_only in (Precision.CPU_INT8, Precision.BF16):
+            if cpu_only in self.precisions and Kind.CPU not in self.kinds:
+                # published only to the kinds that serve it; with none configured, refuse.
+                check_kind_serves(self.kinds[0], cpu_only)
 
     def _check_cpu_precisions(self) -> None:
         if self.cpu_precisions is None:  # frozen: the default is resolved once, here
-            default = tuple(p for p in (Precision.FP32, Precision.CPU_INT8) if p in self.precisions)
+            default = tuple(p for p in CPU_DEFAULT_PRECISIONS if p in self.precisions)
             object.__setattr__(self, "cpu_precisions", default)
             return
         outside = [p.value for p in self.cpu_precisions if p not in self.precisions]

@@ -147,13 +147,25 @@ def build_model(spec: ModelSpec, artifacts: Path, random_init: bool = False) -> 
         if Precision.CPU_INT8 in onnx_by_precision:  # less the flavours a head failed
             report = fidelity[Precision.CPU_INT8.value]
             cpu_int8_flavours = _flavour_files(report, Path(report["onnx"]).parent)
-    # The CPU kind serves what is worth serving on a CPU (cpu_precisions: fp32 and cpu-int8 by default);
-    # the GPU kinds never serve cpu-int8.
+    # The CPU kind serves what is worth serving on a CPU (cpu_precisions: fp32, int8 and bf16 by default),
+    # each with its flavours (cpu_flavours); the GPU kinds serve what they can run (never cpu-int8, bf16).
+    from vitserve.exporter.config import KIND_PRECISIONS
+
     variants = [
-        Variant(p, k, onnx, data, cpu_int8_flavours if p is Precision.CPU_INT8 else ())
+        Variant(
+            p,
+            k,
+            onnx,
+            data,
+            cpu_flavours(
+                p, model_dir, fidelity, onnx_by_precision[Precision.FP32][0], cpu_int8_flavours, spec
+            )
+            if k is Kind.CPU
+            else (),
+        )
         for k in spec.kinds
         for p, (onnx, data) in onnx_by_precision.items()
-        if (p in spec.cpu_precisions if k is Kind.CPU else p is not Precision.CPU_INT8)
+        if (p in spec.cpu_precisions if k is Kind.CPU else p in KIND_PRECISIONS[k])
     ]
     return {
         "spec": spec,
@@ -201,6 +213,37 @@ def text_stage(spec: ModelSpec, model_dir: Path, random_init: bool) -> dict[str,
         "variants": variants,
         "fidelity": fidelity,
     }
+
+
+def cpu_flavours(
+    precision: Precision,
+    model_dir: Path,
+    fidelity: dict[str, Any],
+    fp32: Path,
+    cpu_int8: tuple[tuple[str, Path], ...],
+    spec: ModelSpec,
+) -> tuple[tuple[str, Path], ...]:
+    """(flavour, source file) of a CPU variant, plus ("probe", file): its own engines (OpenVINO on the Q/DQ
+    INT8 ONNX, OpenVINO BF16, the cpu-int8 flavours), then the FP32 ones every CPU model falls back to
+    (onnx_cpu.py tries them in the host's order; repository.py names the files in the model's folder)."""
+    from vitserve.contract import FP32_FLAVOURS, OPENVINO_BF16, OPENVINO_INT8
+    from vitserve.exporter.precision import PROBE_NAME, fp32_probe
+
+    if precision is Precision.FP16:  # onnxruntime's FP16 kernels, no flavours (listed in cpu_precisions only)
+        return ()
+    fp32_only = tuple((f, fp32) for f in FP32_FLAVOURS)
+    if precision is Precision.FP32:
+        return (*fp32_only, ("probe", fp32_probe(fp32.parent, model_dir / "fp32-probe", spec)))
+    if precision is Precision.CPU_INT8:
+        return (
+            *(f for f in cpu_int8 if f[0] != "probe"),
+            *fp32_only,
+            *(f for f in cpu_int8 if f[0] == "probe"),
+        )
+    probe = Path(fidelity[precision.value].get("emulation") or fidelity[precision.value]["onnx"]).parent
+    own = {Precision.INT8: OPENVINO_INT8, Precision.BF16: OPENVINO_BF16}[precision]
+    report_onnx = Path(fidelity[precision.value]["onnx"])
+    return ((own, report_onnx), *fp32_only, ("probe", probe / PROBE_NAME))
 
 
 def _flavour_files(report: dict[str, Any], folder: Path) -> tuple[tuple[str, Path], ...]:

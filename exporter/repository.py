@@ -142,8 +142,24 @@ class Variant:
     kind: Kind
     onnx: Path  # the ONNX the variant is (or will be) built from
     external_data: Path | None = None
-    # CPU kind, cpu-int8: (flavour, file) per published flavour and ("probe", file); see onnx_cpu.py
+    # CPU kind: (flavour, source file) per flavour the served model may pick, and ("probe", file); see
+    # onnx_cpu.py and pipeline.cpu_flavours
     flavours: tuple[tuple[str, Path], ...] = ()
+
+    def served_files(self) -> dict[str, tuple[str, Path]]:
+        """flavour (and "probe") -> (its file's name in the model's version folder, source): the variant's
+        own ONNX is model.onnx; an FP32 flavour's file, when it is not that, is the FP32 fallback."""
+        out = {}
+        for k, f in self.flavours:
+            if k == "probe":
+                out[k] = (PROBE_FILE, f)
+            elif f == self.onnx:
+                out[k] = (ONNX_FILE, f)
+            elif k in contract.FP32_FLAVOURS:
+                out[k] = (contract.FP32_FALLBACK_FILE, f)
+            else:
+                out[k] = (f.name, f)
+        return out
 
 
 WARMUP_FILE = f"{PIXELS}.bin"  # warmup/ of each GPU backbone model: one preprocessed photo (pipeline)
@@ -168,7 +184,7 @@ def backbone_config(
         cfg.backend = "python"
         # Threads are the serving host's, decided when the model loads (onnx_cpu.py), unless models.yaml
         # sets cpu_threads; `share` is how many CPU backbones of this repository serve at once.
-        flavours = {k: f.name for k, f in variant.flavours if k != "probe"}
+        flavours = {k: n for k, (n, _) in variant.served_files().items() if k != "probe"}
         params = CpuBackboneParams(
             cpu_threads=spec.cpu_threads or "auto",
             share=cpu_share,
@@ -320,7 +336,7 @@ def ensemble_config(name: str, spec: ModelSpec, manifest: dict[str, Any], backbo
 
 def serving_variant(spec: ModelSpec, published: list[Variant]) -> Variant:
     """The variant the ensemble routes to: the first configured kind, its preferred published precision
-    (CPU: cpu-int8, then fp32; GPU: fp16, then fp32). A `tuned:` precision comes first when it is published
+    (CPU: cpu-int8 where asked for, int8, bf16, then fp32; GPU: fp16, then fp32). A `tuned:` precision comes first when it is published
     for the CPU kind; when it is not (its gate failed in this build) the default order decides, with a warning."""
     kind = spec.kinds[0]
     tuned = spec.tuned.precision if spec.tuned is not None else None
@@ -333,7 +349,8 @@ def serving_variant(spec: ModelSpec, published: list[Variant]) -> Variant:
             spec.name, tuned.value,
         )  # fmt: skip
     order = {
-        Kind.CPU: (Precision.CPU_INT8, Precision.FP32),
+        # cpu-int8 is published only where models.yaml asks for it (cpu_precisions): asked for, it serves
+        Kind.CPU: (Precision.CPU_INT8, Precision.INT8, Precision.BF16, Precision.FP32),
         Kind.TENSORRT: (Precision.FP16, Precision.FP32, Precision.INT8),
         Kind.ONNXRUNTIME: (Precision.FP32, Precision.FP16),
     }[kind]
@@ -386,9 +403,15 @@ def write_model(
             _link_or_copy(labels, mdir / LABELS_FILE)
         if v.kind is Kind.CPU:
             copy_served_source(CPU_BACKBONE_SOURCE, mdir / "1")
-            for _, f in v.flavours:
-                if f.name != ONNX_FILE:
-                    _link_or_copy(f, mdir / "1" / f.name)
+            for file, src in {n: f for n, f in v.served_files().values() if n != ONNX_FILE}.items():
+                _link_or_copy(src, mdir / "1" / file)
+            fallback = dict(v.flavours).get(contract.ONNXRUNTIME_FP32)
+            data = fallback.with_name(fallback.name + ".data") if fallback is not None else None
+            if data is not None and fallback != v.onnx and data.exists():
+                if v.external_data is not None:  # both name model.onnx.data: keep the variant's own
+                    log.warning("%s: the FP32 fallback's external data clashes with the model's", name)
+                else:
+                    _link_or_copy(data, mdir / "1" / data.name)
         if v.kind in (Kind.CPU, Kind.ONNXRUNTIME):
             _link_or_copy(v.onnx, mdir / "1" / ONNX_FILE)
             if v.external_data is not None:

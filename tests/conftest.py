@@ -131,7 +131,15 @@ def vitb32_build(tmp_path_factory, linear_head) -> dict:
     root = tmp_path_factory.mktemp("vitb32_build")
     # preprocess_threads 2: the served ensemble tests go through the threaded preprocess path (the
     # hardened repository of test_reliability keeps the default, 1)
-    config = write_models_yaml(root / "models.yaml", *linear_head, preprocess_threads=2)
+    # precisions/cpu_precisions: bf16 is published by default; dynamic cpu-int8 (an image's embedding
+    # depends on its batch-mates) only where asked for, as here: the client tests go through it (issue 26)
+    config = write_models_yaml(
+        root / "models.yaml",
+        *linear_head,
+        preprocess_threads=2,
+        precisions=["fp32", "fp16", "int8", "bf16", "cpu-int8"],
+        cpu_precisions=["fp32", "bf16", "cpu-int8"],
+    )
     # VITSERVE_TEST_ARTIFACTS: a folder kept between runs (development only; CI builds from nothing). The
     # build's own keyed caches decide what is reused, as they do for `make engines`.
     artifacts = Path(os.environ.get("VITSERVE_TEST_ARTIFACTS") or root / "artifacts")
@@ -192,6 +200,26 @@ def clip_text_server(clip_text_build, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "clip_text_server.log"
     with TritonServer(clip_text_build["repository"], log_path=log) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def vitb32_cpu_repository(vitb32_build, linear_head) -> Path:
+    """The same model with every CPU variant published (`cpu_precisions: [fp32, int8, bf16, cpu-int8]`,
+    `force: true`: the random head fails int8's top-1 gate), a second repository from vitb32_build's
+    artifacts (every stage cached): the CPU engines' tests (issue 26)."""
+    from vitserve.exporter.pipeline import build_all
+
+    root = vitb32_build["root"]
+    config = write_models_yaml(
+        root / "models.cpu.yaml",
+        *linear_head,
+        preprocess_threads=2,
+        precisions=["fp32", "fp16", "int8", "bf16", "cpu-int8"],
+        cpu_precisions=["fp32", "int8", "bf16", "cpu-int8"],
+        force=True,
+    )
+    build_all(config, root / "repository-cpu", vitb32_build["artifacts"], random_init=True)
+    return root / "repository-cpu"
 
 
 @pytest.fixture(scope="session")

@@ -60,7 +60,7 @@ def test_backbone_model_names_round_trip():
         for k in C.Kind:
             name = C.backbone_model_name("my_model-2", p, k)
             assert C.parse_backbone_model_name(name) == ("my_model-2", p, k)
-    for other in ("vitb32", "vitb32_preprocess", "vitb32_fp32", "vitb32_bf16_cpu", "vitb32_cat_head"):
+    for other in ("vitb32", "vitb32_preprocess", "vitb32_fp32", "vitb32_int4_cpu", "vitb32_cat_head"):
         assert C.parse_backbone_model_name(other) is None
 
 
@@ -269,9 +269,20 @@ def test_every_models_errors_are_reported_together(tmp_path):
 
 
 def test_cpu_precisions_default_to_what_is_built(tmp_path):
-    (a, b) = load_models(_write(tmp_path, _model("a"), _model("b", precisions=["fp32", "fp16", "cpu-int8"])))
+    """By default the CPU kind serves what gives an image the same embedding in any batch (fp32, int8 on
+    OpenVINO, bf16); dynamic cpu-int8 and fp16 only where cpu_precisions lists them (issue 26)."""
+    every = ["fp32", "fp16", "bf16", "int8", "cpu-int8"]
+    (a, b, c) = load_models(
+        _write(
+            tmp_path,
+            _model("a"),
+            _model("b", precisions=every),
+            _model("c", precisions=every, cpu_precisions=["fp32", "cpu-int8"]),
+        )
+    )
     assert [p.value for p in a.cpu_precisions] == ["fp32"]
-    assert [p.value for p in b.cpu_precisions] == ["fp32", "cpu-int8"]
+    assert [p.value for p in b.cpu_precisions] == ["fp32", "int8", "bf16"]
+    assert [p.value for p in c.cpu_precisions] == ["fp32", "cpu-int8"]
 
 
 def test_the_served_recipe_follows_the_weights_and_the_spec():

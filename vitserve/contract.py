@@ -31,12 +31,16 @@ class ContractError(ValueError):
 class Precision(enum.StrEnum):
     """Numeric precision of a backbone variant.
 
-    FP16 and INT8 are made for TensorRT (AutoCast FP16, explicit symmetric Q/DQ INT8); CPU_INT8 is
-    onnxruntime's own quantization for the CPU serving kind (VNNI).
+    FP16 and INT8 are made for TensorRT (AutoCast FP16, explicit symmetric Q/DQ INT8); the CPU kind serves
+    the same Q/DQ INT8 file with OpenVINO where the host's int8 kernels fit it. BF16 is the FP32 model run
+    in bfloat16 by OpenVINO on hosts with BF16 instructions (AMX, AVX512-BF16), gated like FP16 on an
+    emulation. CPU_INT8 is onnxruntime's dynamic quantization (per-call activation scales: an image's
+    embedding depends on its batch-mates), served only when models.yaml asks for it.
     """
 
     FP32 = "fp32"
     FP16 = "fp16"
+    BF16 = "bf16"
     INT8 = "int8"
     CPU_INT8 = "cpu-int8"
 
@@ -312,6 +316,18 @@ class PreprocessParams(Preprocess):
 # onnxruntime graph optimization levels, by name (exporter/onnxrt.py and onnx_cpu.py map them)
 OPTIMIZATION_LEVELS = ("all", "extended", "basic", "disabled")
 INT8_ISAS = ("vnni", "avx2")  # cpu-int8 flavours, by the int8 ISA they are exact on (onnx_cpu.py)
+# The serving host's CPU class, best first (each has what the ones after it have): the `isa` parameter and
+# VITSERVE_CPU_ISA take one of these; onnx_cpu.py orders a model's flavours by it.
+CPU_ISAS = ("amx", "bf16", "vnni", "avx2")
+# A CPU model's flavours (engine + file, tried in the host's order, each proven by the probe): the cpu-int8
+# ISAs above (onnxruntime, dynamic int8) and these engines; the FP32 ones are every model's fallback.
+OPENVINO_INT8 = "openvino-int8"  # OpenVINO on the explicit Q/DQ INT8 ONNX (TensorRT's INT8 model)
+OPENVINO_BF16 = "openvino-bf16"  # OpenVINO on the FP32 ONNX, inference precision bf16
+OPENVINO_FP32 = "openvino-fp32"  # OpenVINO on the FP32 ONNX, inference precision f32
+ONNXRUNTIME_FP32 = "onnxruntime-fp32"  # onnxruntime on the FP32 ONNX: the last resort of every CPU model
+FP32_FLAVOURS = (OPENVINO_FP32, ONNXRUNTIME_FP32)
+CPU_FLAVOURS = (OPENVINO_INT8, OPENVINO_BF16, *INT8_ISAS, *FP32_FLAVOURS)
+FP32_FALLBACK_FILE = "model.fp32.onnx"  # a quantized CPU model's FP32 file, served when no flavour passes
 
 
 @dataclass(frozen=True)
@@ -321,9 +337,9 @@ class CpuBackboneParams(_Params):
     `cpu_threads`: intra-op threads ("auto": the usable cores divided among the instances and the `share`
     CPU backbones of the repository that serve at once); `cpu_spinning`: onnxruntime's
     `session.intra_op.allow_spinning` (None: onnxruntime's default, on); `cpu_lanes`: slices a batch runs as
-    at once ("auto": one per thread; 1: off); `optimization`: the graph optimization level. cpu-int8:
-    `flavours` (int8 ISA -> file), the `probe` file and the cosine `probe_min_cosine` a flavour must reach on
-    it; `isa` pins the int8 ISA instead of detecting it."""
+    at once ("auto": one per thread; 1: off); `optimization`: the graph optimization level. `flavours`
+    (CPU_FLAVOURS name -> file), the `probe` file and the cosine `probe_min_cosine` a flavour must reach on
+    it; `isa` (CPU_ISAS) pins the host's CPU class instead of detecting it."""
 
     KEY: ClassVar[str] = CPU_BACKBONE_PARAM
 
@@ -344,19 +360,19 @@ class CpuBackboneParams(_Params):
         _bool("cpu_spinning", self.cpu_spinning, optional=True)
         _auto_or_positive_int("cpu_lanes", self.cpu_lanes)
         if not isinstance(self.flavours, dict) or not all(
-            k in INT8_ISAS and isinstance(v, str) and v for k, v in self.flavours.items()
+            k in CPU_FLAVOURS and isinstance(v, str) and v for k, v in self.flavours.items()
         ):
             raise ContractError(
-                f"flavours={self.flavours!r}: expected {{isa: file}} with isa in {', '.join(INT8_ISAS)}"
+                f"flavours={self.flavours!r}: expected {{flavour: file}} with flavour in {', '.join(CPU_FLAVOURS)}"
             )
         if self.flavours:
             if not isinstance(self.probe, str) or not self.probe:
-                raise ContractError(f"probe={self.probe!r}: cpu-int8 flavours need their probe file")
+                raise ContractError(f"probe={self.probe!r}: flavours need their probe file")
             c = self.probe_min_cosine
             if not isinstance(c, int | float) or isinstance(c, bool) or not 0 < c <= 1:
                 raise ContractError(f"probe_min_cosine={c!r}: expected a number in (0, 1]")
         if self.isa is not None:
-            _one_of("isa", self.isa, INT8_ISAS)
+            _one_of("isa", self.isa, CPU_ISAS)
 
 
 MAX_TEXT_BYTES = 4096  # default longest string NAME_text_tokenize takes (UTF-8 bytes); longer is refused

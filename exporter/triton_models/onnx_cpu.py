@@ -7,12 +7,16 @@ so everything that depends on the serving host is decided here, when the model l
 
 - threads: the cores this process may use (CPU affinity, cgroup quota) divided among the model's instances
   and the repository's CPU backbones that serve at once (`share`), unless `cpu_threads` is a number;
-- cpu-int8 flavour: onnxruntime's u8s8 int8 kernels saturate on x86 hosts without VNNI, so the build ships
-  a `vnni` flavour (full-range weights, exact with VNNI) and an `avx2` one (7-bit weights, exact on every
-  x86-64 host). The host's CPU flags pick one (`VITSERVE_CPU_ISA=vnni|avx2` overrides the detection), and
-  the pick must reproduce, on a held-out probe batch, the embeddings its exact arithmetic gave at build
-  time (where the fidelity gate was applied) before it serves; otherwise the next flavour is tried, and
-  with none left the model refuses to load. The log says which flavour serves and why;
+- flavour: an engine and a file (contract.CPU_FLAVOURS). The host's CPU class (contract.CPU_ISAS, from its
+  flags; `VITSERVE_CPU_ISA` or the `isa` parameter override it) orders the model's flavours best first
+  (FLAVOUR_ORDER), and the first one that reproduces, on a held-out probe batch, the embeddings its
+  arithmetic gave at build time (where the fidelity gate was applied: cosine >= `probe_min_cosine`) serves;
+  otherwise the next. OpenVINO runs the explicit Q/DQ INT8 ONNX (TensorRT's INT8 model) on hosts with VNNI
+  or AMX and the FP32 ONNX in bf16 on hosts with BF16; onnxruntime's dynamic cpu-int8 flavours (`vnni`:
+  full-range weights, `avx2`: 7-bit weights, exact on every x86-64 host) serve where models.yaml asks for
+  them. Every quantized model carries the FP32 file (FP32_FALLBACK_FILE): a host where no quantized
+  flavour passes serves FP32, logged as an error, and the ensemble stays up. OpenVINO missing from the
+  serving environment: its flavours are skipped, with a log line;
 - lanes: a batch of at least `lanes` images is split into `lanes` slices that run at once, each on its own
   core(s) through a second, narrow session (threads // lanes intra-op threads; one thread has no thread
   pool, so no barrier waits on a core that Triton, the preprocess model or the client took); a smaller
@@ -24,7 +28,11 @@ so everything that depends on the serving host is decided here, when the model l
 Parameters: `CpuBackboneParams` of contract.py (JSON in config.pbtxt `onnx_cpu`), validated when the model
 loads: cpu_threads ("auto" or N), share, cpu_lanes ("auto" or N; 1: off), optimization, cpu_spinning (true |
 false: onnxruntime's `session.intra_op.allow_spinning` of the wide session; absent: onnxruntime's default,
-on), flavours, probe, probe_min_cosine, isa (vnni | avx2: pin the int8 ISA instead of detecting it).
+on), flavours, probe, probe_min_cosine, isa (amx | bf16 | vnni | avx2: pin the host's CPU class).
+
+Run as a program (`python -m vitserve.exporter.triton_models.onnx_cpu --probe MODEL_DIR --isa avx2`) it
+scores every flavour of a built CPU model on its probe and prints JSON: how tests and perf measure the
+probe under another CPU (qemu-user) without a server.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -48,6 +57,31 @@ except ImportError:
 
 ISA_ENV = "VITSERVE_CPU_ISA"
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+AMX_FLAGS = ("amx_bf16", "amx_int8", "amx_tile")
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+_O = contract
+# Flavours a host of each CPU class tries, best first (a model tries those it has). Measured (ViT-B-32,
+# perf/results/cpu_engines.md): on AMX, OpenVINO on the Q/DQ INT8 ONNX runs 1.25-1.44x today's dynamic
+# cpu-int8 and its BF16 beats it at batch 8; OpenVINO FP32 runs 1.05x (AMX) to 1.5-1.8x (AVX2) onnxruntime
+# FP32. Without VNNI, OpenVINO's int8 kernels add u8 x s8 pairs in int16 and saturate on full-range weights
+# (cosine 0.969 to FP32 on the AVX2 host): an AVX2 host never tries `openvino-int8`, as it never tries `vnni`.
+FLAVOUR_ORDER = {
+    "amx": (_O.OPENVINO_INT8, _O.OPENVINO_BF16, "vnni", "avx2", *_O.FP32_FLAVOURS),
+    "bf16": (_O.OPENVINO_INT8, _O.OPENVINO_BF16, "vnni", "avx2", *_O.FP32_FLAVOURS),
+    "vnni": (_O.OPENVINO_INT8, "vnni", "avx2", *_O.FP32_FLAVOURS),
+    "avx2": ("avx2", *_O.FP32_FLAVOURS),
+}
+# The probe file's reference each flavour must reproduce (`embeddings_<reference>`, precision.write_probe)
+PROBE_REFERENCE = {
+    _O.OPENVINO_INT8: "int8",
+    _O.OPENVINO_BF16: "bf16",
+    "vnni": "vnni",
+    "avx2": "avx2",
+    _O.OPENVINO_FP32: "fp32",
+    _O.ONNXRUNTIME_FP32: "fp32",
+}
+# OpenVINO's inference precision per flavour (None: its default, bf16 for non-int8 parts on AMX)
+OPENVINO_PRECISION = {_O.OPENVINO_INT8: None, _O.OPENVINO_BF16: "bf16", _O.OPENVINO_FP32: "f32"}
 # `lanes: auto` keeps one session (no second copy of the weights) for models larger than this
 LANES_AUTO_MAX_BYTES = 2 * 1024**3
 
@@ -80,24 +114,70 @@ def cpu_flags(cpuinfo: str | None = None) -> set[str]:
     return set()
 
 
-def int8_isa(flags: set[str], env: dict[str, str] | None = None, forced: str | None = None) -> str:
-    """'vnni' when the host sums int8 products exactly in int32 (AVX512-VNNI, AVX-VNNI or AMX), else
-    'avx2'. `forced` (the model's `isa` parameter), then `VITSERVE_CPU_ISA`, override the detection, e.g. to
-    rehearse serving on another host."""
+def host_isa(flags: set[str], env: dict[str, str] | None = None, forced: str | None = None) -> str:
+    """The host's CPU class (contract.CPU_ISAS): 'amx' (AMX), 'bf16' (AVX512-BF16), 'vnni' (int8 products
+    summed exactly in int32: AVX512-VNNI, AVX-VNNI), else 'avx2'. `forced` (the model's `isa` parameter),
+    then `VITSERVE_CPU_ISA`, override the detection, e.g. to rehearse serving on another host, or under
+    qemu-user, where /proc/cpuinfo shows the real host's flags."""
     env = os.environ if env is None else env
     for source, value in (("isa parameter", forced), (ISA_ENV, env.get(ISA_ENV))):
         value = (value or "").strip().lower()
         if value:
-            if value not in contract.INT8_ISAS:
-                raise ValueError(f"{source}={value!r}: expected one of {', '.join(contract.INT8_ISAS)}")
+            if value not in contract.CPU_ISAS:
+                raise ValueError(f"{source}={value!r}: expected one of {', '.join(contract.CPU_ISAS)}")
             return value
+    if any(f in flags for f in AMX_FLAGS):
+        return "amx"
+    if any(f in flags for f in BF16_FLAGS):
+        return "bf16"
     return "vnni" if any(f in flags for f in VNNI_FLAGS) else "avx2"
 
 
+def int8_isa(flags: set[str], env: dict[str, str] | None = None, forced: str | None = None) -> str:
+    """'vnni' when the host sums int8 products exactly in int32 (AVX512-VNNI, AVX-VNNI or AMX), else
+    'avx2' (see `host_isa` for the overrides)."""
+    return "avx2" if host_isa(flags, env, forced) == "avx2" else "vnni"
+
+
 def flavour_order(isa: str, available: list[str]) -> list[str]:
-    """Flavours to try on a host of `isa`, best first: its own, then the portable `avx2` one."""
-    order = [isa] + [f for f in ("avx2",) if f != isa]
-    return [f for f in order if f in available]
+    """Flavours to try on a host of CPU class `isa` (or int8 ISA), best first (FLAVOUR_ORDER), of those
+    `available`."""
+    return [f for f in FLAVOUR_ORDER[isa] if f in available]
+
+
+def have_openvino() -> str | None:
+    """None when OpenVINO imports, else why not."""
+    try:
+        import openvino  # noqa: F401
+    except ImportError as e:
+        return f"openvino is not installed in the serving environment ({e}); pip install 'vitserve[cpu]'"
+    return None
+
+
+class OpenVinoSession:
+    """An OpenVINO CPU compiled model with onnxruntime's `run(output_names, feed)`. `precision`: OpenVINO's
+    INFERENCE_PRECISION_HINT (None: its default). `streams` > 1 (lanes): that many streams sharing `threads`,
+    and one infer request per calling thread, so slices run at once. Outputs are copied out of the
+    request's buffers, which its next call overwrites."""
+
+    def __init__(self, path: str, threads: int, precision: str | None = None, streams: int = 1):
+        import openvino as ov
+
+        core = ov.Core()
+        config = {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": streams}
+        if streams == 1:
+            config["PERFORMANCE_HINT"] = "LATENCY"
+        if precision:
+            config["INFERENCE_PRECISION_HINT"] = precision
+        self.compiled = core.compile_model(core.read_model(path), "CPU", config)
+        self._local = threading.local()
+
+    def run(self, names, feed):
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self.compiled.create_infer_request()
+        result = request.infer(feed)
+        return [np.array(result[self.compiled.output(n)], copy=True) for n in names]
 
 
 def usable_cores(cgroup_root: str = "/sys/fs/cgroup") -> int:
@@ -176,6 +256,14 @@ def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.min((a * b).sum(1) / np.maximum(den, 1e-300)))
 
 
+def _engine_name(flavour: str) -> str:
+    return "openvino" if flavour.startswith("openvino") else "onnxruntime"
+
+
+def _label(flavour: str) -> str:
+    return "cpu-int8" if flavour in contract.INT8_ISAS else "CPU"
+
+
 def _log(msg: str, error: bool = False) -> None:
     logger = getattr(pb_utils, "Logger", None)
     if logger is None:
@@ -224,46 +312,98 @@ class TritonPythonModel:
                 f"spinning {'default' if spinning is None else spinning}, {self.lanes_note}"
             )
             return
-        isa = int8_isa(cpu_flags(), forced=params.isa)
+        isa = host_isa(cpu_flags(), forced=params.isa)
         probe = np.load(os.path.join(folder, params.probe))
         min_cos = float(params.probe_min_cosine)
+        missing_openvino = have_openvino()
+        order = flavour_order(isa, list(flavours))
+        quantized = [f for f in FLAVOUR_ORDER["amx"] if f in flavours and f not in contract.FP32_FLAVOURS]
+        passed_over = [f for f in flavours if f not in order]
+        if passed_over:
+            _log(
+                f"{name}: flavour(s) {passed_over} not tried on CPU class '{isa}' (FLAVOUR_ORDER of onnx_cpu.py)"
+            )
+        where = f"{threads} thread(s) ({cores} usable core(s), {instances} instance(s))"
+        spun = f"spinning {'default' if spinning is None else spinning}"
         tried = []
-        for flavour in flavour_order(isa, list(flavours)):
+        for flavour in order:
+            if flavour.startswith("openvino") and missing_openvino:
+                _log(f"{name}: flavour '{flavour}' skipped: {missing_openvino}", error=True)
+                tried.append(f"{flavour}: skipped (no openvino)")
+                continue
             path = os.path.join(folder, flavours[flavour])
-            wide = session(path, threads)
+            wide = self._engine(flavour, path, threads, session)
             cos = self._probe(wide, probe, flavour)
             tried.append(f"{flavour}: probe cosine {cos:.6f}")
             if cos >= min_cos:
-                self.session = wide
-                # the narrow session runs other kernels' thread partitioning: it proves itself on the probe too
-                narrow_cos = self._start_lanes(
-                    name, params.cpu_lanes, threads, path, session, (probe, flavour, min_cos)
-                )
+                self._serve(name, flavour, wide, path, params, threads, session, (probe, flavour, min_cos))
+                _log(f"{name}: {_engine_name(flavour)} CPU, {where}, {spun}, {self.lanes_note}")
                 _log(
-                    f"{name}: cpu-int8 flavour '{flavour}' for host int8 ISA '{isa}' "
-                    f"(probe: cosine {cos:.6f}{narrow_cos} >= {min_cos} to its verified arithmetic), "
-                    f"{threads} thread(s) ({cores} usable core(s)), {self.lanes_note}"
+                    f"{name}: {_label(flavour)} flavour '{flavour}' for host int8 ISA '{int8_isa(set(), {}, isa)}', "
+                    f"CPU class '{isa}' (probe: cosine {cos:.6f}{self.narrow_note} >= {min_cos} to its verified "
+                    "arithmetic)"
                 )
                 if len(tried) > 1:
                     _log(
                         f"{name}: flavours refused on this host before it: {'; '.join(tried[:-1])}",
                         error=True,
                     )
+                if flavour in contract.FP32_FLAVOURS and quantized:
+                    _log(
+                        f"{name}: SERVING FP32: no quantized flavour of this model ({', '.join(quantized)}) "
+                        f"computes its verified embeddings on this host (CPU class '{isa}')",
+                        error=True,
+                    )
                 return
             _log(
-                f"{name}: cpu-int8 flavour '{flavour}' does not compute its verified embeddings on this host "
-                f"(probe cosine {cos:.6f} < {min_cos}): its int8 kernels saturate; trying the next flavour",
+                f"{name}: {_label(flavour)} flavour '{flavour}' does not compute its verified embeddings on this "
+                f"host (probe cosine {cos:.6f} < {min_cos}): "
+                + (
+                    "its int8 kernels saturate"
+                    if flavour not in contract.FP32_FLAVOURS
+                    else "broken float kernels"
+                )
+                + "; trying the next flavour",
                 error=True,
             )
+        last = contract.ONNXRUNTIME_FP32
+        if last in flavours:  # never a dead model: the FP32 file serves, whatever its probe said
+            path = os.path.join(folder, flavours[last])
+            self._serve(name, last, session(path, threads), path, params, threads, session, None)
+            _log(
+                f"{name}: SERVING FP32 (onnxruntime) ALTHOUGH NO FLAVOUR PASSED ITS PROBE on this host "
+                f"(CPU class '{isa}', probe cosine must be >= {min_cos}): {'; '.join(tried)}; {where}, "
+                f"{self.lanes_note}",
+                error=True,
+            )
+            return
         raise RuntimeError(
-            f"{name}: no cpu-int8 flavour computes its verified embeddings on this host (int8 ISA '{isa}', "
+            f"{name}: no cpu-int8 flavour computes its verified embeddings on this host (CPU class '{isa}', "
             f"probe cosine must be >= {min_cos}): {'; '.join(tried) or 'no flavour for this ISA'}. "
             f"Serve the fp32 model instead, or rebuild with `make engines` (it builds every flavour)."
         )
 
+    @staticmethod
+    def _engine(flavour: str, path: str, threads: int, session):
+        """The wide session of `flavour`: OpenVINO or onnxruntime, both with `run(names, feed)`."""
+        if flavour.startswith("openvino"):
+            return OpenVinoSession(path, threads, OPENVINO_PRECISION[flavour])
+        return session(path, threads)
+
+    def _serve(self, name, flavour, wide, path, params, threads, session, probe) -> None:
+        """Serve `flavour` on `wide`, with lanes (OpenVINO: one stream per lane, sharing the threads)."""
+        self.session, self.flavour = wide, flavour
+        if flavour.startswith("openvino"):
+
+            def session(p, _):  # the narrow OpenVINO model: `lanes` streams sharing every thread
+                return OpenVinoSession(p, threads, OPENVINO_PRECISION[flavour], streams=self.lanes)
+
+        # the narrow session runs other kernels' thread partitioning: it proves itself on the probe too
+        self.narrow_note = self._start_lanes(name, params.cpu_lanes, threads, path, session, probe)
+
     def _probe(self, session, probe, flavour: str) -> float:
         got = session.run([contract.EMBEDDINGS], {self.input_name: probe[contract.PIXELS]})[0]
-        return min_cosine(probe[f"{contract.EMBEDDINGS}_{flavour}"], got)
+        return min_cosine(probe[f"{contract.EMBEDDINGS}_{PROBE_REFERENCE[flavour]}"], got)
 
     def _start_lanes(self, name, setting, threads, path, session, probe) -> str:
         """Open the narrow session and the threads that run a batch's slices at once (see the module
@@ -327,3 +467,63 @@ class TritonPythonModel:
     def finalize(self):
         if self.pool is not None:
             self.pool.shutdown(wait=True)
+
+
+def probe_flavours(
+    model_dir: str,
+    isa: str | None = None,
+    threads: int = 1,
+    images: int | None = None,
+    every: bool = False,
+    only: list[str] | None = None,
+) -> dict:
+    """Score the flavours of a built CPU model (`model_dir`: its folder, with config.pbtxt) on its probe,
+    as `initialize` would on this host (CPU class `isa`, else detected): the flavours in the host's order
+    (`every`: all of them), each with its cosine and max abs difference to its reference, the gate, and
+    which one would serve. `images`: the first N probe images only (qemu-user is slow; not for the dynamic
+    cpu-int8 flavours, whose activation scales, so their references, are those of the whole probe batch).
+    `only`: these flavours only."""
+    from vitserve.exporter.repository import read_config, read_params
+
+    params = read_params(read_config(os.path.join(model_dir, "config.pbtxt")), contract.CpuBackboneParams)
+    version = os.path.join(model_dir, "1")
+    probe = dict(np.load(os.path.join(version, params.probe)))
+    probe = {k: v[:images] for k, v in probe.items()} if images else probe
+    isa = host_isa(cpu_flags(), forced=isa)
+    names = list(params.flavours) if every else flavour_order(isa, list(params.flavours))
+    names = [f for f in names if not only or f in only]
+    model = TritonPythonModel()
+    model.input_name = contract.PIXELS
+    level = graph_optimization_level(params.optimization)
+
+    def session(path, n):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.graph_optimization_level, so.intra_op_num_threads, so.log_severity_level = level, n, 3
+        return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+    out: dict = {"isa": isa, "min_cosine": params.probe_min_cosine, "flavours": {}, "serves": None}
+    for f in names:
+        engine = model._engine(f, os.path.join(version, params.flavours[f]), threads, session)
+        ref = probe[f"{contract.EMBEDDINGS}_{PROBE_REFERENCE[f]}"]
+        got = engine.run([contract.EMBEDDINGS], {contract.PIXELS: probe[contract.PIXELS]})[0]
+        cos = min_cosine(ref, got)
+        out["flavours"][f] = {"cosine": cos, "max_abs": float(np.abs(ref - got).max())}
+    passed = [f for f in flavour_order(isa, names) if out["flavours"][f]["cosine"] >= out["min_cosine"]]
+    out["serves"] = passed[0] if passed else None
+    return out
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Score a built CPU model's flavours on its probe (JSON out).")
+    ap.add_argument("--probe", required=True, metavar="MODEL_DIR", help="a CPU backbone model's folder")
+    ap.add_argument("--isa", choices=contract.CPU_ISAS, help="the CPU class (default: detected)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--images", type=int, help="the first N probe images only")
+    ap.add_argument("--every", action="store_true", help="every flavour, not only the host's order")
+    ap.add_argument("--only", nargs="+", choices=contract.CPU_FLAVOURS, help="these flavours only")
+    a = ap.parse_args()
+    print(json.dumps(probe_flavours(a.probe, a.isa, a.threads, a.images, a.every, a.only), indent=1))

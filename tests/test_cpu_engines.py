@@ -1,0 +1,245 @@
+"""CPU engines (issue 26): OpenVINO beside onnxruntime, picked per host by flags and proven by a probe; one
+INT8 model for TensorRT and CPU; answers that do not depend on batch-mates; never a dead model.
+
+Nothing here asserts which flavour this host picks: the decisions are tested on fixed flags, the served
+models against what they logged, and every published variant against the property it promises.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vitserve import contract
+from vitserve.contract import CpuBackboneParams, Precision, parse_backbone_model_name
+from vitserve.exporter.config import CPU_DEFAULT_PRECISIONS
+from vitserve.exporter.precision import PROBE_MIN_COSINE, PROBE_NAME
+from vitserve.exporter.repository import read_config, read_params
+from vitserve.exporter.triton_models.onnx_cpu import FLAVOUR_ORDER, PROBE_REFERENCE, flavour_order, host_isa
+
+AVX2 = {"sse4_2", "avx", "avx2", "fma"}
+BATCH_INVARIANCE_MAX_ABS = 1e-4  # on the L2-normalised embedding (issue 26)
+
+
+def test_cpu_class_from_flags_and_the_order_it_tries():
+    assert host_isa(AVX2, env={}) == "avx2"
+    assert host_isa(AVX2 | {"avx512f", "avx512_vnni"}, env={}) == "vnni"
+    assert host_isa(AVX2 | {"avx512_vnni", "avx512_bf16"}, env={}) == "bf16"
+    assert host_isa(AVX2 | {"avx512_vnni", "amx_bf16", "amx_int8", "amx_tile"}, env={}) == "amx"
+    assert host_isa(AVX2 | {"amx_int8"}, env={"VITSERVE_CPU_ISA": "avx2"}) == "avx2"  # qemu, rehearsals
+    every = list(contract.CPU_FLAVOURS)
+    for isa, order in FLAVOUR_ORDER.items():
+        assert set(order) <= set(every) and set(order) <= set(PROBE_REFERENCE)
+        assert order[-2:] == contract.FP32_FLAVOURS, isa  # every host ends on FP32: never a dead model
+    # without VNNI, int8 kernels saturate on full-range weights: neither OpenVINO's nor the vnni flavour
+    assert flavour_order("avx2", every) == ["avx2", *contract.FP32_FLAVOURS]
+    # bf16 only where the flags say so
+    assert contract.OPENVINO_BF16 not in flavour_order("vnni", every)
+    assert flavour_order("amx", every)[:2] == [contract.OPENVINO_INT8, contract.OPENVINO_BF16]
+    assert (
+        flavour_order("vnni", [contract.OPENVINO_INT8, *contract.FP32_FLAVOURS])[0] == contract.OPENVINO_INT8
+    )
+
+
+def _cpu_backbones(repository: Path) -> dict[str, Path]:
+    return {
+        d.name: d
+        for d in sorted(repository.iterdir())
+        if (p := parse_backbone_model_name(d.name)) and p[2] is contract.Kind.CPU
+    }
+
+
+def _check_cpu_models(*repositories: Path) -> set:
+    """Each published CPU backbone names its flavours (files present), a probe holding each flavour's
+    reference, the gate, and an FP32 flavour to fall back to; the int8 one serves TensorRT's Q/DQ file
+    and carries the FP32 export as its fallback. Returns the precisions seen."""
+    seen = set()
+    for repository in repositories:
+        for name, d in _cpu_backbones(repository).items():
+            params = read_params(read_config(d / "config.pbtxt"), CpuBackboneParams)
+            assert params.probe == PROBE_NAME and params.probe_min_cosine == PROBE_MIN_COSINE, name
+            assert contract.ONNXRUNTIME_FP32 in params.flavours, name
+            probe = np.load(d / "1" / params.probe)
+            for flavour, file in params.flavours.items():
+                assert (d / "1" / file).is_file(), (name, file)
+                assert f"embeddings_{PROBE_REFERENCE[flavour]}" in probe, (name, flavour)
+            precision = parse_backbone_model_name(name)[1]
+            seen.add(precision)
+            if precision is Precision.INT8:  # TensorRT's Q/DQ file, served on CPU
+                assert params.flavours[contract.OPENVINO_INT8] == contract.ONNX_FILE
+                assert params.flavours[contract.ONNXRUNTIME_FP32] == contract.FP32_FALLBACK_FILE
+                art = repository.parent / "artifacts"
+                art = art if art.is_dir() else Path(os.environ.get("VITSERVE_TEST_ARTIFACTS", art))
+                qdq, fp32 = (art / "vitb32" / p / "model.onnx" for p in ("int8", "fp32"))
+                assert (d / "1" / contract.ONNX_FILE).read_bytes() == qdq.read_bytes()
+                assert (d / "1" / contract.FP32_FALLBACK_FILE).read_bytes() == fp32.read_bytes()
+    return seen
+
+
+def test_every_cpu_model_carries_its_flavours_probe_and_fp32_fallback(vitb32_build):
+    seen = _check_cpu_models(vitb32_build["repository"])
+    assert {Precision.FP32, Precision.BF16, Precision.CPU_INT8} <= seen  # what this build publishes
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _batch_invariance(url: str, models: list[str], pixels: np.ndarray, max_batch: int) -> dict:
+    """Worst max abs difference of each model's normalised embeddings, per way of batching, vs each image
+    sent alone: requests of 2 and of `max_batch` images, and all images at once as single-image requests
+    (the dynamic batcher chooses their batch-mates)."""
+    import tritonclient.http as httpclient
+
+    n = len(pixels)
+    worst = {}
+    client = httpclient.InferenceServerClient(url, concurrency=n)
+
+    def request(x):
+        inp = httpclient.InferInput(contract.PIXELS, list(x.shape), "FP32")
+        inp.set_data_from_numpy(np.ascontiguousarray(x))
+        return [inp]
+
+    try:
+        for model in models:
+
+            def infer(x, m=model):
+                return client.infer(m, request(x)).as_numpy(contract.EMBEDDINGS)
+
+            alone = _unit(np.concatenate([infer(pixels[i : i + 1]) for i in range(n)]))
+            runs = {
+                f"b{b}": np.concatenate([infer(pixels[i : i + b]) for i in range(0, n, b)])
+                for b in (2, max_batch)
+            }
+            pending = [client.async_infer(model, request(pixels[i : i + 1])) for i in range(n)]
+            runs[f"c{n}"] = np.concatenate([p.get_result().as_numpy(contract.EMBEDDINGS) for p in pending])
+            for how, got in runs.items():
+                worst[f"{model} {how}"] = float(np.abs(_unit(got) - alone).max())
+    finally:
+        client.close()
+    print("batch invariance, max abs:", json.dumps(worst))
+    return worst
+
+
+def _photos(count: int) -> np.ndarray:
+    from vitserve.exporter.backbones import get_backbone
+    from vitserve.exporter.precision import eval_pixels
+
+    entry = get_backbone("ViT-B-32")
+    return np.ascontiguousarray(eval_pixels(entry, entry.preprocess, count)[1])
+
+
+@pytest.mark.triton
+def test_published_cpu_models_answer_the_same_in_any_batch(vitb32_build, vitb32_server):
+    """Every CPU variant published by default (of vitb32_build: fp32, bf16; int8 in the test below),
+    through the real tritonserver: the same photos alone, in requests of 2 and of the model's max batch
+    (8 here), and as 16 concurrent single-image requests: max abs <= 1e-4 on the normalised embeddings."""
+    repository = vitb32_build["repository"]
+    models = [
+        n for n in _cpu_backbones(repository) if parse_backbone_model_name(n)[1] in CPU_DEFAULT_PRECISIONS
+    ]
+    assert models
+    max_batch = read_config(repository / "vitb32" / "config.pbtxt").max_batch_size
+    worst = _batch_invariance(vitb32_server.http_url, models, _photos(16), max_batch)
+    assert max(worst.values()) <= BATCH_INVARIANCE_MAX_ABS, worst
+
+
+def _tampered_copy(repo: Path, src: Path, name: str) -> None:
+    """A copy of `src` whose probe expects other numbers from every quantized flavour: what a host whose
+    int8 kernels do not compute the verified model looks like (the references are scaled noise)."""
+    from dataclasses import replace
+
+    from vitserve.exporter.repository import set_params, write_config
+
+    dst = repo / name
+    shutil.copytree(src, dst)
+    cfg = read_config(dst / "config.pbtxt")
+    cfg.name = name
+    set_params(cfg, replace(read_params(cfg, CpuBackboneParams), isa="amx"))  # every flavour is tried
+    write_config(dst, cfg)
+    probe = dict(np.load(dst / "1" / PROBE_NAME))
+    rng = np.random.default_rng(0)
+    for key in list(probe):
+        if key.startswith("embeddings_") and key != "embeddings_fp32":
+            probe[key] = rng.standard_normal(probe[key].shape).astype(np.float32)
+    (dst / "1" / PROBE_NAME).unlink()
+    with open(dst / "1" / PROBE_NAME, "wb") as fh:
+        np.savez(fh, **probe)
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_int8_serves_batch_invariant_and_a_host_where_nothing_quantized_passes_serves_fp32(
+    vitb32_build, vitb32_cpu_repository, tmp_path
+):
+    """The CPU int8 model (TensorRT's Q/DQ file; published here with `force`, the random head fails its
+    top-1 gate) is laid out as the others and answers the same in any batch (on whichever flavour this host
+    picks); copies of the int8 and bf16 models whose probes no quantized flavour can pass (CPU class forced
+    to the one that tries them all) load, serve FP32 embeddings, and log it as an error. (The fast tier
+    forces the same refusal on the cpu-int8 model: test_cpu_isa.py.)"""
+    assert {Precision.INT8, Precision.BF16} <= _check_cpu_models(vitb32_cpu_repository)
+    from vitserve.exporter import onnxrt
+    from vitserve.server import TritonServer
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copytree(vitb32_cpu_repository / "vitb32_int8_cpu", repo / "vitb32_int8_cpu")
+    tampered = {"int8_refused": "vitb32_int8_cpu", "bf16_refused": "vitb32_bf16_cpu"}
+    for name, src in tampered.items():
+        _tampered_copy(repo, vitb32_cpu_repository / src, name)
+    pixels = _photos(8)
+    ref = onnxrt.run(onnxrt.cpu_session(vitb32_build["artifacts"] / "vitb32" / "fp32" / "model.onnx"), pixels)
+    log = tmp_path / "server.log"
+    with TritonServer(repo, log_path=log) as server:
+        max_batch = read_config(repo / "vitb32_int8_cpu" / "config.pbtxt").max_batch_size
+        worst = _batch_invariance(server.http_url, ["vitb32_int8_cpu"], pixels, max_batch)
+        assert max(worst.values()) <= BATCH_INVARIANCE_MAX_ABS, worst
+        import tritonclient.http as httpclient
+
+        client = httpclient.InferenceServerClient(server.http_url)
+        try:
+            for n in tampered:
+                inp = httpclient.InferInput(contract.PIXELS, list(pixels.shape), "FP32")
+                inp.set_data_from_numpy(pixels)
+                got = client.infer(n, [inp]).as_numpy(contract.EMBEDDINGS)
+                assert np.abs(_unit(got) - _unit(ref["embeddings"])).max() <= 1e-4, n
+        finally:
+            client.close()
+    text = log.read_text()
+    for n in tampered:
+        assert f"{n}: SERVING FP32: no quantized flavour of this model" in text, n
+        served = re.findall(rf"{n}: CPU flavour '([\w-]+)' for host", text)
+        assert served and served[0] in contract.FP32_FLAVOURS, (n, served)
+
+
+QEMU = shutil.which("qemu-x86_64")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(QEMU is None, reason="qemu-user is not installed (apt-get install qemu-user)")
+def test_probe_under_real_avx2_kernels_passes_with_margin_or_refuses(vitb32_cpu_repository):
+    """Each default CPU model's probe run under `qemu-x86_64 -cpu Haswell` (real AVX2/FMA kernels, no
+    AVX-512/VNNI), its CPU class given explicitly (qemu shows the host's /proc/cpuinfo): every flavour an
+    AVX2 host tries either passes with a margin >= 5x its distance to the reference, or is refused, and a
+    flavour serves. One probe image (emulation runs ViT-B-32 FP32 at ~2 min per image)."""
+    for name, d in _cpu_backbones(vitb32_cpu_repository).items():
+        if parse_backbone_model_name(name)[1] not in CPU_DEFAULT_PRECISIONS:
+            continue
+        cmd = [QEMU, "-cpu", "Haswell", sys.executable, "-m", "vitserve.exporter.triton_models.onnx_cpu"]
+        cmd += ["--probe", str(d), "--isa", "avx2", "--images", "1"]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=3000, check=True)
+        result = json.loads(out.stdout)
+        assert result["serves"] is not None, (name, result)
+        gate = result["min_cosine"]
+        for flavour, r in result["flavours"].items():
+            spread = 1 - r["cosine"]
+            assert r["cosine"] < gate or r["cosine"] - gate >= 5 * spread, (name, flavour, r)
+        print(name, json.dumps(result))
