@@ -18,6 +18,14 @@ class Protocol(StrEnum):
 
 DEFAULT_PORTS = {Protocol.GRPC: 8001, Protocol.HTTP: 8000}
 TLS_SCHEMES = ("https", "grpcs")
+# gRPC name-resolver targets naming several servers (`dns:///pods-service:8001` for a headless Kubernetes
+# Service, `ipv4:10.0.0.1:8001,10.0.0.2:8001`): the channel balances each request over all of them (round_robin)
+GRPC_RESOLVERS = ("dns:", "ipv4:", "ipv6:")
+
+
+def is_resolver_target(url: str) -> bool:
+    """Whether `url` is a gRPC name-resolver target (several servers, balanced per request)."""
+    return url.lower().startswith(GRPC_RESOLVERS)
 
 
 def normalize_url(url: str | None, protocol: Protocol) -> str:
@@ -25,6 +33,12 @@ def normalize_url(url: str | None, protocol: Protocol) -> str:
     if not url:
         return f"localhost:{DEFAULT_PORTS[protocol]}"
     url = str(url).strip()
+    if is_resolver_target(url):
+        if protocol is not Protocol.GRPC:
+            raise ConfigError(
+                f"url {url}: a gRPC name-resolver target (dns:, ipv4:, ipv6:) needs protocol 'grpc'"
+            )
+        return url
     if "://" in url:
         scheme, url = url.split("://", 1)
         if scheme.lower() not in TLS_SCHEMES and scheme.lower() not in ("http", "grpc"):
@@ -49,7 +63,9 @@ class ClientConfig:
     could not reach the server is tried `retries` more times with exponential backoff from `backoff_s`.
     `api_key` goes with every call in the header the server's restricted APIs check (vitserve/apikey.py);
     None reads `$VITSERVE_API_KEY` or the key file, "" sends none. `tls` (or an https:// / grpcs:// url)
-    speaks TLS, trusting `ca_file` (PEM) or the system's CAs."""
+    speaks TLS, trusting `ca_file` (PEM) or the system's CAs. A gRPC name-resolver target as `url`
+    (`dns:///vitserve-triton-pods:8001`, `ipv4:HOST:PORT,HOST:PORT`) spreads the requests over every server it
+    names, one by one (gRPC's round_robin), where one host:port keeps one connection to one server."""
 
     url: str | None
     model: str = "vitb32"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 
 from vitserve.apikey import headers
-from vitserve.client.config import ClientConfig, Protocol
+from vitserve.client.config import ClientConfig, Protocol, is_resolver_target
 from vitserve.errors import missing_extra
 
 # What an exception from tritonclient means for the request: try again, give up, blame the input, or the key.
@@ -116,7 +116,9 @@ class Transport:
                         ("grpc.max_receive_message_length", module.MAX_GRPC_MESSAGE_SIZE),
                         # a restarted server is noticed within a second, not after gRPC's 2-minute backoff
                         ("grpc.max_reconnect_backoff_ms", 1000),
-                    ],
+                    ]
+                    # several servers behind one target: each request to the next ready one
+                    + ([("grpc.lb_policy_name", "round_robin")] if is_resolver_target(config.url) else []),
                 )
             else:
                 import tritonclient.http as module

@@ -315,3 +315,36 @@ def test_triton_down_answers_503(tmp_path):
     assert r.status_code == 503, r.text
     assert r.json()["error"]["type"] == "server_error" and "unavailable" in r.json()["error"]["message"]
     assert ready.status_code == 503
+
+
+def test_a_resolver_target_spreads_requests_over_every_server(tiny_server, tiny_repository, tmp_path):
+    """`--triton-url dns:///PODS:8001` (deploy/api): a gRPC name-resolver target naming several tritonservers
+    sends the requests of one client to all of them (round_robin), where one host:port stays on one. Shown
+    with two real servers behind an `ipv4:` target (a DNS name maps to one port; Kubernetes pods share it)."""
+    import tritonclient.grpc as grpcclient
+
+    from vitserve.client.config import ClientConfig
+    from vitserve.client.transport import Transport
+    from vitserve.server import TritonServer
+
+    def count(server) -> int:
+        status, body = server.api("GET", "/v2/models/add_one/stats")
+        assert status == 200, body
+        return int(body["model_stats"][0]["inference_count"])
+
+    with TritonServer(tiny_repository, log_path=tmp_path / "second.log") as second:
+        servers = (tiny_server, second)
+        before = [count(s) for s in servers]
+        target = ",".join(f"127.0.0.1:{s.grpc_port}" for s in servers)
+
+        async def run() -> None:
+            transport = Transport(ClientConfig(f"ipv4:{target}", "add_one"))
+            inp = grpcclient.InferInput("INPUT0", [1, 4], "FP32")
+            inp.set_data_from_numpy(np.ones((1, 4), np.float32))
+            for _ in range(8):
+                await transport.call("infer", "add_one", [inp])
+            await transport.close()
+
+        asyncio.run(run())
+        spread = [count(s) - b for s, b in zip(servers, before, strict=True)]
+    assert sum(spread) == 8 and min(spread) >= 2, spread

@@ -629,8 +629,8 @@ def test_readme_deploy_steps_name_what_the_manifests_use(rendered):
 
 
 def test_api_runs_vitserve_api_beside_the_triton_pods_closed_by_default(rendered):
-    """deploy/api: `vitserve api` on the port its Service and Ingress name, talking gRPC to the Triton
-    Service of deploy/base; the bearer key and the Triton control key from the Secrets the README creates;
+    """deploy/api: `vitserve api` on the port its Service and Ingress name, talking gRPC to every pod of the
+    headless Triton Service of deploy/base (a dns:/// target, balanced per request); the bearer key and the Triton control key from the Secrets the README creates;
     probes on routes the app has; the ingress body limit is the API's own."""
     from vitserve.api import DEFAULT_PORT, MAX_BODY_BYTES, ApiSettings, create_app
     from vitserve.apikey import API_KEY_ENV, EMBEDDINGS_KEY_ENV
@@ -644,10 +644,14 @@ def test_api_runs_vitserve_api_beside_the_triton_pods_closed_by_default(rendered
 
     args = build_parser().parse_args(["api", *c["args"][1:]])
     assert args.port == DEFAULT_PORT == c["ports"][0]["containerPort"] and not args.open
-    triton = find(rendered["overlays/cpu"], "Service", "vitserve-triton")
-    host, port = args.triton_url.split(":")
-    grpc_port = next(p["port"] for p in triton["spec"]["ports"] if p["name"] == "grpc")
-    assert (host, int(port)) == (triton["metadata"]["name"], grpc_port)
+    from vitserve.client.config import ClientConfig, is_resolver_target
+
+    pods = find(rendered["overlays/cpu"], "Service", "vitserve-triton-pods")
+    assert pods["spec"]["clusterIP"] == "None"  # headless: DNS answers every ready pod's address
+    assert is_resolver_target(ClientConfig(args.triton_url).url)  # the client takes it as it is
+    host, port = args.triton_url.removeprefix("dns:///").split(":")
+    grpc_port = next(p["port"] for p in pods["spec"]["ports"] if p["name"] == "grpc")
+    assert (host, int(port)) == (pods["metadata"]["name"], grpc_port)
     secrets = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"] if "valueFrom" in e}
     assert secrets[EMBEDDINGS_KEY_ENV] == {"name": "vitserve-embeddings-key", "key": EMBEDDINGS_KEY_ENV}
     assert secrets[API_KEY_ENV] == {"name": "vitserve-api-key", "key": API_KEY_ENV}
