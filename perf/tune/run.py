@@ -132,7 +132,7 @@ def run_tune(
         max_batch = int(target.configs[target.backbones[current.variant]].get("max_batch_size", 1))
         space = space or default_space(
             list(target.backbones), cores, target.onnx_cpu, max_batch, concurrencies, current,
-            ensemble=target.ensemble is not None and not tensor,
+            ensemble=target.ensemble is not None and not tensor, shared_cores=True,
         )  # fmt: skip
         reloader = Reloader(client, target)
         measure = Measurer(

@@ -98,7 +98,10 @@ class Point:
 @dataclass
 class Space:
     """The values each knob may take. `instance_threads` pairs instances with threads per instance;
-    `lanes`: False (one session) and/or True (one 1-thread lane per thread), for instances of 2+ threads."""
+    `lanes`: False (one session) and/or True (one 1-thread lane per thread), for instances of 2+ threads;
+    `shared_cores`: more pairs whose instances each get every core (they overlap one another's serving
+    work, the stub round trip and the transfer, with compute), tried with spinning off only: two spinning
+    pools on the same cores stall each other."""
 
     variants: list[str]
     instance_threads: list[tuple[int, int | None]]
@@ -108,6 +111,7 @@ class Space:
     preprocess_instances: list[int | None] = field(default_factory=lambda: [None])
     lanes: list[bool] = field(default_factory=lambda: [False])
     preprocess_threads: list[int | None] = field(default_factory=lambda: [None])
+    shared_cores: list[tuple[int, int]] = field(default_factory=list)
 
 
 def default_space(
@@ -118,13 +122,15 @@ def default_space(
     concurrencies: list[int],
     current: Knobs,
     ensemble: bool,
+    shared_cores: bool = False,
 ) -> Space:
     """The space for a host with `cores` usable cores: instances 1, 2, 4, ... <= cores, each with the
     cores split among them, and one instance with a core left free (vitserve CPU backbones; other models
     keep their threads); spinning on/off; lanes off/on (a batch cut into 1-thread slices run at once);
     queue delays 0, 2 ms, 10 ms and the configured one; preferred sizes as configured, the largest batch the
     highest concurrency can form, and max_batch_size; preprocess instances 1 and the cores, each with 1 and
-    `cores` threads (ensemble; threads for the python preprocess model only: a request's images at once)."""
+    `cores` threads (ensemble; threads for the python preprocess model only: a request's images at once).
+    `shared_cores`: also two instances of every core each (vitserve CPU backbones, 2+ cores)."""
     instances = sorted({1, *(2**k for k in range(1, 8) if 2**k <= cores)})
     pairs: list[tuple[int, int | None]] = [(i, max(1, cores // i) if onnx_cpu else None) for i in instances]
     if onnx_cpu and cores > 1:  # one core left to Triton, the gRPC threads and the preprocess model
@@ -142,6 +148,7 @@ def default_space(
         preprocess_threads=sorted({1, cores})
         if ensemble and current.preprocess_threads is not None
         else [None],
+        shared_cores=[(2, cores)] if shared_cores and onnx_cpu and cores > 1 else [],
     )
 
 
@@ -161,6 +168,12 @@ def stage_plan(stage: str, space: Space, best: Knobs, current: Knobs) -> list[Kn
             for i, t in space.instance_threads
             for n in lanes(t)
             for s in (space.spinning if t is None or t > 1 else [None])
+        ]
+        plan += [
+            replace(current, variant=v, instances=i, cpu_threads=t, cpu_spinning=False, cpu_lanes=n)
+            for v in space.variants
+            for i, t in space.shared_cores
+            for n in lanes(t)
         ]
     elif stage == "batching":
         plan = [
