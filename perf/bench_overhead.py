@@ -1,0 +1,331 @@
+"""Per-request overhead: the served CPU backbone over the same engine in this process, and where the time goes.
+
+    python -m vitserve.perf.bench_overhead --repository model_repository \
+        --models vitb32_fp32_cpu vitb32_cpu-int8_cpu --rounds 5 --seconds 3
+
+Three points per CPU backbone model (tensor inputs over gRPC, the real perf_analyzer, as `vitserve perf` and
+`vitserve tune` measure): one client sending single images (c=1, b=1) against in-process batch 1; four
+clients sending single images (c=4, b=1) against in-process batch 4 (the batch the server could make of
+them); one client sending 8-image requests (c=1, b=8) against in-process batch 8.
+
+In-process is the served model's own code (onnx_cpu.py) initialised here with the repository's parameters,
+so it picks the engine and file (flavour) the server picks on this host, timed on its wide session alone:
+one call per batch, every usable core as intra-op threads, lanes off, the engine's default spinning (what
+in-process onnxruntime on the same file and threads runs). A shared host's speed drifts by more than the
+effect measured, so each point is a pair run back to back (in-process, then served), repeated in `--rounds`
+rounds, and each ratio is taken within its pair: the median over the rounds is reported with the lowest and
+highest. Around every served window Triton's statistics give the server's side per request (queue, compute
+input / infer / output, average batch executed): served latency minus those is the client and the transfer.
+
+Results: perf/results/overhead.json and the section "## Per-request overhead" of perf/results/cpu_engines.md
+(replaced when it is there; the file's other sections are left as they are). `--tune-report` adds the
+untuned/tuned summary of a `vitserve tune` run (its tune.json). Nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).parent / "results"
+SECTION = "## Per-request overhead"
+ENGINES_FILE = "cpu_engines.md"
+# (concurrency, images per request) -> the in-process batch it is compared with
+POINTS = {(1, 1): 1, (4, 1): 4, (1, 8): 8}
+
+
+def in_process(model_dir: Path, cores: int):
+    """The served model initialised here as the server initialises it (same flavour, file and threads),
+    with lanes off and the engine's default spinning: its `session` is the in-process reference."""
+    from vitserve.contract import CpuBackboneParams
+    from vitserve.exporter.repository import read_config, read_params
+    from vitserve.perf.bench_lanes import load
+
+    params = read_params(read_config(model_dir / "config.pbtxt"), CpuBackboneParams)
+    return load(model_dir, replace(params, cpu_threads=cores, cpu_lanes=1, cpu_spinning=None, share=1))
+
+
+def images_per_s(model, x: np.ndarray, seconds: float) -> tuple[float, float]:
+    """Images/s and median latency (ms) of the model's wide session on `x`, one call per batch."""
+    feed = {model.input_name: x}
+    model.session.run(model.outputs, feed)
+    lat, t0 = [], time.perf_counter()
+    while not lat or time.perf_counter() - t0 < seconds:
+        t = time.perf_counter()
+        model.session.run(model.outputs, feed)
+        lat.append(time.perf_counter() - t)
+    return len(lat) * len(x) / (time.perf_counter() - t0), statistics.median(lat) * 1e3
+
+
+def copy_us_per_image(shape: list[int]) -> float:
+    """What one more copy of an image costs here (us): the python backend copies each input twice (into
+    its shared memory, then into the stub's numpy array) and the model once more to join the requests of
+    a batch."""
+    x = np.random.default_rng(0).standard_normal([4, *shape]).astype(np.float32)
+    parts = [x[i : i + 1] for i in range(4)]
+    runs = []
+    for _ in range(50):
+        t = time.perf_counter()
+        np.concatenate(parts)
+        runs.append(time.perf_counter() - t)
+    return statistics.median(runs) / 4 * 1e6
+
+
+def run(url: str, repository: Path, models: list[str], rounds: int, seconds: float, work: Path) -> dict:
+    from vitserve.exporter.hostinfo import cpu_summary
+    from vitserve.exporter.triton_models.onnx_cpu import usable_cores
+    from vitserve.perf.bench_lanes import read_dims
+    from vitserve.perf.inputs import connect, describe_model, make_payloads
+    from vitserve.perf.measure import Generator, measure_point
+
+    cores = usable_cores()
+    out = {"host": cpu_summary(), "cores": cores, "rounds": rounds, "seconds": seconds, "models": {}}
+    client = connect(url)
+    rng = np.random.default_rng(0)
+    try:
+        for name in models:
+            model_dir = repository / name
+            if not (model_dir / "config.pbtxt").is_file():
+                raise SystemExit(
+                    f"{model_dir}: no such model in the repository (build it with `make engines`)"
+                )
+            shape = read_dims(model_dir)
+            spec = describe_model(url, name)
+            served_config = client.get_model_config(name, as_json=True)["config"]
+            ref = in_process(model_dir, cores)
+            pairs: dict[str, list[dict]] = {f"c{c}_b{b}": [] for c, b in POINTS}
+            try:
+                for r in range(rounds):
+                    for (c, b), ref_batch in POINTS.items():
+                        x = rng.standard_normal([ref_batch, *shape]).astype(np.float32)
+                        ips, p50 = images_per_s(ref, x, seconds)
+                        m = measure_point(
+                            url, spec, generator=Generator.PERF_ANALYZER, concurrency=c, batch_size=b,
+                            duration_s=seconds, warmup_s=1.0, payloads=make_payloads(spec, b, count=2),
+                            csv_path=work / f"pa_{name}_c{c}_b{b}.csv", stretch=True, client=client,
+                        )  # fmt: skip
+                        d = m.server[name]
+                        row = {
+                            "round": r, "in_process_images_per_s": ips, "in_process_p50_ms": p50,
+                            "served_images_per_s": m.images_per_s, "ratio": m.images_per_s / ips,
+                            "served_p50_ms": m.percentiles_us[50] / 1e3, "load_avg": os.getloadavg()[0],
+                            "server": {**m.server_row(name), "executions": d.executions},
+                        }  # fmt: skip
+                        pairs[f"c{c}_b{b}"].append(row)
+                        print(f"{name} c{c} b{b} round {r}: {ips:.2f} in-process, {m.images_per_s:.2f} served "
+                              f"({row['ratio']:.2f}), avg batch {d.avg_batch}", flush=True)  # fmt: skip
+            finally:
+                ref.finalize()
+            out["models"][name] = {
+                "engine": getattr(ref, "flavour", None) or "onnxruntime",
+                "threads": cores,
+                "served": _served_settings(served_config),
+                "points": {k: _summary(v) for k, v in pairs.items()},
+                "pairs": pairs,
+            }
+        out["copy_us_per_image"] = copy_us_per_image(read_dims(repository / models[0]))
+    finally:
+        client.close()
+    return out
+
+
+def _served_settings(config: dict) -> str:
+    """The served settings that decide overhead, as one line."""
+    from vitserve.contract import CpuBackboneParams
+
+    p = CpuBackboneParams.from_model_config(config)
+    db = config.get("dynamic_batching") or {}
+    instances = sum(int(g.get("count", 1)) for g in config.get("instance_group", []))
+    spin = {None: "default", True: "on", False: "off"}[p.cpu_spinning]
+    return (
+        f"{instances} instance(s), cpu_threads {p.cpu_threads}, cpu_lanes {p.cpu_lanes}, spinning {spin}, "
+        f"max_queue_delay {int(db.get('max_queue_delay_microseconds', 0) or 0)} us, "
+        f"preferred {[int(b) for b in db.get('preferred_batch_size', [])]}"
+    )
+
+
+def _summary(rows: list[dict]) -> dict:
+    def med(key: str, server: bool = False) -> float | None:
+        vals = [(r["server"] if server else r)[key] for r in rows]
+        vals = [v for v in vals if v is not None]
+        return statistics.median(vals) if vals else None
+
+    ratios = [r["ratio"] for r in rows]
+    return {
+        "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+        "in_process_images_per_s": med("in_process_images_per_s"), "in_process_p50_ms": med("in_process_p50_ms"),
+        "served_images_per_s": med("served_images_per_s"), "served_p50_ms": med("served_p50_ms"),
+        "load_avg": med("load_avg"),
+        **{k: med(k, server=True) for k in ("queue_us", "compute_input_us", "compute_infer_us",
+                                            "compute_output_us", "avg_batch")},
+    }  # fmt: skip
+
+
+def _f(v: float | None, fmt: str = ".1f") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def section(result: dict, command: str, tune: dict | None = None, before: dict | None = None) -> str:
+    """The Markdown section for cpu_engines.md; `before`: an earlier run's overhead.json (the served settings
+    before a change), shown beside this run's ratios."""
+    lines = [
+        SECTION,
+        "",
+        f"Command: `{command}`",
+        "",
+        f"- host: {result['host']}; 1-min load average during the run "
+        f"{_f(min(p['load_avg'] for m in result['models'].values() for p in m['points'].values()))}-"
+        f"{_f(max(p['load_avg'] for m in result['models'].values() for p in m['points'].values()))} "
+        f"on {result['cores']} core(s) (a shared host: ratios are taken within back-to-back pairs)",
+        f"- served: the real tritonserver, tensor inputs over gRPC, the real perf_analyzer; in-process: the "
+        f"served model's engine and file on this host, {result['cores']} threads, one call per batch; "
+        f"{result['rounds']} rounds of {result['seconds']:g} s pairs, medians (lowest-highest)",
+        "- RANDOM-INIT weights (same graph, same speed)",
+        "",
+        "| model (engine) | served settings | point | in-process | in-process img/s | served img/s | "
+        "served / in-process | queue ms | compute input ms | compute infer ms | compute output ms | avg batch |"
+        + (" before: served / in-process | before: queue ms | before: avg batch |" if before else ""),
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if before else ""),
+    ]
+    for name, m in result["models"].items():
+        for (c, b), ref_batch in POINTS.items():
+            p = m["points"][f"c{c}_b{b}"]
+            lines.append(
+                f"| {name} ({m['engine']}) | {m['served']} | c={c}, {b} image(s)/request | batch {ref_batch} | "
+                f"{_f(p['in_process_images_per_s'])} | {_f(p['served_images_per_s'])} | "
+                f"**{p['ratio']:.2f}** ({p['ratio_min']:.2f}-{p['ratio_max']:.2f}) | "
+                f"{_f(_ms(p['queue_us']), '.2f')} | {_f(_ms(p['compute_input_us']), '.2f')} | "
+                f"{_f(_ms(p['compute_infer_us']))} | {_f(_ms(p['compute_output_us']), '.2f')} | "
+                f"{_f(p['avg_batch'], '.2f')} |" + _before_cells(before, name, f"c{c}_b{b}")
+            )
+    lines += ["", "Where a lone request's time goes (c=1, 1 image; medians, ms):", ""]
+    lines += ["| model | served p50 | in-process p50 | queue | compute input | compute infer - in-process | "
+              "compute output | client + transfer |", "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for name, m in result["models"].items():
+        p = m["points"]["c1_b1"]
+        server = [
+            _ms(p[k]) or 0.0
+            for k in ("queue_us", "compute_input_us", "compute_infer_us", "compute_output_us")
+        ]
+        rest = p["served_p50_ms"] - sum(server)
+        lines.append(
+            f"| {name} | {p['served_p50_ms']:.1f} | {p['in_process_p50_ms']:.1f} | {server[0]:.2f} | "
+            f"{server[1]:.2f} | {server[2] - p['in_process_p50_ms']:.2f} | {server[3]:.2f} | {rest:.2f} |"
+        )
+    lines += [
+        "",
+        f"One more copy of an image costs {result['copy_us_per_image']:.0f} us here: the python backend copies "
+        "each input into its shared memory and again into the stub's numpy array, and the model joins the "
+        "requests of a batch (np.concatenate): a few hundredths of a millisecond per image.",
+    ]
+    if before:
+        served = {n: m["served"] for n, m in before["models"].items()}
+        lines += ["", f"Before: `{before['command']}` ({before['host']}), served {served}."]
+    if tune:
+        lines += ["", *untuned_lines(tune)]
+    return "\n".join(lines) + "\n"
+
+
+def _before_cells(before: dict | None, model: str, point: str) -> str:
+    if not before:
+        return ""
+    p = before["models"].get(model, {}).get("points", {}).get(point)
+    if p is None:
+        return " - | - | - |"
+    return (
+        f" {p['ratio']:.2f} ({p['ratio_min']:.2f}-{p['ratio_max']:.2f}) | {_f(_ms(p['queue_us']), '.2f')} | "
+        f"{_f(p['avg_batch'], '.2f')} |"
+    )
+
+
+def _ms(us: float | None) -> float | None:
+    return None if us is None else us / 1e3
+
+
+def untuned_lines(tune: dict) -> list[str]:
+    """The untuned/tuned summary of a `vitserve tune` run (its tune.json)."""
+    u = tune.get("untuned") or {}
+    lines = [
+        f"Untuned / tuned (`{tune.get('command')}`, {tune.get('measured_model')}): the configuration the server "
+        f"had before tuning, `{u.get('knobs', '-')}`, against the choice, `{u.get('chosen', '-')}`, at every "
+        "workload point (images/s):",
+        "",
+        "| concurrency | images/request | untuned img/s | tuned img/s | untuned / tuned |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for row in u.get("points", []):
+        lines.append(
+            f"| {row['concurrency']} | {row['batch_size']} | {_f(row['untuned'])} | {_f(row['tuned'])} | "
+            f"{_f(row['ratio'], '.2f')} |"
+        )
+    lines += ["", f"Geometric mean untuned / tuned: **{_f(u.get('geomean'), '.2f')}**."]
+    return lines
+
+
+def write(
+    result: dict, command: str, tune: dict | None = None, results: Path = RESULTS, before: dict | None = None
+) -> Path:
+    """overhead.json, and the section of cpu_engines.md (replaced where it is, appended where it is not)."""
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "overhead.json").write_text(json.dumps({"command": command, **result}, indent=2) + "\n")
+    path = results / ENGINES_FILE
+    text = path.read_text() if path.is_file() else "# CPU engines\n"
+    new = section(result, command, tune, before)
+    start = text.find(SECTION + "\n")
+    if start >= 0:
+        nxt = text.find("\n## ", start + len(SECTION))
+        text = text[:start] + new + (text[nxt + 1 :] if nxt >= 0 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + new
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--repository", default="model_repository")
+    p.add_argument("--models", nargs="+", required=True, help="CPU backbone models of the repository")
+    p.add_argument("--url", default=None, help="a running tritonserver (gRPC); default: start one here")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--seconds", type=float, default=3.0)
+    p.add_argument("--results", default=str(RESULTS), help="where overhead.json and cpu_engines.md are")
+    p.add_argument("--before", default=None, help="an earlier run's overhead.json, shown beside this one")
+    p.add_argument(
+        "--tune-report", default=None, help="a `vitserve tune` tune.json: its untuned/tuned summary"
+    )
+    args = p.parse_args(argv)
+    import tempfile
+
+    from vitserve.server import TritonServer
+
+    repository = Path(args.repository)
+    work = Path(tempfile.mkdtemp(prefix="vitserve-overhead-"))
+    tune = json.loads(Path(args.tune_report).read_text()) if args.tune_report else None
+    if args.url is None:
+        load = [f"--load-model={m}" for m in args.models]
+        with TritonServer(repository, log_path=work / "tritonserver.log",
+                          extra_args=["--model-control-mode=explicit", *load]) as server:  # fmt: skip
+            result = run(server.grpc_url, repository, args.models, args.rounds, args.seconds, work)
+    else:
+        result = run(args.url, repository, args.models, args.rounds, args.seconds, work)
+    command = shlex.join(["python", "-m", "vitserve.perf.bench_overhead", *argv])
+    before = json.loads(Path(args.before).read_text()) if args.before else None
+    path = write(result, command, tune, Path(args.results), before)
+    print(f"wrote {path.parent / 'overhead.json'} and the section {SECTION!r} of {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
