@@ -51,6 +51,7 @@ from vitserve.client.schema import (
     TEXT_INPUT,
     ModelInfo,
     describe_index,
+    index_entries,
     parse_model,
 )
 from vitserve.client.shm import SharedMemory
@@ -227,6 +228,14 @@ class AsyncVitClient:
             if error_kind(e) in (RETRY, TIMEOUT):
                 return False
             raise
+
+    async def repository_index(self) -> list[dict[str, Any]]:
+        """The server's repository index as [{name, version, state}] (a control API: it needs the server's
+        key when the server is closed; ClientError saying so otherwise)."""
+        try:
+            return index_entries(await self._call("get_model_repository_index", as_json=True))
+        except Exception as e:
+            raise self._error(e, "reading the repository index") from e
 
     async def wait_until_ready(self, timeout_s: float | None = None) -> None:
         """Wait until the server and `model` are ready; ClientError saying what was missing after `timeout_s`

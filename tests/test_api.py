@@ -348,3 +348,36 @@ def test_a_resolver_target_spreads_requests_over_every_server(tiny_server, tiny_
         asyncio.run(run())
         spread = [count(s) - b for s, b in zip(servers, before, strict=True)]
     assert sum(spread) == 8 and min(spread) >= 2, spread
+
+
+def test_models_list_passes_the_closed_tritons_key(tiny_repository, tmp_path):
+    """GET /v1/models reads Triton's repository index, a control API: against a closed tritonserver the API
+    sends the operator's key it was given (listed: 200), and without it answers 500 saying which key is
+    missing."""
+    from vitserve.api import ApiSettings, create_app
+    from vitserve.apikey import CONTROL_APIS
+    from vitserve.server import TritonServer
+
+    key = secrets.token_urlsafe(16)
+
+    async def models(url: str, triton_key: str) -> httpx.Response:
+        app = create_app(
+            ApiSettings(triton_url=url, open_access=True, triton_api_key=triton_key, timeout_s=10)
+        )
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+            r = await client.get("/v1/models")
+        await app.state.service.close()
+        return r
+
+    with TritonServer(
+        tiny_repository, log_path=tmp_path / "closed.log", restricted=CONTROL_APIS, api_key=key
+    ) as s:
+        with_key = asyncio.run(models(s.grpc_url, key))
+        without = asyncio.run(models(s.grpc_url, ""))
+    assert with_key.status_code == 200 and with_key.json() == {
+        "object": "list",
+        "data": [],
+    }  # add_one: no image side
+    assert without.status_code == 500, without.text
+    assert "VITSERVE_API_KEY" in without.json()["error"]["message"]

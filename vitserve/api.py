@@ -248,26 +248,15 @@ class EmbeddingsService:
 
     async def list_models(self) -> dict[str, Any]:
         """OpenAI's model list: every model served with an image side or a text side."""
-        from vitserve.client.schema import index_entries
-
         if self._health is None:
             self._health = self._client("_")
         try:
-            index = await self._health._call("get_model_repository_index", as_json=True)
-        except Exception as e:
-            from vitserve.client.transport import FORBIDDEN, RETRY, TIMEOUT, error_kind, error_text
-
-            kind = error_kind(e)
-            if kind in (RETRY, TIMEOUT):
-                raise _unavailable(e) from e
-            hint = (
-                "; the Triton server's repository index is behind its control key: give vitserve api "
-                "$VITSERVE_API_KEY (or the key file) of that server"
-                if kind == FORBIDDEN
-                else ""
-            )
-            raise ApiError(500, f"cannot list the models: {error_text(e)}{hint}", type_="server_error") from e
-        ready = {e["name"] for e in index_entries(index) if e.get("state") == "READY"}
+            index = await self._health.repository_index()
+        except UnavailableError as e:
+            raise _unavailable(e) from e
+        except ClientError as e:
+            raise ApiError(500, f"cannot list the models: {e}", None, "upstream_error", "server_error") from e
+        ready = {e["name"] for e in index if e.get("state") == "READY"}
         image_side = {n for n in ready if preprocess_model_name(n) in ready}
         suffix = text_model_name("")  # NAME_text: a text side, served with its tokenizer
         text_side = {
