@@ -169,10 +169,18 @@ def run_tune(
             return time.monotonic() + expected > search_deadline
 
         bar = _bar(progress)
+        first = reused_first = 0
+        if current not in {p.knobs for p in earlier if p.ok} and not out_of_time():
+            # the reference for untuned / tuned is measured first, so that a run the time bound cuts has it
+            new = timed(current, "untuned")
+            save(new)
+            earlier = [*earlier, *new]
+            first, reused_first = 1, int(all(p.ok for p in new))
         outcome = search(
             space, current, timed, p99_budget_us=budget_us, out_of_time=out_of_time,
             earlier=earlier, on_points=save, progress=bar,
         )  # fmt: skip
+        outcome.measured, outcome.reused = outcome.measured + first, outcome.reused - reused_first
         if bar is not None:
             bar.close()
         chosen = choose(outcome.points, budget_us)
