@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -405,33 +406,38 @@ def make_text_variant(precision, fp32_dir: Path, out_dir: Path, gates) -> dict[s
             report["passed"], report["gate"] = check_gate(precision, report["fidelity"], gates)
             return report
     t0 = time.perf_counter()
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir) as tmp, tempfile.TemporaryDirectory(dir=out_dir.parent) as work:
         dst = tmp / ONNX_FILE
+        # ModelOpt rewrites its input in place (as precision.make_variant found): it gets a private copy, so
+        # the FP32 export stays byte-identical to its manifest (and to the repository's hard link of it).
+        src = Path(work) / ONNX_FILE
+        for f in fp32_dir.iterdir():
+            if f.name.startswith(ONNX_FILE):
+                shutil.copy2(f, Path(work) / f.name)
         if precision is Precision.FP16:
             from modelopt.onnx.autocast import convert_to_mixed_precision
 
-            np.savez(tmp / "calibration.npz", **{TOKENS: calib})
+            np.savez(Path(work) / "calibration.npz", **{TOKENS: calib})
             with quiet_modelopt():
                 model = convert_to_mixed_precision(
-                    onnx_path=str(fp32),
+                    onnx_path=str(src),
                     low_precision_type="fp16",
                     keep_io_types=True,
                     op_types_to_exclude=FP16_KEEP_OP_TYPES,
                     data_max=FP16_DATA_MAX,  # AutoCast's own range check, on the calibration sentences
-                    calibration_data=str(tmp / "calibration.npz"),
+                    calibration_data=str(Path(work) / "calibration.npz"),
                     providers=["cpu"],
                 )
             save_onnx(model, dst)
             del model
-            (tmp / "calibration.npz").unlink()
             made = {"autocast": "fp16", "kept_op_types": FP16_KEEP_OP_TYPES, "data_max": FP16_DATA_MAX}
         else:
             from modelopt.onnx.quantization import quantize
 
-            excluded = attention_matmuls(fp32)
+            excluded = attention_matmuls(src)
             with quiet_modelopt():
                 quantize(
-                    onnx_path=str(fp32),
+                    onnx_path=str(src),
                     quantize_mode="int8",
                     calibration_data={TOKENS: calib},
                     calibration_method="max",

@@ -324,6 +324,11 @@ def test_text_fp16_and_int8_variants_pass_their_gates(clip_text_build, tmp_path)
         assert report["fidelity"]["sentences"] == len(PARITY_SENTENCES) + 4
         again = make_text_variant(precision, fp32, tmp_path / precision, Gates())
         assert again["key"] == report["key"] and again["seconds"] == report["seconds"]  # reused
+    # the quantizers never touch the FP32 export (ModelOpt rewrites its input in place: it gets a copy)
+    from vitserve.exporter.identity import sha256_file
+
+    manifest = json.loads((fp32 / "manifest.json").read_text())
+    assert sha256_file(fp32 / "model.onnx") == manifest["files"]["model.onnx"]["sha256"]
 
 
 @pytest.mark.parametrize(
