@@ -296,23 +296,35 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repository", default="model_repository")
-    p.add_argument("--models", nargs="+", required=True, help="CPU backbone models of the repository")
+    p.add_argument("--models", nargs="+", help="CPU backbone models of the repository")
     p.add_argument("--url", default=None, help="a running tritonserver (gRPC); default: start one here")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--results", default=str(RESULTS), help="where overhead.json and cpu_engines.md are")
     p.add_argument("--before", default=None, help="an earlier run's overhead.json, shown beside this one")
     p.add_argument(
+        "--render", default=None, metavar="OVERHEAD_JSON",
+        help="measure nothing: write the section again from a run's overhead.json (its own command kept)",
+    )  # fmt: skip
+    p.add_argument(
         "--tune-report", default=None, help="a `vitserve tune` tune.json: its untuned/tuned summary"
     )
     args = p.parse_args(argv)
+    if not args.models and not args.render:
+        p.error("give --models (CPU backbone models of the repository), or --render OVERHEAD_JSON")
     import tempfile
 
     from vitserve.server import TritonServer
 
+    tune = json.loads(Path(args.tune_report).read_text()) if args.tune_report else None
+    before = json.loads(Path(args.before).read_text()) if args.before else None
+    if args.render:
+        result = json.loads(Path(args.render).read_text())
+        path = write(result, result.pop("command"), tune, Path(args.results), before)
+        print(f"wrote {path.parent / 'overhead.json'} and the section {SECTION!r} of {path}")
+        return 0
     repository = Path(args.repository)
     work = Path(tempfile.mkdtemp(prefix="vitserve-overhead-"))
-    tune = json.loads(Path(args.tune_report).read_text()) if args.tune_report else None
     if args.url is None:
         load = [f"--load-model={m}" for m in args.models]
         with TritonServer(repository, log_path=work / "tritonserver.log",
@@ -321,7 +333,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         result = run(args.url, repository, args.models, args.rounds, args.seconds, work)
     command = shlex.join(["python", "-m", "vitserve.perf.bench_overhead", *argv])
-    before = json.loads(Path(args.before).read_text()) if args.before else None
     path = write(result, command, tune, Path(args.results), before)
     print(f"wrote {path.parent / 'overhead.json'} and the section {SECTION!r} of {path}")
     return 0
