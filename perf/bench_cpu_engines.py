@@ -151,7 +151,7 @@ def write(rows: list[dict], host: str, command: str, threads: int, rounds: int, 
         "",
         f"Host: {host}",
         "",
-        f"    {command}",
+        f"Command: `{command}`",
         "",
         f"RANDOM-INIT weights; {threads} threads, in-process, every engine measured in turn ({rounds} rounds,"
         f" median img/s). Cosine: L2-normalised embeddings at batch 8 vs onnxruntime FP32 on {EVAL_IMAGES}"

@@ -89,6 +89,24 @@ def test_every_cpu_model_carries_its_flavours_probe_and_fp32_fallback(vitb32_bui
     assert {Precision.FP32, Precision.BF16, Precision.CPU_INT8} <= seen  # what this build publishes
 
 
+def test_without_openvino_its_flavours_are_skipped_with_a_log_line(vitb32_build, monkeypatch, capsys):
+    """A serving environment without OpenVINO (its import fails): the model says so and serves the next
+    flavour, onnxruntime FP32, on the real files."""
+    from vitserve.perf.bench_lanes import load
+
+    monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` raises ImportError
+    model = load(vitb32_build["repository"] / "vitb32_fp32_cpu", cpu_threads=1, cpu_lanes=1)
+    try:
+        assert model.flavour == contract.ONNXRUNTIME_FP32
+        pixels = _photos(2)
+        assert model._run(pixels)[0].shape == (2, 512)
+    finally:
+        model.finalize()
+    out = capsys.readouterr().out
+    assert f"flavour '{contract.OPENVINO_FP32}' skipped: openvino is not installed" in out
+    assert f"CPU flavour '{contract.ONNXRUNTIME_FP32}' for host" in out
+
+
 def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
@@ -243,3 +261,48 @@ def test_probe_under_real_avx2_kernels_passes_with_margin_or_refuses(vitb32_cpu_
             spread = 1 - r["cosine"]
             assert r["cosine"] < gate or r["cosine"] - gate >= 5 * spread, (name, flavour, r)
         print(name, json.dumps(result))
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_static_cpu_int8_loads_and_answers_the_same_in_any_batch(vitb32_build, linear_head, tmp_path):
+    """`cpu_int8_mode: static` (calibrated QDQ, fixed scales): its probe reference is what onnxruntime's
+    QLinear kernels compute, so it loads (a flavour passes its probe, or FP32 serves, saying so) and gives
+    an image the same embedding alone or in a batch; within the cpu-int8 gate of FP32."""
+    from conftest import write_models_yaml
+
+    from vitserve.exporter import onnxrt
+    from vitserve.exporter.config import Gates
+    from vitserve.exporter.pipeline import build_all
+    from vitserve.server import TritonServer
+
+    art = tmp_path / "artifacts"
+    shutil.copytree(vitb32_build["artifacts"] / "vitb32" / "fp32", art / "vitb32" / "fp32")  # export: cached
+    config = write_models_yaml(
+        tmp_path / "models.yaml",
+        *linear_head,
+        precisions=["fp32", "cpu-int8"],
+        cpu_precisions=["fp32", "cpu-int8"],
+        cpu_int8_mode="static",
+    )
+    build_all(config, tmp_path / "repo", art, random_init=True)
+    name = "vitb32_cpu-int8_cpu"
+    assert (tmp_path / "repo" / name).is_dir()
+    pixels = _photos(8)
+    ref = onnxrt.run(onnxrt.cpu_session(art / "vitb32" / "fp32" / "model.onnx"), pixels)["embeddings"]
+    with TritonServer(tmp_path / "repo", log_path=tmp_path / "server.log") as server:
+        worst = _batch_invariance(server.http_url, [name], pixels, 8)
+        import tritonclient.http as httpclient
+
+        client = httpclient.InferenceServerClient(server.http_url)
+        try:
+            inp = httpclient.InferInput(contract.PIXELS, list(pixels.shape), "FP32")
+            inp.set_data_from_numpy(pixels)
+            got = client.infer(name, [inp]).as_numpy(contract.EMBEDDINGS)
+        finally:
+            client.close()
+    assert max(worst.values()) <= BATCH_INVARIANCE_MAX_ABS, worst
+    cos = (_unit(got) * _unit(ref)).sum(1)
+    assert cos.mean() >= Gates().cpu_int8_mean_cosine, cos
+    text = (tmp_path / "server.log").read_text()
+    assert re.search(rf"{name}: cpu-int8 flavour '(vnni|avx2)' for host", text) or "SERVING FP32" in text

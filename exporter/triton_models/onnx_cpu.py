@@ -332,8 +332,16 @@ class TritonPythonModel:
                 tried.append(f"{flavour}: skipped (no openvino)")
                 continue
             path = os.path.join(folder, flavours[flavour])
-            wide = self._engine(flavour, path, threads, session)
-            cos = self._probe(wide, probe, flavour)
+            try:
+                wide = self._engine(flavour, path, threads, session)
+                cos = self._probe(wide, probe, flavour)
+            except Exception as e:  # an engine that cannot open or run the file is refused like a bad probe
+                _log(
+                    f"{name}: flavour '{flavour}' failed: {type(e).__name__}: {e}; trying the next",
+                    error=True,
+                )
+                tried.append(f"{flavour}: failed ({type(e).__name__})")
+                continue
             tried.append(f"{flavour}: probe cosine {cos:.6f}")
             if cos >= min_cos:
                 self._serve(name, flavour, wide, path, params, threads, session, (probe, flavour, min_cos))
