@@ -174,7 +174,9 @@ def _f(v: float | None, fmt: str = ".1f") -> str:
     return "-" if v is None else format(v, fmt)
 
 
-def section(result: dict, command: str, tune: dict | None = None, before: dict | None = None) -> str:
+def section(
+    result: dict, command: str, tune: dict | None = None, before: dict | None = None, notes: str | None = None
+) -> str:
     """The Markdown section for cpu_engines.md; `before`: an earlier run's overhead.json (the served settings
     before a change), shown beside this run's ratios."""
     lines = [
@@ -232,6 +234,8 @@ def section(result: dict, command: str, tune: dict | None = None, before: dict |
         lines += ["", f"Before: `{before['command']}` ({before['host']}), served {served}."]
     if tune:
         lines += ["", *untuned_lines(tune)]
+    if notes:
+        lines += ["", notes.strip()]
     return "\n".join(lines) + "\n"
 
 
@@ -272,14 +276,19 @@ def untuned_lines(tune: dict) -> list[str]:
 
 
 def write(
-    result: dict, command: str, tune: dict | None = None, results: Path = RESULTS, before: dict | None = None
+    result: dict,
+    command: str,
+    tune: dict | None = None,
+    results: Path = RESULTS,
+    before: dict | None = None,
+    notes: str | None = None,
 ) -> Path:
     """overhead.json, and the section of cpu_engines.md (replaced where it is, appended where it is not)."""
     results.mkdir(parents=True, exist_ok=True)
     (results / "overhead.json").write_text(json.dumps({"command": command, **result}, indent=2) + "\n")
     path = results / ENGINES_FILE
     text = path.read_text() if path.is_file() else "# CPU engines\n"
-    new = section(result, command, tune, before)
+    new = section(result, command, tune, before, notes)
     start = text.find(SECTION + "\n")
     if start >= 0:
         nxt = text.find("\n## ", start + len(SECTION))
@@ -302,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--results", default=str(RESULTS), help="where overhead.json and cpu_engines.md are")
     p.add_argument("--before", default=None, help="an earlier run's overhead.json, shown beside this one")
+    p.add_argument("--notes", default=None, help="a Markdown file of findings, added to the section as it is")
     p.add_argument(
         "--render", default=None, metavar="OVERHEAD_JSON",
         help="measure nothing: write the section again from a run's overhead.json (its own command kept)",
@@ -318,9 +328,10 @@ def main(argv: list[str] | None = None) -> int:
 
     tune = json.loads(Path(args.tune_report).read_text()) if args.tune_report else None
     before = json.loads(Path(args.before).read_text()) if args.before else None
+    notes = Path(args.notes).read_text() if args.notes else None
     if args.render:
         result = json.loads(Path(args.render).read_text())
-        path = write(result, result.pop("command"), tune, Path(args.results), before)
+        path = write(result, result.pop("command"), tune, Path(args.results), before, notes)
         print(f"wrote {path.parent / 'overhead.json'} and the section {SECTION!r} of {path}")
         return 0
     repository = Path(args.repository)
@@ -333,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         result = run(args.url, repository, args.models, args.rounds, args.seconds, work)
     command = shlex.join(["python", "-m", "vitserve.perf.bench_overhead", *argv])
-    path = write(result, command, tune, Path(args.results), before)
+    path = write(result, command, tune, Path(args.results), before, notes)
     print(f"wrote {path.parent / 'overhead.json'} and the section {SECTION!r} of {path}")
     return 0
 
