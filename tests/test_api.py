@@ -317,7 +317,19 @@ def test_triton_down_answers_503(tmp_path):
     assert ready.status_code == 503
 
 
-def test_a_resolver_target_spreads_requests_over_every_server(tiny_server, tiny_repository, tmp_path):
+@pytest.fixture(scope="module")
+def closed_tiny_server(tiny_repository, tmp_path_factory):
+    """A second tritonserver on the tiny repository, its control APIs behind a key of its own."""
+    from vitserve.apikey import CONTROL_APIS
+    from vitserve.server import TritonServer
+
+    log = tmp_path_factory.mktemp("logs") / "closed_tiny.log"
+    key = secrets.token_urlsafe(16)
+    with TritonServer(tiny_repository, log_path=log, restricted=CONTROL_APIS, api_key=key) as server:
+        yield server
+
+
+def test_a_resolver_target_spreads_requests_over_every_server(tiny_server, closed_tiny_server):
     """`--triton-url dns:///PODS:8001` (deploy/api): a gRPC name-resolver target naming several tritonservers
     sends the requests of one client to all of them (round_robin), where one host:port stays on one. Shown
     with two real servers behind an `ipv4:` target (a DNS name maps to one port; Kubernetes pods share it)."""
@@ -325,59 +337,57 @@ def test_a_resolver_target_spreads_requests_over_every_server(tiny_server, tiny_
 
     from vitserve.client.config import ClientConfig
     from vitserve.client.transport import Transport
-    from vitserve.server import TritonServer
 
-    def count(server) -> int:
-        status, body = server.api("GET", "/v2/models/add_one/stats")
-        assert status == 200, body
-        return int(body["model_stats"][0]["inference_count"])
+    servers = (tiny_server, closed_tiny_server)
 
-    with TritonServer(tiny_repository, log_path=tmp_path / "second.log") as second:
-        servers = (tiny_server, second)
-        before = [count(s) for s in servers]
-        target = ",".join(f"127.0.0.1:{s.grpc_port}" for s in servers)
+    def counts() -> list[int]:  # server.api carries a closed server's key
+        out = []
+        for server in servers:
+            status, body = server.api("GET", "/v2/models/add_one/stats")
+            assert status == 200, body
+            out.append(int(body["model_stats"][0]["inference_count"]))
+        return out
 
-        async def run() -> None:
-            transport = Transport(ClientConfig(f"ipv4:{target}", "add_one"))
-            inp = grpcclient.InferInput("INPUT0", [1, 4], "FP32")
-            inp.set_data_from_numpy(np.ones((1, 4), np.float32))
-            for _ in range(8):
-                await transport.call("infer", "add_one", [inp])
-            await transport.close()
+    before = counts()
+    target = ",".join(f"127.0.0.1:{s.grpc_port}" for s in servers)
 
-        asyncio.run(run())
-        spread = [count(s) - b for s, b in zip(servers, before, strict=True)]
+    async def run() -> None:
+        transport = Transport(ClientConfig(f"ipv4:{target}", "add_one", api_key=""))
+        inp = grpcclient.InferInput("INPUT0", [1, 4], "FP32")
+        inp.set_data_from_numpy(np.ones((1, 4), np.float32))
+        for _ in range(8):
+            await transport.call("infer", "add_one", [inp])
+        await transport.close()
+
+    asyncio.run(run())
+    deadline = time.monotonic() + 5  # Triton counts a request just after it answers it
+    while (
+        sum(spread := [a - b for a, b in zip(counts(), before, strict=True)]) < 8
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.1)
     assert sum(spread) == 8 and min(spread) >= 2, spread
 
 
-def test_models_list_passes_the_closed_tritons_key(tiny_repository, tmp_path):
+def test_models_list_passes_the_closed_tritons_key(closed_tiny_server):
     """GET /v1/models reads Triton's repository index, a control API: against a closed tritonserver the API
     sends the operator's key it was given (listed: 200), and without it answers 500 saying which key is
     missing."""
     from vitserve.api import ApiSettings, create_app
-    from vitserve.apikey import CONTROL_APIS
-    from vitserve.server import TritonServer
-
-    key = secrets.token_urlsafe(16)
 
     async def models(url: str, triton_key: str) -> httpx.Response:
-        app = create_app(
-            ApiSettings(triton_url=url, open_access=True, triton_api_key=triton_key, timeout_s=10)
-        )
+        settings = ApiSettings(triton_url=url, open_access=True, triton_api_key=triton_key, timeout_s=10)
+        app = create_app(settings)
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
             r = await client.get("/v1/models")
         await app.state.service.close()
         return r
 
-    with TritonServer(
-        tiny_repository, log_path=tmp_path / "closed.log", restricted=CONTROL_APIS, api_key=key
-    ) as s:
-        with_key = asyncio.run(models(s.grpc_url, key))
-        without = asyncio.run(models(s.grpc_url, ""))
-    assert with_key.status_code == 200 and with_key.json() == {
-        "object": "list",
-        "data": [],
-    }  # add_one: no image side
+    server = closed_tiny_server
+    with_key = asyncio.run(models(server.grpc_url, server.api_key))
+    without = asyncio.run(models(server.grpc_url, ""))
+    assert with_key.status_code == 200, with_key.text
+    assert with_key.json() == {"object": "list", "data": []}  # add_one has no image or text side
     assert without.status_code == 500, without.text
     assert "VITSERVE_API_KEY" in without.json()["error"]["message"]

@@ -63,11 +63,13 @@ def _ensemble_outputs(server, images: list[bytes]) -> dict[str, np.ndarray]:
 def test_request_time_labels_equal_the_exported_zeroshot_head(clip_text_server, photos):
     """classify(images, labels=LABELS): the text side's label classifier (mean over the served templates of
     the normalised prompts, renormalised) times logit_scale gives the logits of the head exported over the
-    same labels: same top-1, logits cosine >= 0.99999 for every image."""
+    same labels: same top-1, logits cosine >= 0.99999 for every image. (Four photos: the 80 prompts through
+    the text tower are most of this test's time.)"""
     from vitserve.client import VitClient
 
+    photos = photos[:4]
     served = _ensemble_outputs(clip_text_server, photos)
-    with VitClient(clip_text_server.grpc_url, NAME) as client:
+    with VitClient(clip_text_server.grpc_url, NAME, batch_size=16) as client:
         params = client.text_params()
         assert params.templates == ZEROSHOT_TEMPLATES
         result = client.classify(photos, labels=LABELS, top_k=3)
@@ -91,8 +93,7 @@ def test_embed_text_is_the_same_sync_async_grpc_http(clip_text_server):
         grpc = client.embed_text(SENTENCES)
         single = client.embed_text(SENTENCES[1])
         first = client.label_embeddings(["cat", "dog"])
-        assert client.label_embeddings(["cat", "dog"]) is first
-        assert client.label_embeddings(["dog", "cat"]) is not first
+        assert client.label_embeddings(["cat", "dog"]) is first  # cached: no second request
         tokens = client.text_tokens(SENTENCES[:2])
 
     async def over_http():
@@ -145,13 +146,13 @@ def test_cli_embed_text_and_classify_labels(clip_text_server, photos, tmp_path, 
     img.write_bytes(photos[0])
     assert main([*argv, "--text", "a", str(img)]) == 2
     assert (
-        main(["classify", "--url", url, "--model", NAME, "--labels", "cat,dog,car", "--top-k", "2", str(img)])
+        main(["classify", "--url", url, "--model", NAME, "--labels", "cat,dog", "--top-k", "2", str(img)])
         == 0
     )
     printed = capsys.readouterr()
     with VitClient(url, NAME) as client:
         want = client.embed_text(SENTENCES[:2]).embeddings
-        top = client.classify([str(img)], labels=["cat", "dog", "car"], top_k=2)[0]
+        top = client.classify([str(img)], labels=["cat", "dog"], top_k=2)[0]
     assert _cosines(np.load(out), want).min() >= PARITY
     assert "one kind per run" in printed.err
     assert f"{top[0][1]:.6f}  {top[0][0]}" in printed.out
