@@ -346,3 +346,15 @@ def test_served_tokenizer_validates_its_parameters_when_it_loads(params, needle)
     config = {"name": "m_text_tokenize", "parameters": {TEXT_PARAM: {"string_value": json.dumps(params)}}}
     with pytest.raises(ContractError, match=needle):
         TritonPythonModel().initialize({"model_config": json.dumps(config)})
+
+
+@pytest.mark.slow
+def test_text_export_past_the_protobuf_limit_uses_one_external_data_file(tmp_path, monkeypatch):
+    """The >2 GiB path (one model.onnx.data file), taken by a small model with the threshold lowered."""
+    from vitserve.exporter import export
+    from vitserve.exporter.text import export_text
+
+    monkeypatch.setattr(export, "EXTERNAL_DATA_BYTES", 1024)
+    m = export_text("ViT-B-32", tmp_path / "text", weights="random")
+    assert m["external_data"] is True and set(m["files"]) == {"model.onnx", export.EXTERNAL_DATA_NAME}
+    assert min(c["cosine_min"] for c in m["parity"]["cases"].values()) >= PARITY_COSINE
