@@ -340,6 +340,23 @@ OPEN_CLIP_CONFIG = "open_clip_config.json"  # what open_clip writes next to HF-h
 TIMM_CONFIG = "config.json"  # what timm writes next to HF-hub weights
 
 
+def weights_identity(weights: str) -> dict[str, Any]:
+    """What identifies loaded weights, for every cache key built on them (the image and the text export):
+    the `weights` setting, a checkpoint's bytes and the config files beside it (they choose its
+    architecture and pixel recipe), random init's seed."""
+    from vitserve.exporter.identity import file_digest
+
+    parts: dict[str, Any] = {"weights": weights, "weights_sha": file_digest(weights)}
+    if Path(weights).is_file():
+        folder = Path(weights).parent
+        parts["weights_config"] = {
+            name: file_digest(folder / name) for name in (OPEN_CLIP_CONFIG, TIMM_CONFIG)
+        }
+    if weights == "random":
+        parts["random_init_seed"] = RANDOM_INIT_SEED
+    return parts
+
+
 def _sidecar_config(path: str, name: str) -> tuple[dict[str, Any] | None, Path]:
     cfg_path = Path(path).parent / name
     if not cfg_path.is_file():

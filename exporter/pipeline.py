@@ -55,19 +55,11 @@ def export_key(spec: ModelSpec, weights: str, labels: Path | None) -> str:
     head_file = spec.head.partition(":")[2] or None
     parts: dict[str, Any] = {
         "backbone": spec.backbone,
-        "weights": weights,
-        "weights_sha": file_digest(weights),
+        **backbones.weights_identity(weights),
         "head": spec.head.partition(":")[0],
         "head_sha": file_digest(head_file),
         "labels_sha": file_digest(str(labels) if labels else None),
     }
-    if Path(weights).is_file():
-        folder = Path(weights).parent
-        parts["weights_config"] = {
-            name: file_digest(folder / name) for name in (backbones.OPEN_CLIP_CONFIG, backbones.TIMM_CONFIG)
-        }
-    if weights == "random":
-        parts["random_init_seed"] = backbones.RANDOM_INIT_SEED
     if spec.heads:  # a backbone shared by heads outputs features; the heads themselves are not in the key
         parts["outputs"] = "embeddings+features"
     return artifact_key("export", **parts)

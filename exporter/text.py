@@ -260,16 +260,9 @@ def text_export_key(backbone: str, weights: str) -> str:
     """What defines the text export: the backbone and its weights (a checkpoint's bytes and the config
     files next to it; random init's seed); heads and labels do not change the text tower."""
     from vitserve.exporter import backbones
-    from vitserve.exporter.identity import artifact_key, file_digest
+    from vitserve.exporter.identity import artifact_key
 
-    parts: dict[str, Any] = {"backbone": backbone, "weights": weights, "weights_sha": file_digest(weights)}
-    if Path(weights).is_file():
-        folder = Path(weights).parent
-        parts["weights_config"] = {
-            name: file_digest(folder / name) for name in (backbones.OPEN_CLIP_CONFIG, backbones.TIMM_CONFIG)
-        }
-    if weights == "random":
-        parts["random_init_seed"] = backbones.RANDOM_INIT_SEED
+    parts: dict[str, Any] = {"backbone": backbone, **backbones.weights_identity(weights)}
     return artifact_key("text-export", **parts)
 
 
