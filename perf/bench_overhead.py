@@ -138,6 +138,56 @@ def run(url: str, repository: Path, models: list[str], rounds: int, seconds: flo
     return out
 
 
+def untuned_vs_tuned(url: str, tune: dict, rounds: int, seconds: float, work: Path) -> dict:
+    """The configuration the server had before `vitserve tune` against its choice (tune.json), on the tensor
+    path of the backbone each routes to, at the tune's workload points, in back-to-back pairs per round
+    (each reloaded through Triton's load API with a config override, as the tuner serves it): a tune
+    measures each configuration once, and a shared host drifts by more than the difference."""
+    from vitserve.contract import Kind, backbone_model_name
+    from vitserve.perf.inputs import connect, describe_model, make_payloads
+    from vitserve.perf.measure import Generator, measure_point
+    from vitserve.perf.tune.configs import backbone_override
+    from vitserve.perf.tune.search import Knobs
+
+    knobs = {"untuned": Knobs.from_dict(tune["current"]), "tuned": Knobs.from_dict(tune["chosen"]["knobs"])}
+    names = {k: backbone_model_name(tune["model"], v.variant, Kind.CPU) for k, v in knobs.items()}
+    workload = [(c, b) for b in tune["batch_sizes"] for c in tune["concurrencies"]]
+    client = connect(url)
+    rows: dict[tuple[int, int], list[dict]] = {w: [] for w in workload}
+    try:
+        base = {n: client.get_model_config(n, as_json=True)["config"] for n in set(names.values())}
+        for r in range(rounds):
+            got: dict[tuple[int, int], dict[str, float]] = {w: {} for w in workload}
+            # one reload per configuration and round, which goes first alternating
+            for label in ("untuned", "tuned") if r % 2 == 0 else ("tuned", "untuned"):
+                name = names[label]
+                client.load_model(name, config=json.dumps(backbone_override(base[name], knobs[label], True)))
+                spec = describe_model(url, name)
+                for c, b in workload:
+                    m = measure_point(
+                        url, spec, generator=Generator.PERF_ANALYZER, concurrency=c, batch_size=b,
+                        duration_s=seconds, warmup_s=1.0, payloads=make_payloads(spec, b, count=2),
+                        csv_path=work / f"pa_{label}_c{c}_b{b}.csv", stretch=True, client=client,
+                    )  # fmt: skip
+                    got[(c, b)][label] = m.images_per_s
+            for (c, b), g in got.items():
+                rows[(c, b)].append({"round": r, **g, "ratio": g["untuned"] / g["tuned"]})
+                print(f"untuned/tuned c{c} b{b} round {r}: {g}", flush=True)
+    finally:
+        client.close()
+    points = []
+    for (c, b), rs in rows.items():
+        ratios = [x["ratio"] for x in rs]
+        points.append({"concurrency": c, "batch_size": b, "ratio": statistics.median(ratios),
+                       "ratio_min": min(ratios), "ratio_max": max(ratios),
+                       "untuned": statistics.median(x["untuned"] for x in rs),
+                       "tuned": statistics.median(x["tuned"] for x in rs)})  # fmt: skip
+    geomean = statistics.geometric_mean(p["ratio"] for p in points)
+    return {"tune_command": tune.get("command"), "knobs": knobs["untuned"].key(), "chosen": knobs["tuned"].key(),
+            "rounds": rounds, "seconds": seconds, "points": points, "geomean": geomean,
+            "pairs": {f"c{c}_b{b}": rs for (c, b), rs in rows.items()}}  # fmt: skip
+
+
 def _served_settings(config: dict) -> str:
     """The served settings that decide overhead, as one line."""
     from vitserve.contract import CpuBackboneParams
@@ -175,7 +225,12 @@ def _f(v: float | None, fmt: str = ".1f") -> str:
 
 
 def section(
-    result: dict, command: str, tune: dict | None = None, before: dict | None = None, notes: str | None = None
+    result: dict,
+    command: str,
+    tune: dict | None = None,
+    before: dict | None = None,
+    notes: str | None = None,
+    interleaved: dict | None = None,
 ) -> str:
     """The Markdown section for cpu_engines.md; `before`: an earlier run's overhead.json (the served settings
     before a change), shown beside this run's ratios."""
@@ -233,7 +288,7 @@ def section(
         served = {n: m["served"] for n, m in before["models"].items()}
         lines += ["", f"Before: `{before['command']}` ({before['host']}), served {served}."]
     if tune:
-        lines += ["", *untuned_lines(tune)]
+        lines += ["", *untuned_lines(tune, interleaved)]
     if notes:
         lines += ["", notes.strip()]
     return "\n".join(lines) + "\n"
@@ -255,13 +310,14 @@ def _ms(us: float | None) -> float | None:
     return None if us is None else us / 1e3
 
 
-def untuned_lines(tune: dict) -> list[str]:
-    """The untuned/tuned summary of a `vitserve tune` run (its tune.json)."""
+def untuned_lines(tune: dict, interleaved: dict | None = None) -> list[str]:
+    """The untuned/tuned summary of a `vitserve tune` run (its tune.json: one measurement per configuration)
+    and, where given, of `untuned_vs_tuned` (the two in back-to-back pairs, medians over rounds)."""
     u = tune.get("untuned") or {}
     lines = [
         f"Untuned / tuned (`{tune.get('command')}`, {tune.get('measured_model')}): the configuration the server "
         f"had before tuning, `{u.get('knobs', '-')}`, against the choice, `{u.get('chosen', '-')}`, at every "
-        "workload point (images/s):",
+        "workload point (images/s; the tune measures each configuration once):",
         "",
         "| concurrency | images/request | untuned img/s | tuned img/s | untuned / tuned |",
         "|---:|---:|---:|---:|---:|",
@@ -271,7 +327,23 @@ def untuned_lines(tune: dict) -> list[str]:
             f"| {row['concurrency']} | {row['batch_size']} | {_f(row['untuned'])} | {_f(row['tuned'])} | "
             f"{_f(row['ratio'], '.2f')} |"
         )
-    lines += ["", f"Geometric mean untuned / tuned: **{_f(u.get('geomean'), '.2f')}**."]
+    lines += ["", f"Geometric mean untuned / tuned in the tune: **{_f(u.get('geomean'), '.2f')}**."]
+    if interleaved:
+        i = interleaved
+        lines += [
+            "",
+            f"The same two again in back-to-back pairs ({i['rounds']} rounds of {i['seconds']:g} s, each reloaded "
+            f"with its settings; `{i['command']}`), medians (lowest-highest):",
+            "",
+            "| concurrency | images/request | untuned img/s | tuned img/s | untuned / tuned |",
+            "|---:|---:|---:|---:|---:|",
+        ]
+        for row in i["points"]:
+            lines.append(
+                f"| {row['concurrency']} | {row['batch_size']} | {_f(row['untuned'])} | {_f(row['tuned'])} | "
+                f"**{row['ratio']:.2f}** ({row['ratio_min']:.2f}-{row['ratio_max']:.2f}) |"
+            )
+        lines += ["", f"Geometric mean untuned / tuned, back to back: **{i['geomean']:.2f}**."]
     return lines
 
 
@@ -282,13 +354,14 @@ def write(
     results: Path = RESULTS,
     before: dict | None = None,
     notes: str | None = None,
+    interleaved: dict | None = None,
 ) -> Path:
     """overhead.json, and the section of cpu_engines.md (replaced where it is, appended where it is not)."""
     results.mkdir(parents=True, exist_ok=True)
     (results / "overhead.json").write_text(json.dumps({"command": command, **result}, indent=2) + "\n")
     path = results / ENGINES_FILE
     text = path.read_text() if path.is_file() else "# CPU engines\n"
-    new = section(result, command, tune, before, notes)
+    new = section(result, command, tune, before, notes, interleaved)
     start = text.find(SECTION + "\n")
     if start >= 0:
         nxt = text.find("\n## ", start + len(SECTION))
@@ -319,9 +392,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--tune-report", default=None, help="a `vitserve tune` tune.json: its untuned/tuned summary"
     )
+    p.add_argument(
+        "--untuned-tuned", action="store_true",
+        help="measure the --tune-report's untuned and chosen configurations back to back (untuned_tuned.json)",
+    )  # fmt: skip
+    p.add_argument("--untuned-json", default=None, help="an untuned_tuned.json to show with --render")
     args = p.parse_args(argv)
-    if not args.models and not args.render:
+    if not args.models and not args.render and not args.untuned_tuned:
         p.error("give --models (CPU backbone models of the repository), or --render OVERHEAD_JSON")
+    if args.untuned_tuned and not args.tune_report:
+        p.error("--untuned-tuned needs --tune-report TUNE_JSON")
     import tempfile
 
     from vitserve.server import TritonServer
@@ -329,13 +409,28 @@ def main(argv: list[str] | None = None) -> int:
     tune = json.loads(Path(args.tune_report).read_text()) if args.tune_report else None
     before = json.loads(Path(args.before).read_text()) if args.before else None
     notes = Path(args.notes).read_text() if args.notes else None
+    interleaved = json.loads(Path(args.untuned_json).read_text()) if args.untuned_json else None
     if args.render:
         result = json.loads(Path(args.render).read_text())
-        path = write(result, result.pop("command"), tune, Path(args.results), before, notes)
+        path = write(result, result.pop("command"), tune, Path(args.results), before, notes, interleaved)
         print(f"wrote {path.parent / 'overhead.json'} and the section {SECTION!r} of {path}")
         return 0
     repository = Path(args.repository)
     work = Path(tempfile.mkdtemp(prefix="vitserve-overhead-"))
+    command = shlex.join(["python", "-m", "vitserve.perf.bench_overhead", *argv])
+    if args.untuned_tuned:
+        from vitserve.contract import Kind, backbone_model_name
+
+        variants = {tune["current"]["variant"], tune["chosen"]["knobs"]["variant"]}
+        load = [f"--load-model={backbone_model_name(tune['model'], v, Kind.CPU)}" for v in sorted(variants)]
+        with TritonServer(repository, log_path=work / "tritonserver.log",
+                          extra_args=["--model-control-mode=explicit", *load]) as server:  # fmt: skip
+            out = untuned_vs_tuned(server.grpc_url, tune, args.rounds, args.seconds, work)
+        path = Path(args.results) / "untuned_tuned.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"command": command, **out}, indent=2) + "\n")
+        print(f"wrote {path}: untuned / tuned geometric mean {out['geomean']:.2f}")
+        return 0
     if args.url is None:
         load = [f"--load-model={m}" for m in args.models]
         with TritonServer(repository, log_path=work / "tritonserver.log",
@@ -343,8 +438,7 @@ def main(argv: list[str] | None = None) -> int:
             result = run(server.grpc_url, repository, args.models, args.rounds, args.seconds, work)
     else:
         result = run(args.url, repository, args.models, args.rounds, args.seconds, work)
-    command = shlex.join(["python", "-m", "vitserve.perf.bench_overhead", *argv])
-    path = write(result, command, tune, Path(args.results), before, notes)
+    path = write(result, command, tune, Path(args.results), before, notes, interleaved)
     print(f"wrote {path.parent / 'overhead.json'} and the section {SECTION!r} of {path}")
     return 0
 
