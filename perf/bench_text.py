@@ -21,13 +21,10 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import io
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -36,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from vitserve.api import running as api_process
 from vitserve.contract import (
     EMBEDDINGS,
     IMAGE_INPUT,
@@ -157,50 +155,6 @@ def inprocess_text_rate(session, tokens: np.ndarray, seconds: float) -> float:
     return n / (time.perf_counter() - t0)
 
 
-@contextlib.contextmanager
-def running_api(triton_url: str, log: Path):
-    """`vitserve api --open` on a free port of 127.0.0.1, in its own process group."""
-    import httpx
-
-    from vitserve.server import free_port
-
-    port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "vitserve.cli",
-        "api",
-        "--open",
-        "--port",
-        str(port),
-        "--triton-url",
-        triton_url,
-    ]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"vitserve api exited:\n{log.read_text()}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(base + "/health/ready", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"vitserve api did not start:\n{log.read_text()}")
-            time.sleep(0.2)
-        yield base
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-
-
 def api_vs_direct(url: str, api: str, images: list[bytes], requests: int, warmup: int = 3) -> dict[str, Any]:
     """Latencies (ms) of the same 8-image request, direct gRPC and through the API, alternating."""
     import httpx
@@ -299,7 +253,7 @@ def measure(repo: Path, work: Path, rounds: int, seconds: float, concurrency: in
         load["after_text"] = os.getloadavg()
         del session
         images = jpeg_images()
-        with running_api(server.grpc_url, work / "api.log") as api:
+        with api_process(server.grpc_url, work / "api.log", "--open") as api:
             api_rounds = []
             per_round = max(1, requests // rounds)
             for r in range(rounds):

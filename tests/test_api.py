@@ -12,9 +12,6 @@ import contextlib
 import io
 import os
 import secrets
-import signal
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,6 +20,7 @@ import httpx
 import numpy as np
 import pytest
 
+from vitserve.api import running as api_process
 from vitserve.contract import backbone_model_name, text_model_name
 from vitserve.server import free_port
 
@@ -38,45 +36,12 @@ SENTENCES = ["a photo of a cat.", "an astronaut riding a horse on the moon", "Êù
 
 @contextlib.contextmanager
 def running_api(triton_url: str, folder: Path, *args: str):
-    """`vitserve api` in its own process group on a free port of 127.0.0.1 (stopped by group)."""
-    port = free_port()
-    log = folder / f"api-{port}.log"
+    """`vitserve api ARGS` (vitserve.api.running) with the tests' bearer key and its own key folder."""
     env = dict(os.environ, XDG_CONFIG_HOME=str(folder / "config"), VITSERVE_EMBEDDINGS_KEY=KEY)
     env.pop("VITSERVE_API_KEY", None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "vitserve.cli",
-        "api",
-        "--port",
-        str(port),
-        "--triton-url",
-        triton_url,
-        *args,
-    ]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, f"vitserve api exited:\n{log.read_text()}"
-            try:
-                if httpx.get(base + "/health/live", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"vitserve api did not start:\n{log.read_text()}"
-            time.sleep(0.1)
+    log = folder / f"api-{secrets.token_hex(4)}.log"
+    with api_process(triton_url, log, *args, env=env) as base:
         yield base
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
 
 
 @pytest.fixture(scope="module")

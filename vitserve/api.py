@@ -31,11 +31,18 @@ a key.
 import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import logging
+import os
 import re
 import secrets
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -541,3 +548,53 @@ def serve(settings: ApiSettings, host: str = "127.0.0.1", port: int = DEFAULT_PO
     except ImportError as e:
         raise missing_extra("uvicorn", "api") from e
     uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", access_log=False)
+
+
+@contextlib.contextmanager
+def running(triton_url: str, log_path, *args: str, env: dict[str, str] | None = None, timeout_s: float = 60):
+    """`vitserve api ARGS` as a subprocess on a free port of 127.0.0.1, in its own process group (stopped by
+    group, as every server vitserve starts), until it answers /health/live; yields its base URL. For the
+    tests and perf/bench_text.py."""
+    import httpx
+
+    from vitserve.server import free_port
+
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "vitserve.cli",
+        "api",
+        "--port",
+        str(port),
+        "--triton-url",
+        triton_url,
+        *args,
+    ]
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env or dict(os.environ)
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"vitserve api exited:\n{Path(log_path).read_text()}")
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(base + "/health/live", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"vitserve api did not start in {timeout_s:.0f} s:\n{Path(log_path).read_text()}"
+                )
+            time.sleep(0.1)
+        yield base
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
