@@ -307,18 +307,28 @@ def export_model(
             "architecture": loaded.architecture,
             "opset": options.opset,
             "simplified": options.simplify,
-            "external_data": (tmp / EXTERNAL_DATA_NAME).exists(),
-            "versions": library_versions(),
-            "export_seconds": round(export_s, 2),
-            "total_seconds": round(time.perf_counter() - t0, 2),
-            "parity": {k: v for k, v in parity.items() if k != "table"},
-            "files": {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files},
-            "variants": {},
+            **export_record(tmp, files, parity, export_s, t0),
         }
         write_manifest(tmp, manifest)
         log.info("parity %s (%s):\n%s", entry.name, "PASSED", parity["table"])
     manifest["parity_table"] = parity["table"]
     return manifest
+
+
+def export_record(
+    folder: Path, files: list[Path], parity: dict[str, Any], export_s: float, t0: float
+) -> dict[str, Any]:
+    """The manifest fields every export records (image and text): its files' hashes and sizes, whether the
+    weights are external data, the library versions, timings, the parity result and no variants yet."""
+    return {
+        "external_data": (folder / EXTERNAL_DATA_NAME).exists(),
+        "versions": library_versions(),
+        "export_seconds": round(export_s, 2),
+        "total_seconds": round(time.perf_counter() - t0, 2),
+        "parity": {k: v for k, v in parity.items() if k != "table"},
+        "files": {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files},
+        "variants": {},
+    }
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:

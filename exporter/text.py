@@ -28,15 +28,14 @@ from vitserve.contract import EMBEDDINGS, ONNX_FILE, TOKENS, TextParams
 from vitserve.errors import ConfigError, ExportError, ParityError
 from vitserve.exporter.compare import compare_outputs, format_table
 from vitserve.exporter.export import (
-    EXTERNAL_DATA_NAME,
     PARITY_COSINE,
     _finalize_onnx,
     atomic_directory,
+    export_record,
     library_versions,
     read_manifest,
     write_manifest,
 )
-from vitserve.exporter.identity import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -242,13 +241,7 @@ def export_text(backbone: str, out_dir: str | Path, weights: str | None = "pretr
             "outputs": [EMBEDDINGS],
             "feature_dim": dim,
             "opset": opset,
-            "external_data": (tmp / EXTERNAL_DATA_NAME).exists(),
-            "versions": library_versions(),
-            "export_seconds": round(export_s, 2),
-            "total_seconds": round(time.perf_counter() - t0, 2),
-            "parity": {k: v for k, v in parity.items() if k != "table"},
-            "files": {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files},
-            "variants": {},
+            **export_record(tmp, files, parity, export_s, t0),
         }
         write_manifest(tmp, manifest)
         log.info("text parity %s (PASSED):\n%s", entry.name, parity["table"])
