@@ -285,8 +285,8 @@ def section(
         "requests of a batch (np.concatenate): a few hundredths of a millisecond per image.",
     ]
     if before:
-        served = {n: m["served"] for n, m in before["models"].items()}
-        lines += ["", f"Before: `{before['command']}` ({before['host']}), served {served}."]
+        served = "; ".join(f"{n}: {m['served']}" for n, m in before["models"].items())
+        lines += ["", f"Before: `{before['command']}` ({before['host']}); served: {served}."]
     if tune:
         lines += ["", *untuned_lines(tune, interleaved)]
     if notes:
