@@ -54,8 +54,9 @@ def in_process(model_dir: Path, cores: int):
     return load(model_dir, replace(params, cpu_threads=cores, cpu_lanes=1, cpu_spinning=None, share=1))
 
 
-def images_per_s(model, x: np.ndarray, seconds: float) -> tuple[float, float]:
-    """Images/s and median latency (ms) of the model's wide session on `x`, one call per batch."""
+def timed_runs(model, x: np.ndarray, seconds: float) -> tuple[float, list[float]]:
+    """Images/s and each call's seconds of the model's wide session on `x`, one call per batch, for
+    `seconds` (after one untimed call)."""
     feed = {model.input_name: x}
     model.session.run(model.outputs, feed)
     lat, t0 = [], time.perf_counter()
@@ -63,7 +64,23 @@ def images_per_s(model, x: np.ndarray, seconds: float) -> tuple[float, float]:
         t = time.perf_counter()
         model.session.run(model.outputs, feed)
         lat.append(time.perf_counter() - t)
-    return len(lat) * len(x) / (time.perf_counter() - t0), statistics.median(lat) * 1e3
+    return len(lat) * len(x) / (time.perf_counter() - t0), lat
+
+
+def images_per_s(model, x: np.ndarray, seconds: float) -> tuple[float, float]:
+    """Images/s and median latency (ms) of the model's wide session on `x`, one call per batch."""
+    ips, lat = timed_runs(model, x, seconds)
+    return ips, statistics.median(lat) * 1e3
+
+
+def served_file(model_dir: Path, model) -> tuple[str, Path]:
+    """The engine (flavour) and file an in-process model (`in_process`) picked on this host."""
+    from vitserve.contract import ONNX_FILE, CpuBackboneParams
+    from vitserve.exporter.repository import read_config, read_params
+
+    params = read_params(read_config(model_dir / "config.pbtxt"), CpuBackboneParams)
+    flavour = getattr(model, "flavour", None)
+    return flavour or "onnxruntime", model_dir / "1" / params.flavours.get(flavour, ONNX_FILE)
 
 
 def copy_us_per_image(shape: list[int]) -> float:

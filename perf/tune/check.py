@@ -1,9 +1,11 @@
-"""The chosen configuration -> served (tuned) against in-process onnxruntime on the same ONNX file.
+"""The chosen configuration -> served (tuned) against the same engine and file in-process.
 
 Run after the search, in interleaved rounds (see `compare_in_process`): what serving costs over the network
 itself, over the served model's own executor run in this process, and what the bytes ensemble costs over
-the tensor path. `check_summary` is the acceptance view: per variant, transport and concurrency, the client
-batch size that served best within the p99 budget.
+the tensor path. In-process is the served model's own code initialised here (`bench_overhead.in_process`):
+it picks the engine and file (flavour) the server picks on this host, by the same probe. `check_summary` is
+the acceptance view: per variant, transport and concurrency, the client batch size that served best within
+the p99 budget.
 """
 
 from __future__ import annotations
@@ -13,25 +15,10 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from vitserve.contract import ONNX_FILE, CpuBackboneParams
+from vitserve.contract import CpuBackboneParams
 from vitserve.perf.tune.configs import cpu_params, served_params
 from vitserve.perf.tune.measurer import Measurer
 from vitserve.perf.tune.search import Knobs, Point
-
-
-def backbone_onnx(repository: Path, model: str, config: dict) -> Path:
-    """The ONNX file the served CPU backbone runs on this host: `model.onnx`, or for cpu-int8 the flavour
-    the model picks from this host's CPU flags (the same rule as onnx_cpu.py; the server log confirms it)."""
-    from vitserve.exporter.triton_models.onnx_cpu import cpu_flags, flavour_order, int8_isa
-
-    params = served_params(CpuBackboneParams, config)
-    folder = repository / model / "1"
-    if params.flavours:
-        order = flavour_order(int8_isa(cpu_flags(), forced=params.isa), list(params.flavours))
-        if order:
-            return folder / params.flavours[order[0]]
-    return folder / ONNX_FILE
-
 
 CHECK_ROUNDS = 2
 
@@ -52,15 +39,21 @@ def compare_in_process(measure: Measurer, chosen: Knobs, repository: Path, batch
     and the median over `rounds` is reported, with the median served point. Served is measured with the
     tensors in the gRPC messages and in system shared memory (`transports`: a client on the server's host,
     as the python client's `shared_memory="system"` does): the difference is what the transfer costs."""
+    import numpy as np
+
     from vitserve.exporter.triton_models.onnx_cpu import usable_cores
-    from vitserve.perf.baseline import run_baseline
+    from vitserve.perf.bench_lanes import read_dims
+    from vitserve.perf.bench_overhead import in_process, served_file, timed_runs
 
     target = measure.target
     cores = usable_cores()
     rows, inproc, ensemble_rows = [], {}, []
+    rng = np.random.default_rng(0)
     for variant, model in target.backbones.items():
         cfg = target.configs[model]
-        onnx = backbone_onnx(repository, model, cfg)
+        ref = in_process(repository / model, cores)  # the server's pick: same engine, file and threads
+        engine, onnx = served_file(repository / model, ref)
+        shape = read_dims(repository / model)
         opt = served_params(CpuBackboneParams, cfg).optimization
         max_batch = int(cfg.get("max_batch_size", 1))
         knobs = replace(chosen, variant=variant)
@@ -73,9 +66,11 @@ def compare_in_process(measure: Measurer, chosen: Knobs, repository: Path, batch
             for b in sizes:
                 if out_of_time():
                     break
-                r = run_baseline(onnx, b, threads=cores, optimization=opt, duration_s=duration_s)
+                x = rng.standard_normal([b, *shape]).astype(np.float32)
+                ips, lat = timed_runs(ref, x, duration_s)
+                p50, p99 = (float(v) * 1e6 for v in np.percentile(lat, [50, 99]))
                 base.setdefault(b, []).append(
-                    {"batch_size": b, "images_per_s": r.images_per_s, "p50_us": r.p50_us, "p99_us": r.p99_us}
+                    {"batch_size": b, "images_per_s": ips, "p50_us": p50, "p99_us": p99}
                 )
                 if b not in batches:
                     continue
@@ -87,14 +82,15 @@ def compare_in_process(measure: Measurer, chosen: Knobs, repository: Path, batch
                     for p in measure(knobs, "check", tensor=True, batch_size=b, concurrencies=concurrencies,
                                      shared_memory=shm):  # fmt: skip
                         served.setdefault((b, shm, p.concurrency), []).append(p)
+        ref.finalize()
         if not base:
             break
         n = min(len(v) for v in base.values())  # complete rounds (the time bound may cut the last one)
         best_per_round = [max(base[b][i]["images_per_s"] for b in base) for i in range(n)]
         runs = [_median_row(v) for v in base.values()]
         best = max(runs, key=lambda r: r["images_per_s"])
-        inproc[variant] = {"onnx": str(onnx), "threads": cores, "optimization": opt, "rounds": n, "runs": runs,
-                           "best": best}  # fmt: skip
+        inproc[variant] = {"onnx": str(onnx), "engine": engine, "threads": cores, "optimization": opt, "rounds": n,
+                           "runs": runs, "best": best}  # fmt: skip
         if executor:
             inproc[variant]["executor"] = {"lanes": chosen.cpu_lanes, "threads": chosen.cpu_threads or cores,
                                            "runs": [{"batch_size": b, "images_per_s": statistics.median(v)}

@@ -225,7 +225,9 @@ def _check_markdown(check: dict) -> list[str]:
     out = [
         "## Served (tuned) vs in-process",
         "",
-        f"In-process: onnxruntime on the same ONNX file, {check['cores']} intra-op threads (every usable core), "
+        "In-process: the served model's own engine and file on this host ("
+        + ", ".join(f"{v}: {i.get('engine', 'onnxruntime')}" for v, i in check["in_process"].items())
+        + f"), {check['cores']} threads (every usable core), one call per batch, "
         "at its best batch size of those run. Served: the tensor path (`pixel_values`) of each variant with the "
         f"chosen settings. {check.get('rounds', 1)} interleaved round(s): per round and batch size, in-process "
         "then served back to back; each ratio is taken within its round, the median over the rounds is shown "
