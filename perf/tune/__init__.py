@@ -3,8 +3,10 @@
     vitserve tune --model vitb32 --p99-ms 400 --max-minutes 10
 
 What is swept, for the model's CPU backbone (vitserve's python-backend onnxruntime model) and its ensemble:
-which backbone variant the ensemble routes to (fp32 | cpu-int8), instance count x onnxruntime intra-op
-threads (instances x threads <= the usable cores), lanes (a batch cut into 1-thread slices run at once),
+which backbone variant the ensemble routes to (every CPU precision the repository publishes: fp32, int8,
+bf16, cpu-int8 where asked for; each runs the engine its flavours pick on this host), instance count x
+onnxruntime intra-op threads (instances x threads <= the usable cores, and two instances of every core each
+with spinning off), lanes (a batch cut into 1-thread slices run at once),
 onnxruntime spinning (`session.intra_op.allow_spinning`), dynamic batching (max queue delay, preferred batch
 sizes) and the python preprocess model's instances and threads. Models that are not vitserve CPU backbones
 (the tiny test model) get the knobs that apply to them: instances and dynamic batching.
@@ -16,7 +18,8 @@ never touched, and the served config is read back and checked before a point is 
 the real perf_analyzer (`vitserve.perf.perf_analyzer`) with Triton's statistics around it (queue, compute
 input/infer/output per model, average batch: `vitserve.perf.server_stats`).
 
-How the space is searched, in stages (a full grid is days on a 2-core host): `compute` (variant x
+How the space is searched, in stages (a full grid is days on a 2-core host), after the configuration the
+server had is measured as it is (stage `untuned`: the report's untuned / tuned): `compute` (variant x
 instances/threads x lanes x spinning, batching as configured), then `batching` (queue delay x preferred
 sizes around the best so far), then `preprocess` (instances x threads; ensemble only), then `refine` (the
 compute knobs again under the batching and preprocess chosen, and the other variants). The workload is every
