@@ -99,6 +99,7 @@ def test_vitb32_linear_head_export(vitb32_build):
     assert (out / "labels.txt").read_text().splitlines()[0] == "astronaut"
 
 
+@pytest.mark.slow  # ~40 s; EVA02's export parity is also in the slow tier's test_slow_exports.py
 def test_eva02_zeroshot_export(tmp_path):
     labels = tmp_path / "labels.txt"
     labels.write_text("cat\ndog\nrocket\n")
@@ -179,7 +180,12 @@ def test_labels_count_must_match_head(tmp_path, linear_head):
 
 
 def test_pretrained_download_failure_suggests_alternatives(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hf
+
+    # huggingface_hub reads HF_HUB_OFFLINE when it is imported: an earlier test may have imported it, so the
+    # constant is set too (else the download is tried for real and times out, offline, after ~45 s)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)
     with pytest.raises(ExportError, match=r"--weights FILE.*--random-init"):
         export_model("DINOv2-S", tmp_path / "o")
     assert not (tmp_path / "o").exists()
