@@ -89,7 +89,9 @@ class BatchProfile:
 @dataclass(frozen=True)
 class DynamicBatching:
     preferred_batch_sizes: tuple[int, ...] = (4, 8)
-    max_queue_delay_us: int = 2000
+    # No delay by default: requests that arrive while an instance is busy are batched anyway, and a delay only
+    # makes a lone request wait it out (perf/results/cpu_engines.md, "Per-request overhead")
+    max_queue_delay_us: int = 0
 
     def __post_init__(self) -> None:
         if self.max_queue_delay_us < 0:
