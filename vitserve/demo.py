@@ -1,4 +1,5 @@
-"""`make demo`: build the default model, serve it, classify the sample photos, print a throughput figure.
+"""`make demo`: build the default model, serve it, classify the sample photos, search them by sentences (a
+model with a text side: `text: true`), print a throughput figure.
 
 Offline (no route to the weights hub) it says so loudly and builds with random-init weights: the
 pipeline, the server and the client are real; the labels are then meaningless.
@@ -33,7 +34,8 @@ def run_demo(
     from vitserve.exporter.samples import write_eval_images
     from vitserve.server import TritonServer
 
-    model = load_models(config)[0].name
+    spec = load_models(config)[0]
+    model = spec.name
     random_init = not weights_hub_reachable()
     if random_init:
         print("=" * 78)
@@ -50,6 +52,8 @@ def run_demo(
                 print(
                     f"  {path.name:28s} " + "  ".join(f"{label} {score:.3f}" for label, score in labels or [])
                 )
+            if spec.text:
+                _text_side(client, photos)
             batch = [photos[i % len(photos)] for i in range(images)]
             client.embed(batch[:batch_size])  # warm-up
             t0 = time.perf_counter()
@@ -61,3 +65,24 @@ def run_demo(
         f"(gRPC, batch {batch_size}, CPU server){' [random-init weights]' if random_init else ''}"
     )
     return {"model": model, "random_init": random_init, "images_per_s": ips}
+
+
+SENTENCES = ("an astronaut in a space suit", "a cup of coffee on a table", "a cat sleeping")
+
+
+def _text_side(client, photos: list[Path]) -> None:
+    """Text and images side by side: the photo each sentence finds (text and image embeddings share one
+    space), and the photos classified against labels chosen here, at request time."""
+    import numpy as np
+
+    images = client.embed(photos)
+    sentences = client.embed_text(list(SENTENCES))
+    scores = np.asarray(sentences) @ np.asarray(images).T
+    print("search by sentence (NAME_text + NAME):")
+    for sentence, row in zip(SENTENCES, scores, strict=True):
+        best = int(np.nanargmax(row))
+        print(f"  {sentence!r:36s} -> {photos[best].name} (cosine {row[best]:.3f})")
+    labels = ["a dog", "a rocket", "a person", "a drink"]
+    print(f"labels chosen at request time {labels}:")
+    for path, top in zip(photos[:4], client.classify(photos[:4], top_k=1, labels=labels), strict=True):
+        print(f"  {path.name:28s} " + "  ".join(f"{label} {score:.3f}" for label, score in top or []))
