@@ -43,6 +43,8 @@ def test_lanes_decision():
     assert choose_lanes(4, 8, big)[0] == 4  # asked for: taken
     assert choose_lanes(4, 2, small)[0] == 2  # never more lanes than threads
     assert choose_lanes(1, 8, small)[0] == 1
+    assert choose_lanes("auto", 2, small, "openvino")[0] == 1  # OpenVINO threads a batch itself
+    assert choose_lanes(2, 2, small, "openvino")[0] == 2  # asked for: taken
     with pytest.raises(ValueError, match="lanes"):
         choose_lanes(0, 2, small)
 

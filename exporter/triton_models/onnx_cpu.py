@@ -216,13 +216,17 @@ def choose_threads(setting, cores: int, instances: int, share: int) -> int:
     return max(1, cores // max(1, instances * share))
 
 
-def choose_lanes(setting, threads: int, model_bytes: int) -> tuple[int, str]:
+def choose_lanes(setting, threads: int, model_bytes: int, engine: str = "onnxruntime") -> tuple[int, str]:
     """How many slices a batch is cut into (1: no narrow session), and why. "auto": one lane per intra-op
     thread when there are two or more and the weights are at most LANES_AUTO_MAX_BYTES (the narrow session
-    holds a second copy); a number is taken as it is, capped by the threads."""
+    holds a second copy), on onnxruntime only: OpenVINO spreads a batch over its threads itself, and 2
+    streams served slower than one (4 concurrent single images 0.72x in-process batch 4 with lanes, 0.84x
+    without; perf/results/cpu_engines.md); a number is taken as it is, capped by the threads."""
     if setting in (None, "", "auto"):
         if threads < 2:
             return 1, "one thread"
+        if engine == "openvino":
+            return 1, "auto: OpenVINO runs a batch on every thread itself"
         if model_bytes > LANES_AUTO_MAX_BYTES:
             return 1, f"weights {model_bytes / 1024**3:.1f} GiB > {LANES_AUTO_MAX_BYTES / 1024**3:.0f} GiB"
         return threads, "auto: one lane per thread"
@@ -417,7 +421,8 @@ class TritonPythonModel:
         """Open the narrow session and the threads that run a batch's slices at once (see the module
         docstring). With a probe (cpu-int8), the narrow session must pass it too, else lanes stay off.
         Returns the narrow session's probe cosine for the log ('' without one)."""
-        self.lanes, why = choose_lanes(setting, threads, model_bytes(path))
+        engine = _engine_name(getattr(self, "flavour", None) or "")
+        self.lanes, why = choose_lanes(setting, threads, model_bytes(path), engine)
         self.lanes_note = f"lanes 1 ({why})"
         if self.lanes < 2:
             return ""
