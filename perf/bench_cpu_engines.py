@@ -26,6 +26,11 @@ from typing import Any
 
 import numpy as np
 
+from vitserve.contract import ONNX_FILE
+from vitserve.exporter.precision import CPU_INT8_FLAVOURS
+
+VNNI_FILE = CPU_INT8_FLAVOURS["vnni"]["file"]
+
 RESULTS = Path(__file__).parent / "results"
 SECTION = "## Engines"
 EVAL_IMAGES = 16
@@ -39,22 +44,22 @@ def files_for(backbone: str, work: Path) -> dict[str, Path]:
     from vitserve.exporter.precision import calibration_files, load_pixels, make_cpu_int8, make_int8
 
     root = work / backbone
-    fp32 = root / "fp32" / "model.onnx"
+    fp32 = root / "fp32" / ONNX_FILE
     if not fp32.exists():
         export_model(backbone, fp32.parent, weights="random", head="none")
     entry = get_backbone(backbone)
     calib = None
-    qdq = root / "int8" / "model.onnx"
+    qdq = root / "int8" / ONNX_FILE
     cpu = root / "cpu-int8"
-    if not qdq.exists() or not (cpu / "model.vnni.onnx").exists():
+    if not qdq.exists() or not (cpu / VNNI_FILE).exists():
         _, calib = load_pixels(calibration_files(Calibration(), work), entry, entry.preprocess)
     if not qdq.exists():
         qdq.parent.mkdir(parents=True, exist_ok=True)
         make_int8(fp32, qdq, calib, "max")
-    if not (cpu / "model.vnni.onnx").exists():
+    if not (cpu / VNNI_FILE).exists():
         cpu.mkdir(parents=True, exist_ok=True)
         make_cpu_int8(fp32, cpu, calib, "dynamic")
-    return {"fp32": fp32, "qdq": qdq, "vnni": cpu / "model.vnni.onnx", "avx2": cpu / "model.onnx"}
+    return {"fp32": fp32, "qdq": qdq, "vnni": cpu / VNNI_FILE, "avx2": cpu / ONNX_FILE}
 
 
 def engines(files: dict[str, Path], threads: int, isa: str) -> dict[str, Any]:

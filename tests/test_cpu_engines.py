@@ -78,7 +78,7 @@ def _check_cpu_models(*repositories: Path) -> set:
                 assert params.flavours[contract.ONNXRUNTIME_FP32] == contract.FP32_FALLBACK_FILE
                 art = repository.parent / "artifacts"
                 art = art if art.is_dir() else Path(os.environ.get("VITSERVE_TEST_ARTIFACTS", art))
-                qdq, fp32 = (art / "vitb32" / p / "model.onnx" for p in ("int8", "fp32"))
+                qdq, fp32 = (art / "vitb32" / p / contract.ONNX_FILE for p in ("int8", "fp32"))
                 assert (d / "1" / contract.ONNX_FILE).read_bytes() == qdq.read_bytes()
                 assert (d / "1" / contract.FP32_FALLBACK_FILE).read_bytes() == fp32.read_bytes()
     return seen
@@ -214,7 +214,9 @@ def test_int8_serves_batch_invariant_and_a_host_where_nothing_quantized_passes_s
     for name, src in tampered.items():
         _tampered_copy(repo, vitb32_cpu_repository / src, name)
     pixels = _photos(8)
-    ref = onnxrt.run(onnxrt.cpu_session(vitb32_build["artifacts"] / "vitb32" / "fp32" / "model.onnx"), pixels)
+    ref = onnxrt.run(
+        onnxrt.cpu_session(vitb32_build["artifacts"] / "vitb32" / "fp32" / contract.ONNX_FILE), pixels
+    )
     log = tmp_path / "server.log"
     with TritonServer(repo, log_path=log) as server:
         max_batch = read_config(repo / "vitb32_int8_cpu" / "config.pbtxt").max_batch_size
@@ -289,7 +291,7 @@ def test_static_cpu_int8_loads_and_answers_the_same_in_any_batch(vitb32_build, l
     name = "vitb32_cpu-int8_cpu"
     assert (tmp_path / "repo" / name).is_dir()
     pixels = _photos(8)
-    ref = onnxrt.run(onnxrt.cpu_session(art / "vitb32" / "fp32" / "model.onnx"), pixels)["embeddings"]
+    ref = onnxrt.run(onnxrt.cpu_session(art / "vitb32" / "fp32" / contract.ONNX_FILE), pixels)["embeddings"]
     with TritonServer(tmp_path / "repo", log_path=tmp_path / "server.log") as server:
         worst = _batch_invariance(server.http_url, [name], pixels, 8)
         import tritonclient.http as httpclient

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from vitserve import contract
 from vitserve.contract import (
     EMBEDDINGS,
     TEXT_INPUT,
@@ -140,7 +141,7 @@ def test_text_export_parity_in_manifest(clip_text_build):
     for case in m["parity"]["cases"].values():
         assert case["cosine_min"] >= PARITY_COSINE
     assert m["parity"]["sentences"] == list(PARITY_SENTENCES)
-    assert set(m["files"]) == {"model.onnx"} and m["versions"]["open_clip_torch"]
+    assert set(m["files"]) == {contract.ONNX_FILE} and m["versions"]["open_clip_torch"]
     summary = clip_text_build["summary"]["models"][NAME]["text"]
     assert summary["parity_cosine_min"] >= PARITY_COSINE and summary["export"]["build_key"] == m["build_key"]
 
@@ -151,9 +152,9 @@ def test_text_export_reused_while_key_unchanged(clip_text_build):
 
     spec = load_models(clip_text_build["config"])[0]
     folder = clip_text_build["artifacts"] / NAME
-    before = (folder / "text" / "fp32" / "model.onnx").stat().st_mtime_ns
+    before = (folder / "text" / "fp32" / contract.ONNX_FILE).stat().st_mtime_ns
     fp32, manifest = text_export_stage(spec, folder, random_init=True)
-    assert (fp32 / "model.onnx").stat().st_mtime_ns == before
+    assert (fp32 / contract.ONNX_FILE).stat().st_mtime_ns == before
     assert manifest["build_key"] == _text_manifest(clip_text_build)["build_key"]
 
 
@@ -291,7 +292,7 @@ def test_text_models_on_gpu_kinds_route_to_onnxruntime(clip_text_build, tmp_path
     from vitserve.exporter.config import ModelSpec
     from vitserve.exporter.repository import Variant, read_config, write_text_models
 
-    fp32 = clip_text_build["artifacts"] / NAME / "text" / "fp32" / "model.onnx"
+    fp32 = clip_text_build["artifacts"] / NAME / "text" / "fp32" / contract.ONNX_FILE
     spec = ModelSpec(
         name="g", backbone="ViT-B-32", kinds=(Kind.TENSORRT, Kind.ONNXRUNTIME), text=True, preprocess="pillow"
     )
@@ -302,7 +303,7 @@ def test_text_models_on_gpu_kinds_route_to_onnxruntime(clip_text_build, tmp_path
     assert written["g_text"]["backbone"] == "g_text_fp32_onnxruntime"
     cfg = read_config(tmp_path / "g_text_fp32_onnxruntime" / "config.pbtxt")
     assert (cfg.platform, cfg.max_batch_size) == ("onnxruntime_onnx", params.max_texts)
-    assert (tmp_path / "g_text_fp32_onnxruntime" / "1" / "model.onnx").is_file()
+    assert (tmp_path / "g_text_fp32_onnxruntime" / "1" / contract.ONNX_FILE).is_file()
     with pytest.raises(ConfigError, match="no text variant can be served by its kinds"):
         write_text_models(tmp_path, spec, {"feature_dim": 512}, params, [])
 
@@ -328,7 +329,7 @@ def test_text_fp16_and_int8_variants_pass_their_gates(clip_text_build, tmp_path)
     from vitserve.exporter.identity import sha256_file
 
     manifest = json.loads((fp32 / "manifest.json").read_text())
-    assert sha256_file(fp32 / "model.onnx") == manifest["files"]["model.onnx"]["sha256"]
+    assert sha256_file(fp32 / contract.ONNX_FILE) == manifest["files"][contract.ONNX_FILE]["sha256"]
 
 
 @pytest.mark.parametrize(
@@ -356,5 +357,5 @@ def test_text_export_past_the_protobuf_limit_uses_one_external_data_file(tmp_pat
 
     monkeypatch.setattr(export, "EXTERNAL_DATA_BYTES", 1024)
     m = export_text("ViT-B-32", tmp_path / "text", weights="random")
-    assert m["external_data"] is True and set(m["files"]) == {"model.onnx", export.EXTERNAL_DATA_NAME}
+    assert m["external_data"] is True and set(m["files"]) == {contract.ONNX_FILE, export.EXTERNAL_DATA_NAME}
     assert min(c["cosine_min"] for c in m["parity"]["cases"].values()) >= PARITY_COSINE
