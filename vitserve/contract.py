@@ -339,7 +339,8 @@ class CpuBackboneParams(_Params):
     `session.intra_op.allow_spinning` (None: onnxruntime's default, on); `cpu_lanes`: slices a batch runs as
     at once ("auto": one per thread; 1: off); `optimization`: the graph optimization level. `flavours`
     (CPU_FLAVOURS name -> file), the `probe` file and the cosine `probe_min_cosine` a flavour must reach on
-    it; `isa` (CPU_ISAS) pins the host's CPU class instead of detecting it."""
+    it; `isa` (CPU_ISAS) pins the host's CPU class instead of detecting it; `flavour` (one of `flavours`,
+    `vitserve tune`'s engine knob) is tried first, then the host's order (it must pass its probe too)."""
 
     KEY: ClassVar[str] = CPU_BACKBONE_PARAM
 
@@ -352,6 +353,7 @@ class CpuBackboneParams(_Params):
     probe: str | None = None
     probe_min_cosine: float | None = None
     isa: str | None = None
+    flavour: str | None = None
 
     def __post_init__(self) -> None:
         _auto_or_positive_int("cpu_threads", self.cpu_threads)
@@ -373,6 +375,13 @@ class CpuBackboneParams(_Params):
                 raise ContractError(f"probe_min_cosine={c!r}: expected a number in (0, 1]")
         if self.isa is not None:
             _one_of("isa", self.isa, CPU_ISAS)
+        if self.flavour is not None:
+            _one_of("flavour", self.flavour, CPU_FLAVOURS)
+            if self.flavour not in self.flavours:
+                raise ContractError(
+                    f"flavour={self.flavour!r}: this model has no such flavour (its flavours: "
+                    f"{', '.join(self.flavours) or 'none'}); pin one of them or leave `flavour` out"
+                )
 
 
 MAX_TEXT_BYTES = 4096  # default longest string NAME_text_tokenize takes (UTF-8 bytes); longer is refused

@@ -139,10 +139,11 @@ def int8_isa(flags: set[str], env: dict[str, str] | None = None, forced: str | N
     return "avx2" if host_isa(flags, env, forced) == "avx2" else "vnni"
 
 
-def flavour_order(isa: str, available: list[str]) -> list[str]:
+def flavour_order(isa: str, available: list[str], pinned: str | None = None) -> list[str]:
     """Flavours to try on a host of CPU class `isa` (or int8 ISA), best first (FLAVOUR_ORDER), of those
-    `available`."""
-    return [f for f in FLAVOUR_ORDER[isa] if f in available]
+    `available`; a `pinned` one (the `flavour` parameter) first, on any host: its probe still decides."""
+    first = [pinned] if pinned in available else []
+    return first + [f for f in FLAVOUR_ORDER[isa] if f in available and f not in first]
 
 
 def have_openvino() -> str | None:
@@ -320,7 +321,11 @@ class TritonPythonModel:
         probe = np.load(os.path.join(folder, params.probe))
         min_cos = float(params.probe_min_cosine)
         missing_openvino = have_openvino()
-        order = flavour_order(isa, list(flavours))
+        order = flavour_order(isa, list(flavours), params.flavour)
+        if params.flavour is not None:
+            _log(
+                f"{name}: flavour '{params.flavour}' pinned (the `flavour` parameter): tried first, then {order[1:]}"
+            )
         quantized = [f for f in FLAVOUR_ORDER["amx"] if f in flavours and f not in contract.FP32_FLAVOURS]
         passed_over = [f for f in flavours if f not in order]
         if passed_over:
