@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from vitserve.contract import (
+    CPU_FLAVOURS,
     MAX_IMAGE_PIXELS,
     PREPROCESS_MODES,
     ContractError,
@@ -221,6 +222,9 @@ class Tuned:
     cpu_threads: int | None = None
     cpu_spinning: bool | None = None
     cpu_lanes: int | None = None
+    # the engine + file (contract.CPU_FLAVOURS) the `precision` CPU backbone (every CPU backbone without a
+    # precision) is pinned to where it has that flavour; it must still pass its probe where it serves
+    flavour: str | None = None
     dynamic_batching: DynamicBatching | None = None
     preprocess_instances: int | None = None
     preprocess_threads: int | None = None
@@ -236,6 +240,8 @@ class Tuned:
                 raise ConfigError(f"tuned {f}={v!r}: must be an integer >= 1")
         if self.cpu_spinning is not None and not isinstance(self.cpu_spinning, bool):
             raise ConfigError(f"tuned cpu_spinning={self.cpu_spinning!r}: must be true or false")
+        if self.flavour is not None and self.flavour not in CPU_FLAVOURS:
+            raise ConfigError(f"tuned flavour={self.flavour!r}: expected one of {', '.join(CPU_FLAVOURS)}")
         if self.precision is not None:
             check_kind_serves(Kind.CPU, self.precision)
 

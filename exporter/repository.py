@@ -195,6 +195,7 @@ def backbone_config(
             flavours=flavours,
             probe=PROBE_FILE if flavours else None,
             probe_min_cosine=PROBE_MIN_COSINE if flavours else None,
+            flavour=_tuned_flavour(spec, variant, flavours),
         )
         set_params(cfg, params)
     elif variant.kind is Kind.ONNXRUNTIME:
@@ -229,6 +230,15 @@ def backbone_config(
     warm.inputs[PIXELS].data_type = mc.TYPE_FP32
     warm.inputs[PIXELS].dims.extend([3, height, width])
     return cfg
+
+
+def _tuned_flavour(spec: ModelSpec, variant: Variant, flavours: dict[str, str]) -> str | None:
+    """The `tuned:` flavour pin of this CPU variant: the tuned precision's (any precision's when none is
+    tuned) where the variant has that flavour."""
+    t = spec.tuned
+    if t is None or t.flavour is None or t.flavour not in flavours:
+        return None
+    return t.flavour if t.precision in (None, variant.precision) else None
 
 
 def _mark_tuned(cfg, spec: ModelSpec) -> None:

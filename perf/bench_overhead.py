@@ -43,15 +43,20 @@ ENGINES_FILE = "cpu_engines.md"
 POINTS = {(1, 1): 1, (4, 1): 4, (1, 8): 8}
 
 
-def in_process(model_dir: Path, cores: int):
-    """The served model initialised here as the server initialises it (same flavour, file and threads),
-    with lanes off and the engine's default spinning: its `session` is the in-process reference."""
+def in_process(model_dir: Path, cores: int, flavour: str | None = None):
+    """The served model initialised here as the server initialises it (same flavour, file and threads;
+    `flavour`: pinned, as `vitserve tune` serves it), with lanes off and the engine's default spinning: its
+    `session` is the in-process reference."""
     from vitserve.contract import CpuBackboneParams
     from vitserve.exporter.repository import read_config, read_params
     from vitserve.perf.bench_lanes import load
 
     params = read_params(read_config(model_dir / "config.pbtxt"), CpuBackboneParams)
-    return load(model_dir, replace(params, cpu_threads=cores, cpu_lanes=1, cpu_spinning=None, share=1))
+    flavour = flavour or params.flavour
+    return load(
+        model_dir,
+        replace(params, cpu_threads=cores, cpu_lanes=1, cpu_spinning=None, share=1, flavour=flavour),
+    )
 
 
 def timed_runs(model, x: np.ndarray, seconds: float) -> tuple[float, list[float]]:

@@ -4,7 +4,9 @@
 
 What is swept, for the model's CPU backbone (vitserve's python-backend onnxruntime model) and its ensemble:
 which backbone variant the ensemble routes to (every CPU precision the repository publishes: fp32, int8,
-bf16, cpu-int8 where asked for; each runs the engine its flavours pick on this host), instance count x
+bf16, cpu-int8 where asked for; each runs the engine its flavours pick on this host), the engine each
+variant serves on (its `flavour` pinned: e.g. fp32 on OpenVINO or onnxruntime; the flavours this host's
+order tries that pass their probe here, scored in-process first), instance count x
 onnxruntime intra-op threads (instances x threads <= the usable cores, and two instances of every core each
 with spinning off), lanes (a batch cut into 1-thread slices run at once),
 onnxruntime spinning (`session.intra_op.allow_spinning`), dynamic batching (max queue delay, preferred batch
@@ -20,9 +22,10 @@ input/infer/output per model, average batch: `vitserve.perf.server_stats`).
 
 How the space is searched, in stages (a full grid is days on a 2-core host), after the configuration the
 server had is measured as it is (stage `untuned`: the report's untuned / tuned): `compute` (variant x
-instances/threads x lanes x spinning, batching as configured), then `batching` (queue delay x preferred
-sizes around the best so far), then `preprocess` (instances x threads; ensemble only), then `refine` (the
-compute knobs again under the batching and preprocess chosen, and the other variants). The workload is every
+instances/threads x lanes x spinning, batching as configured), then `engine` (each variant with the best
+compute settings on its other engines), then `batching` (queue delay x preferred sizes around the best so
+far), then `preprocess` (instances x threads; ensemble only), then `refine` (the compute knobs again under
+the engine, batching and preprocess chosen, and the other variants). The workload is every
 (concurrency, images per request) pair; a point is one configuration at one pair. The Pareto front is taken
 per pair (throughput up, p99 down); the choice is the configuration with the best geometric mean of its
 throughput over the best seen at each pair, p99 within the budget at every pair (`choose`). Bounded: no

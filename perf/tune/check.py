@@ -18,7 +18,7 @@ from pathlib import Path
 from vitserve.contract import CpuBackboneParams
 from vitserve.perf.tune.configs import cpu_params, served_params
 from vitserve.perf.tune.measurer import Measurer
-from vitserve.perf.tune.search import Knobs, Point
+from vitserve.perf.tune.search import Knobs, Point, routed_to
 
 CHECK_ROUNDS = 2
 
@@ -51,12 +51,13 @@ def compare_in_process(measure: Measurer, chosen: Knobs, repository: Path, batch
     rng = np.random.default_rng(0)
     for variant, model in target.backbones.items():
         cfg = target.configs[model]
-        ref = in_process(repository / model, cores)  # the server's pick: same engine, file and threads
+        knobs = routed_to(chosen, variant)  # the chosen flavour pin is the chosen variant's only
+        # the server's pick (or the pinned flavour): same engine, file and threads
+        ref = in_process(repository / model, cores, knobs.flavour)
         engine, onnx = served_file(repository / model, ref)
         shape = read_dims(repository / model)
         opt = served_params(CpuBackboneParams, cfg).optimization
         max_batch = int(cfg.get("max_batch_size", 1))
-        knobs = replace(chosen, variant=variant)
         lanes = chosen.instances == 1 and (chosen.cpu_lanes or 1) > 1
         sizes = [b for b in sorted({1, 8, 16, *batches}) if b <= max_batch]
         base: dict[int, list[dict]] = {}
@@ -75,9 +76,7 @@ def compare_in_process(measure: Measurer, chosen: Knobs, repository: Path, batch
                 if b not in batches:
                     continue
                 if lanes:
-                    executor.setdefault(b, []).append(
-                        _executor_ips(repository / model, chosen, b, duration_s)
-                    )
+                    executor.setdefault(b, []).append(_executor_ips(repository / model, knobs, b, duration_s))
                 for shm in transports:
                     for p in measure(knobs, "check", tensor=True, batch_size=b, concurrencies=concurrencies,
                                      shared_memory=shm):  # fmt: skip

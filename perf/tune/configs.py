@@ -3,7 +3,9 @@
 `discover` finds what is tuned (`Target`: an ensemble, its preprocess step and the CPU backbone variants it
 can route to, or a plain model), `current_knobs` the configuration the server had, `backbone_override` and
 `Reloader.wanted` the configs that serve a configuration, and `Reloader` loads them through Triton's load API
-with a config override (the repository's files are never touched) and reads the served configs back. The
+with a config override (the repository's files are never touched) and reads the served configs back;
+`engine_candidates` scores each variant's flavours on its probe in this process (onnx_cpu.probe_flavours) for
+the `engine` stage. The
 `onnx_cpu` and `preprocess` parameters are read and written through the served-model contract
 (contract.CpuBackboneParams, PreprocessParams), validated both ways; `cpu_params` is the one place the
 knobs meet them.
@@ -14,9 +16,11 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from vitserve.contract import (
     CPU_BACKBONE_PARAM,
+    FP32_FLAVOURS,
     PREPROCESS_PARAM,
     ContractError,
     CpuBackboneParams,
@@ -64,12 +68,13 @@ def with_params(config: dict, params: CpuBackboneParams | PreprocessParams) -> d
 
 
 def cpu_params(params: CpuBackboneParams, knobs: Knobs) -> CpuBackboneParams:
-    """The served CPU backbone parameters `params` with the knobs' threads, spinning and lanes (None: threads
-    "auto", spinning onnxruntime's default, lanes as served). `share` 1: the threads are per instance, as
-    chosen for this model alone."""
+    """The served CPU backbone parameters `params` with the knobs' threads, spinning, lanes and flavour
+    (None: threads "auto", spinning onnxruntime's default, lanes and flavour as served). `share` 1: the
+    threads are per instance, as chosen for this model alone."""
     lanes = params.cpu_lanes if knobs.cpu_lanes is None else knobs.cpu_lanes
+    flavour = params.flavour if knobs.flavour is None else knobs.flavour
     return replace(params, cpu_threads=knobs.cpu_threads or "auto", cpu_spinning=knobs.cpu_spinning,
-                   cpu_lanes=lanes, share=1)  # fmt: skip
+                   cpu_lanes=lanes, flavour=flavour, share=1)  # fmt: skip
 
 
 def discover(client, name: str) -> Target:
@@ -121,12 +126,13 @@ def current_knobs(target: Target) -> Knobs:
     else:
         variant = next(iter(target.backbones))
     cfg = target.configs[target.backbones[variant]]
-    threads = spinning = lanes = None
+    threads = spinning = lanes = flavour = None
     if target.onnx_cpu:
         params = served_params(CpuBackboneParams, cfg)
         threads = params.cpu_threads if isinstance(params.cpu_threads, int) else None  # "auto": not a knob
         spinning = params.cpu_spinning
         lanes = params.cpu_lanes if isinstance(params.cpu_lanes, int) else None
+        flavour = params.flavour
     db = cfg.get("dynamic_batching") or {}
     pre = pre_threads = None
     if target.preprocess is not None:
@@ -144,7 +150,70 @@ def current_knobs(target: Target) -> Knobs:
         preprocess_instances=pre,
         cpu_lanes=lanes,
         preprocess_threads=pre_threads,
+        flavour=flavour,
     )
+
+
+def engine_candidates(target: Target, repository: str | Path, threads: int = 1) -> dict[str, dict]:
+    """Per variant of a CPU target, its flavours scored on its probe in this process, as the server would
+    score them (onnx_cpu.probe_flavours on the model's folder in `repository`, the model's `isa` parameter
+    honoured): `flavours` (flavour -> cosine and max abs, or the error), `serves` (what it serves unpinned,
+    its served `flavour` pin first) and `sweep` (the flavours the `engine` stage pins it to: those this
+    host's order tries and that passed, less `serves`). A quantized model's FP32 flavours are its fallback,
+    the fp32 variant's engines: not swept there. A variant whose folder is not here (a remote repository)
+    gets a `note` and no sweep."""
+    from vitserve.exporter.triton_models.onnx_cpu import cpu_flags, flavour_order, host_isa, probe_flavours
+
+    out: dict[str, dict] = {}
+    if not target.onnx_cpu:
+        return out
+    for variant, model in target.backbones.items():
+        params = served_params(CpuBackboneParams, target.configs[model])
+        if len(params.flavours) < 2:
+            continue
+        folder = Path(repository) / model
+        if not (folder / "config.pbtxt").is_file():
+            out[variant] = {"model": model, "sweep": [], "note": f"{folder} not found: engines not swept"}
+            continue
+        if not _serves_pins(folder):
+            note = "its served code predates the `flavour` pin: rebuild (`make engines`) to sweep engines"
+            out[variant] = {"model": model, "sweep": [], "note": note}
+            continue
+        isa = host_isa(cpu_flags(), forced=params.isa)
+        order = flavour_order(isa, list(params.flavours))
+        scored = [f for f in order if f not in FP32_FLAVOURS] or order
+        scored += [params.flavour] if params.flavour and params.flavour not in scored else []
+        scores: dict[str, dict] = {}
+        for f in scored:
+            try:
+                r = probe_flavours(str(folder), params.isa, threads, every=True, only=[f])
+                scores[f] = {**r["flavours"][f], "passed": r["flavours"][f]["cosine"] >= r["min_cosine"]}
+            except Exception as e:  # an engine missing here or failing on the file: not a candidate
+                scores[f] = {"error": f"{type(e).__name__}: {e}", "passed": False}
+        # what serves unpinned: the first of the served order that passes (an unscored FP32 fallback serves)
+        served = flavour_order(isa, list(params.flavours), params.flavour)
+        serves = next((f for f in served if scores.get(f, {"passed": True})["passed"]), None)
+        out[variant] = {
+            "model": model, "isa": isa, "min_cosine": params.probe_min_cosine, "flavours": scores,
+            "serves": serves, "sweep": [f for f in order if scores.get(f, {}).get("passed") and f != serves],
+        }  # fmt: skip
+    return out
+
+
+def _serves_pins(folder: Path) -> bool:
+    """Whether the served copy of the contract beside a CPU model's model.py (written at build time) has
+    the `flavour` parameter: a repository built before it refuses the key."""
+    import ast
+
+    try:
+        tree = ast.parse((folder / "1" / "vitserve_contract.py").read_text())
+    except (OSError, SyntaxError):
+        return False
+    return any(
+        isinstance(node, ast.ClassDef) and node.name == CpuBackboneParams.__name__
+        and any(isinstance(a, ast.AnnAssign) and getattr(a.target, "id", None) == "flavour" for a in node.body)
+        for node in ast.walk(tree)
+    )  # fmt: skip
 
 
 def backbone_override(config: dict, knobs: Knobs, onnx_cpu: bool) -> dict:

@@ -47,6 +47,7 @@ class TuneResult:
     written_to: str | None = None
     check: dict | None = None
     untuned: dict | None = None  # search.untuned_over_tuned: the served defaults against the choice
+    engines: dict = field(default_factory=dict)  # configs.engine_candidates: flavours scored here
     files: dict[str, str] = field(default_factory=dict)
 
 
@@ -59,7 +60,9 @@ mode, for ensemble and BLS models), optuna or manual sweeps for other config fie
 an output model repository. What `vitserve tune` adds for this project's hosts: the knobs that decide a CPU
 host and live inside a python-backend model (onnxruntime intra-op threads per instance, split from the
 usable cores; lanes, which cut a batch into 1-thread slices run at once while a lone request keeps every
-core; onnxruntime spinning), which precision the ensemble routes to, the python preprocess step sharing
+core; onnxruntime spinning), which precision the ensemble routes to and which engine (OpenVINO or
+onnxruntime: the model's `flavour`, among those that pass its probe on this host) it runs on, the python
+preprocess step sharing
 the same cores, the p99 budget held across the whole ensemble (bytes in, embeddings out, as a client sees
 it), a choice made for the whole workload (every concurrency and request size, so that a win at one does
 not cost the others) rather than for one point, every served config read back and checked before it is
@@ -172,6 +175,8 @@ def markdown(r: TuneResult) -> str:
             "settings into config.pbtxt (instance_group, dynamic_batching, the `onnx_cpu` parameters, the "
             "ensemble's backbone step) and marks the configs with a `vitserve_tuned` parameter.",
         ]
+    if r.engines:
+        out += ["", "## Engines (flavours) on this host", "", *_engines_markdown(r.engines)]
     out += ["", "## Untuned vs tuned", "", *_untuned_markdown(r)]
     out += ["", "## Pareto front (throughput vs p99)", "", *_points_table(r.front), "", "![front](front.png)"]
     out += ["", "## Every configuration", "", *_points_table(r.points)]
@@ -198,6 +203,30 @@ def markdown(r: TuneResult) -> str:
         out += ["", *_check_markdown(r.check)]
     out += ["", "## Model Analyzer, and what vitserve adds", "", MODEL_ANALYZER, ""]
     return "\n".join(out)
+
+
+def _engines_markdown(engines: dict) -> list[str]:
+    """Per variant: its flavours scored on its probe in this process before the search, what it serves
+    unpinned (a configuration without `@flavour`) and which the `engine` stage pinned it to."""
+    lines = [
+        "Each CPU variant's flavours (engine + file) that this host's order tries, scored on the model's probe "
+        "in this process as the server scores them when the model loads; the `engine` stage pinned each variant "
+        "to the ones that passed (a configuration `VARIANT@FLAVOUR`; without `@`: what it serves unpinned).",
+        "",
+        "| variant | flavour | probe cosine | passed | serves unpinned | swept |",
+        "|---|---|---:|---|---|---|",
+    ]
+    for variant, e in engines.items():
+        if "note" in e:
+            lines.append(f"| {variant} | - | - | - | - | no: {e['note']} |")
+            continue
+        for f, score in e["flavours"].items():
+            cos = _f(score["cosine"], 6) if "cosine" in score else _one_line(score.get("error"))
+            lines.append(
+                f"| {variant} | {f} | {cos} | {'yes' if score['passed'] else 'no'} | "
+                f"{'yes' if f == e['serves'] else ''} | {'yes' if f in e['sweep'] else ''} |"
+            )
+    return lines
 
 
 def _untuned_markdown(r: TuneResult) -> list[str]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from vitserve.errors import ConfigError
 from vitserve.perf.tune.check import CHECK_ROUNDS, compare_in_process
-from vitserve.perf.tune.configs import Reloader, current_knobs, discover
+from vitserve.perf.tune.configs import Reloader, current_knobs, discover, engine_candidates
 from vitserve.perf.tune.measurer import MEASUREMENTS, Measurer, load_earlier, signature
 from vitserve.perf.tune.report import TuneResult, write_tune_report
 from vitserve.perf.tune.search import (
@@ -130,9 +130,12 @@ def run_tune(
         earlier = load_earlier(store, sig)
         cores = usable_cores()
         max_batch = int(target.configs[target.backbones[current.variant]].get("max_batch_size", 1))
+        # the engines each variant can be pinned to: its flavours scored on its probe here (seconds each)
+        engines = engine_candidates(target, repository, cores) if space is None else {}
         space = space or default_space(
             list(target.backbones), cores, target.onnx_cpu, max_batch, concurrencies, current,
             ensemble=target.ensemble is not None and not tensor, shared_cores=True,
+            flavours={v: e["sweep"] for v, e in engines.items()},
         )  # fmt: skip
         reloader = Reloader(client, target)
         measure = Measurer(
@@ -189,7 +192,7 @@ def run_tune(
             max_minutes=max_minutes, concurrencies=concurrencies, batch_sizes=batch_sizes, duration_s=duration_s,
             server_mode=mode, current=current, points=outcome.points, front=pareto_front(outcome.points),
             chosen=chosen, measured_configs=outcome.measured, reused_configs=outcome.reused,
-            truncated=outcome.truncated, note=outcome.note, elapsed_s=0.0,
+            truncated=outcome.truncated, note=outcome.note, elapsed_s=0.0, engines=engines,
         )  # fmt: skip
         if chosen is not None:
             result.untuned = untuned_over_tuned(outcome.points, current, chosen.knobs)

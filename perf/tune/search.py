@@ -1,9 +1,12 @@
 """Measured points -> the configurations to measure next and the choice: the tuner's search, no server.
 
 A configuration is `Knobs` (its knobs named as models.yaml `tuned:` and the served parameters name them:
-`cpu_threads`, `cpu_spinning`, `cpu_lanes`, `preprocess_instances`, `preprocess_threads`), a measurement of
-it at one (concurrency, images per request) a `Point`. The stages (`stage_plan`): `compute` (variant x
-instances/threads x lanes x spinning, batching as configured), then `batching` (queue delay x preferred
+`cpu_threads`, `cpu_spinning`, `cpu_lanes`, `flavour`, `preprocess_instances`, `preprocess_threads`), a
+measurement of it at one (concurrency, images per request) a `Point`. The stages (`stage_plan`): `compute`
+(variant x instances/threads x lanes x spinning, batching as configured), then `engine` (each variant, with
+the best compute settings, on every other flavour, engine + file, that its model has, this host's order
+tries and that passed its probe here: an engine's speed depends on the host more than on the settings tuned
+around it, so it is measured once, not crossed with them), then `batching` (queue delay x preferred
 sizes around the best so far), then `preprocess` (instances x threads; ensemble only), then `refine` (the
 compute knobs again under the batching and preprocess chosen, and the other variants), then `untuned` (the
 configuration the server had before tuning, measured as it is, so that the report can say what tuning
@@ -22,9 +25,10 @@ from typing import Any
 
 from vitserve.errors import ConfigError
 
-STAGES = ("compute", "batching", "preprocess", "refine", "untuned")
+STAGES = ("compute", "engine", "batching", "preprocess", "refine", "untuned")
 # points stored by a tuner with other knobs (before `lanes`, preprocess threads, the contract's names) are
-# not reused
+# not reused; a point without `flavour` (before the engine knob) was measured as served, which `flavour`
+# None still means: those are reused
 KNOBS_VERSION = 4
 TIE_TOLERANCE = 0.02  # points within 2 % of the best throughput are ties; the lowest p99 wins
 
@@ -34,7 +38,8 @@ class Knobs:
     """One serving configuration. `cpu_threads`/`cpu_spinning` are None where they do not apply (not a
     vitserve CPU backbone; spinning None: onnxruntime's default), `preprocess_instances` None where there is
     no preprocess model or it is left as configured. `variant` is the precision the ensemble routes to (for a
-    plain model: its name). Each knob is named as contract.CpuBackboneParams / PreprocessParams and models.yaml
+    plain model: its name); `flavour` the engine and file it is pinned to (contract.CPU_FLAVOURS; None: as
+    served, the host's pick). Each knob is named as contract.CpuBackboneParams / PreprocessParams and models.yaml
     `tuned:` (exporter.config.Tuned) name it; tune/configs.py and tune/writeback.py carry them there."""
 
     variant: str
@@ -46,6 +51,7 @@ class Knobs:
     preprocess_instances: int | None = None
     cpu_lanes: int | None = None  # slices a batch runs as at once (1: off); None: as served
     preprocess_threads: int | None = None  # images of one request preprocessed at once; None: as served
+    flavour: str | None = None  # the CPU backbone's engine + file, pinned; None: as served (the host's pick)
 
     def key(self) -> str:
         spin = {None: "default", True: "on", False: "off"}[self.cpu_spinning]
@@ -53,8 +59,9 @@ class Knobs:
         pre = f"{self.preprocess_instances or '-'}" + (
             f"x{self.preprocess_threads}" if self.preprocess_threads else ""
         )
+        engine = f"@{self.flavour}" if self.flavour else ""
         return (
-            f"{self.variant} i{self.instances} t{self.cpu_threads or '-'} l{self.cpu_lanes or '-'} spin={spin} "
+            f"{self.variant}{engine} i{self.instances} t{self.cpu_threads or '-'} l{self.cpu_lanes or '-'} spin={spin} "
             f"delay={self.queue_delay_us}us pref={pref} pre={pre}"
         )
 
@@ -101,7 +108,9 @@ class Space:
     `lanes`: False (one session) and/or True (one 1-thread lane per thread), for instances of 2+ threads;
     `shared_cores`: more pairs whose instances each get every core (they overlap one another's serving
     work, the stub round trip and the transfer, with compute), tried with spinning off only: two spinning
-    pools on the same cores stall each other."""
+    pools on the same cores stall each other. `flavours`: per variant, the flavours to pin it to in the
+    `engine` stage (those its model has, this host's order tries and that passed their probe here, less the
+    one it serves unpinned; tune/configs.py `engine_candidates`)."""
 
     variants: list[str]
     instance_threads: list[tuple[int, int | None]]
@@ -112,6 +121,7 @@ class Space:
     lanes: list[bool] = field(default_factory=lambda: [False])
     preprocess_threads: list[int | None] = field(default_factory=lambda: [None])
     shared_cores: list[tuple[int, int]] = field(default_factory=list)
+    flavours: dict[str, list[str]] = field(default_factory=dict)
 
 
 def default_space(
@@ -123,6 +133,7 @@ def default_space(
     current: Knobs,
     ensemble: bool,
     shared_cores: bool = False,
+    flavours: dict[str, list[str]] | None = None,
 ) -> Space:
     """The space for a host with `cores` usable cores: instances 1, 2, 4, ... <= cores, each with the
     cores split among them, and one instance with a core left free (vitserve CPU backbones; other models
@@ -130,7 +141,8 @@ def default_space(
     queue delays 0, 2 ms, 10 ms and the configured one; preferred sizes as configured, the largest batch the
     highest concurrency can form, and max_batch_size; preprocess instances 1 and the cores, each with 1 and
     `cores` threads (ensemble; threads for the python preprocess model only: a request's images at once).
-    `shared_cores`: also two instances of every core each (vitserve CPU backbones, 2+ cores)."""
+    `shared_cores`: also two instances of every core each (vitserve CPU backbones, 2+ cores). `flavours`:
+    per variant, the other engines to try (vitserve CPU backbones; see `Space`)."""
     instances = sorted({1, *(2**k for k in range(1, 8) if 2**k <= cores)})
     pairs: list[tuple[int, int | None]] = [(i, max(1, cores // i) if onnx_cpu else None) for i in instances]
     if onnx_cpu and cores > 1:  # one core left to Triton, the gRPC threads and the preprocess model
@@ -149,6 +161,7 @@ def default_space(
         if ensemble and current.preprocess_threads is not None
         else [None],
         shared_cores=[(2, cores)] if shared_cores and onnx_cpu and cores > 1 else [],
+        flavours={v: list(f) for v, f in (flavours or {}).items() if f and v in variants} if onnx_cpu else {},
     )
 
 
@@ -163,18 +176,25 @@ def stage_plan(stage: str, space: Space, best: Knobs, current: Knobs) -> list[Kn
             return sorted({t if on else 1 for on in space.lanes}) if t > 1 else [1]
 
         plan = [
-            replace(current, variant=v, instances=i, cpu_threads=t, cpu_spinning=s, cpu_lanes=n)
+            replace(routed_to(current, v), instances=i, cpu_threads=t, cpu_spinning=s, cpu_lanes=n)
             for v in space.variants
             for i, t in space.instance_threads
             for n in lanes(t)
             for s in (space.spinning if t is None or t > 1 else [None])
         ]
         plan += [
-            replace(current, variant=v, instances=i, cpu_threads=t, cpu_spinning=False, cpu_lanes=n)
+            replace(routed_to(current, v), instances=i, cpu_threads=t, cpu_spinning=False, cpu_lanes=n)
             for v in space.variants
             for i, t in space.shared_cores
             for n in lanes(t)
         ]
+    elif stage == "engine":
+        # each variant with the best compute settings on its other engines, unpinned too where it is not the
+        # best's variant (the reference the pins are compared with; `refine` would measure it anyway)
+        plan = []
+        for v, others in space.flavours.items():
+            plan += [replace(best, variant=v, flavour=f) for f in others]
+            plan += [routed_to(best, v)] if others and v != best.variant else []
     elif stage == "batching":
         plan = [
             replace(best, queue_delay_us=d, preferred=p)
@@ -194,12 +214,18 @@ def stage_plan(stage: str, space: Space, best: Knobs, current: Knobs) -> list[Kn
         # they are tried again under the batching and preprocess settings chosen since, and the other variants
         # with the best's settings
         plan = [k for k in stage_plan("compute", space, best, best) if k.variant == best.variant]
-        plan += [replace(best, variant=v) for v in space.variants if v != best.variant]
+        plan += [routed_to(best, v) for v in space.variants if v != best.variant]
     elif stage == "untuned":
         plan = [current]  # the reference for untuned / tuned: the served defaults, as they are
     else:
         raise ConfigError(f"unknown tuning stage {stage!r}; stages: {', '.join(STAGES)}")
     return list(dict.fromkeys(plan))
+
+
+def routed_to(knobs: Knobs, variant: str) -> Knobs:
+    """`knobs` routed to `variant`: a flavour pin is one model's (another variant has other flavours), so
+    another variant serves as served."""
+    return knobs if variant == knobs.variant else replace(knobs, variant=variant, flavour=None)
 
 
 def untuned_over_tuned(points: Iterable[Point], untuned: Knobs, tuned: Knobs) -> dict[str, Any] | None:
@@ -276,6 +302,7 @@ def choose(
 
 KNOB_FIELDS = {
     "variant": ("variant",),
+    "engine": ("flavour",),
     "instances x threads": ("instances", "cpu_threads", "cpu_spinning"),  # 1 thread: no pool, no spinning
     "spinning": ("cpu_spinning",),
     "queue delay (us)": ("queue_delay_us",),

@@ -28,6 +28,7 @@ def tuned_section(knobs: Knobs, target: Target, *, host: str, p99_ms: float | No
         cpu_threads=knobs.cpu_threads,
         cpu_spinning=knobs.cpu_spinning,
         cpu_lanes=knobs.cpu_lanes,
+        flavour=knobs.flavour,
         dynamic_batching=DynamicBatching(tuple(knobs.preferred), knobs.queue_delay_us),
         preprocess_instances=knobs.preprocess_instances,
         preprocess_threads=knobs.preprocess_threads,
