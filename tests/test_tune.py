@@ -3,6 +3,7 @@ models.yaml and config.pbtxt, and a short real sweep of the tiny model on the re
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import replace
@@ -491,7 +492,12 @@ def test_tune_refuses_a_model_the_config_does_not_have(tmp_path):
 @pytest.mark.triton
 def test_tune_of_vitb32_survives_make_engines(vitb32_build, tmp_path):
     """A short real tune of the ViT-B-32 ensemble, written into a copy of its models.yaml, then the
-    repository rebuilt from it (the cached artifacts): config.pbtxt carries the choice."""
+    repository rebuilt from it (the cached artifacts): config.pbtxt carries the choice. The fp32 variant is
+    also pinned to each of its flavours (the engine knob): the server serves the pin where it passed its
+    probe in-process here (the tune's `engines`), else the host order's first passing flavour."""
+    import re
+
+    from vitserve import contract
     from vitserve.exporter.config import load_models
     from vitserve.exporter.pipeline import build_all
     from vitserve.exporter.repository import read_config
@@ -504,6 +510,7 @@ def test_tune_of_vitb32_survives_make_engines(vitb32_build, tmp_path):
         spinning=[False],
         queue_delays_us=[1000],
         preferred=[(4,)],
+        flavours={"fp32": list(contract.FP32_FLAVOURS)},
     )
     result = run_tune(
         "vitb32", repository=vitb32_build["repository"], config=config, concurrencies=[2], duration_s=2.0,
@@ -524,6 +531,18 @@ def test_tune_of_vitb32_survives_make_engines(vitb32_build, tmp_path):
     params = json.loads(cfg.parameters["onnx_cpu"].string_value)
     assert params["cpu_threads"] == 2 and params["cpu_spinning"] is False
     assert "vitserve_tuned" in cfg.parameters
+    assert params["flavour"] == result.chosen.knobs.flavour == spec.tuned.flavour  # the engine, kept
+    # what the server served for each pin, from its log
+    engines = result.engines["fp32"]
+    assert {p.knobs.flavour for p in result.points if p.knobs.variant == "fp32"} >= set(
+        contract.FP32_FLAVOURS
+    )
+    log = Path(re.search(r"log (\S+)\)", result.server_mode).group(1)).read_text()
+    pins = re.findall(r"vitb32_fp32_cpu: (?:flavour '([\w-]+)' pinned|CPU flavour '([\w-]+)' for host)", log)
+    served = [(pin, got) for (pin, _), (_, got) in itertools.pairwise(pins) if pin and got]
+    assert {pin for pin, _ in served} == set(contract.FP32_FLAVOURS), pins
+    for pin, got in served:
+        assert got == (pin if engines["flavours"][pin]["passed"] else engines["serves"]), (pin, got, engines)
 
 
 def test_check_summary_picks_the_best_client_batch_within_the_budget():

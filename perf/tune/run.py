@@ -130,8 +130,9 @@ def run_tune(
         earlier = load_earlier(store, sig)
         cores = usable_cores()
         max_batch = int(target.configs[target.backbones[current.variant]].get("max_batch_size", 1))
-        # the engines each variant can be pinned to: its flavours scored on its probe here (seconds each)
-        engines = engine_candidates(target, repository, cores) if space is None else {}
+        # the engines each variant can be pinned to: its flavours scored on its probe here (seconds each; a
+        # given `space` sweeps its own `flavours`, the report shows these)
+        engines = engine_candidates(target, repository, cores)
         space = space or default_space(
             list(target.backbones), cores, target.onnx_cpu, max_batch, concurrencies, current,
             ensemble=target.ensemble is not None and not tensor, shared_cores=True,
