@@ -42,19 +42,28 @@ def cpu_session(path: str | Path, threads: int | None = None, optimization: str 
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
+INTEGER_MATMULS = (
+    "MatMulInteger",
+    "MatMulIntegerToFloat",
+)  # onnxruntime's int8 matmuls (the second: contrib)
+
+
 def exact_integer_matmuls(model):
-    """Rewrite every MatMulInteger of `model` (in place) into float64 arithmetic with the same int32
-    result: (A - a_zero) @ (B - b_zero), cast back to int32. Products of 8-bit values and their sums are
-    exact in float64, so the graph computes what a host without saturation (VNNI) computes."""
+    """Rewrite every integer matmul of `model` (in place) into float64 arithmetic with the same result:
+    MatMulInteger's int32 (A - a_zero) @ (B - b_zero), and MatMulIntegerToFloat's (onnxruntime contrib:
+    that, cast to float32, times a_scale x b_scale, plus bias; exporter/token_int8.py). Products of 8-bit
+    values and their sums are exact in float64, so the graph computes what a host without saturation
+    (VNNI) computes."""
     from onnx import TensorProto, helper
 
     nodes = []
     for n in model.graph.node:
-        if n.op_type != "MatMulInteger":
+        if n.op_type not in INTEGER_MATMULS:
             nodes.append(n)
             continue
+        to_float = n.op_type == "MatMulIntegerToFloat"
         a, b = n.input[0], n.input[1]
-        zeros = list(n.input[2:4]) + [""] * (4 - len(n.input))
+        zeros = [*(n.input[4:6] if to_float else n.input[2:4]), "", ""]
         p = f"{n.name or n.output[0]}/exact"
         ops, terms = [], []
         for i, (x, z) in enumerate(((a, zeros[0]), (b, zeros[1]))):
@@ -68,7 +77,18 @@ def exact_integer_matmuls(model):
             terms.append(xd)
         y = f"{p}/y"
         ops.append(helper.make_node("MatMul", terms, [y], name=f"{p}/matmul"))
-        ops.append(helper.make_node("Cast", [y], [n.output[0]], to=TensorProto.INT32, name=f"{p}/cast_out"))
+        if not to_float:
+            ops.append(
+                helper.make_node("Cast", [y], [n.output[0]], to=TensorProto.INT32, name=f"{p}/cast_out")
+            )
+        else:  # the int32 sums as float32 (as the kernel converts them), scaled, plus the bias
+            bias = n.input[6] if len(n.input) > 6 else ""
+            scaled = f"{p}/scaled" if bias else n.output[0]
+            ops.append(helper.make_node("Cast", [y], [f"{p}/yf"], to=TensorProto.FLOAT, name=f"{p}/cast_out"))
+            ops.append(helper.make_node("Mul", [n.input[2], n.input[3]], [f"{p}/scale"], name=f"{p}/scale"))
+            ops.append(helper.make_node("Mul", [f"{p}/yf", f"{p}/scale"], [scaled], name=f"{p}/mul"))
+            if bias:
+                ops.append(helper.make_node("Add", [scaled, bias], [n.output[0]], name=f"{p}/bias"))
         nodes.extend(ops)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
@@ -83,7 +103,7 @@ def exact_session(path: str | Path, threads: int | None = None, optimization: st
 
     model = onnx.load(str(path), load_external_data=False)
     ops = {n.op_type for n in model.graph.node}
-    if "MatMulInteger" in ops:
+    if ops & set(INTEGER_MATMULS):
         # Dynamic-quantization models are small (int8 weights), so they are rewritten in memory.
         model = onnx.load(str(path))
         so = _options(threads, optimization)
