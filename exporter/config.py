@@ -29,6 +29,19 @@ KIND_PRECISIONS: dict[Kind, tuple[Precision, ...]] = {
 }
 
 
+# How the cpu-int8 flavours quantize activations (models.yaml `cpu_int8_mode`):
+CPU_INT8_MODES = {
+    # per token, from that token alone (exporter/token_int8.py): an image's embedding is the same alone or in
+    # any batch; 0.96-0.97x the img/s of `dynamic` on the AVX2 host (perf/results/cpu_engines.md)
+    "token": "activations quantized per token at run time: the same embedding alone or in any batch",
+    # onnxruntime's quantize_dynamic: one scale per call, so an image's embedding changes with its
+    # batch-mates (max abs 2.7e-3 to 3.4e-3 on ViT-B-32's normalised embedding); only when asked for
+    "dynamic": "activations quantized per call at run time: an image's embedding depends on its batch-mates",
+    # QDQ calibrated on the calibration images: fixed scales, slower than FP32 on the hosts measured
+    "static": "activations quantized with fixed scales calibrated on the calibration images (QDQ)",
+}
+
+
 # What the CPU kind serves by default, of the precisions built (ModelSpec.cpu_precisions)
 CPU_DEFAULT_PRECISIONS = (Precision.FP32, Precision.INT8, Precision.BF16)
 
@@ -309,7 +322,7 @@ class ModelSpec:
     # turn images upright from their EXIF orientation; scale 16/32-bit greyscale to 8 bits (Pillow clips it).
     exif_transpose: bool = True
     scale_16bit: bool = True
-    cpu_int8_mode: str = "dynamic"  # dynamic | static (QDQ, calibrated on the calibration images)
+    cpu_int8_mode: str = "token"  # precision.CPU_INT8_MODES: token (batch-invariant) | dynamic | static
     # What the CPU kind serves of the precisions built. None: fp32, int8 (TensorRT's Q/DQ INT8 ONNX, run by
     # OpenVINO where the host's int8 kernels fit it, else FP32) and bf16 (OpenVINO where the host has BF16,
     # else FP32), of those built: each gives an image the same embedding alone or in any batch. cpu-int8
@@ -384,9 +397,9 @@ class ModelSpec:
         self._check_cpu_precisions()
         self._check_preprocess()
         self._check_heads()
-        if self.cpu_int8_mode not in ("dynamic", "static"):
+        if self.cpu_int8_mode not in CPU_INT8_MODES:
             raise ConfigError(
-                f"model {self.name}: cpu_int8_mode {self.cpu_int8_mode!r}: expected 'dynamic' or 'static'"
+                f"model {self.name}: cpu_int8_mode {self.cpu_int8_mode!r}: expected one of {', '.join(CPU_INT8_MODES)}"
             )
         for cpu_only in (Precision.CPU_INT8, Precision.BF16):
             if cpu_only in self.precisions and Kind.CPU not in self.kinds:

@@ -232,10 +232,19 @@ def cpu_flavours(
             *fp32_only,
             *(f for f in cpu_int8 if f[0] == "probe"),
         )
-    probe = Path(fidelity[precision.value].get("emulation") or fidelity[precision.value]["onnx"]).parent
+    report = fidelity[precision.value]
+    probe = Path(report.get("emulation") or report["onnx"]).parent
     own = {Precision.INT8: OPENVINO_INT8, Precision.BF16: OPENVINO_BF16}[precision]
-    report_onnx = Path(fidelity[precision.value]["onnx"])
-    return ((own, report_onnx), *fp32_only, ("probe", probe / PROBE_NAME))
+    report_onnx = Path(report["onnx"])
+    # INT8: the per-token cpu-int8 flavours beside the Q/DQ model, for hosts where OpenVINO's int8 kernels
+    # do not fit it (AVX2); not for a many-heads model, whose heads are gated on the Q/DQ model only
+    token = (
+        ()
+        if spec.heads or "cpu_int8" not in report
+        else _flavour_files(report["cpu_int8"], probe / report["cpu_int8"]["folder"])
+    )
+    token = tuple(f for f in token if f[0] != "probe")
+    return ((own, report_onnx), *token, *fp32_only, ("probe", probe / PROBE_NAME))
 
 
 def _flavour_files(report: dict[str, Any], folder: Path) -> tuple[tuple[str, Path], ...]:

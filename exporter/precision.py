@@ -10,9 +10,11 @@ TensorRT 11 builds strongly typed networks: precision is decided in the ONNX.
 - bf16: the FP32 ONNX itself, run in bfloat16 by OpenVINO on hosts with BF16 (AMX, AVX512-BF16); scored
   on an emulation (every MatMul/Gemm/Conv input rounded to bfloat16 by Cast nodes, float32 sums), which
   runs on any CPU.
-- cpu-int8: onnxruntime's own quantizer for the CPU serving kind: dynamic (per-call activation scales: an
-  image's embedding depends on its batch-mates, so it is served only where models.yaml asks for it) or
-  static QDQ, per-channel weights, attention matmuls kept in float.
+- cpu-int8: onnxruntime int8 for the CPU serving kind (config.CPU_INT8_MODES): per token (the default,
+  exporter/token_int8.py: the same embedding alone or in any batch), dynamic (onnxruntime's per-call
+  scales: an image's embedding depends on its batch-mates) or static QDQ; per-channel weights, attention
+  matmuls kept in float. The INT8 variant carries the per-token flavours too (CPU_INT8_SUBDIR), for CPU
+  hosts where OpenVINO's int8 kernels do not fit the Q/DQ model.
 Every variant the CPU kind serves carries a probe (PROBE_NAME): held-out pixels and, per flavour, the
 embeddings its arithmetic computes, which the served model reproduces on its host before it serves.
 Quantized models are cached by `identity.artifact_key` of (the FP32 model's files, the images, the pixel
@@ -38,7 +40,7 @@ import numpy as np
 from vitserve.contract import EMBEDDINGS, PIXELS, PROBE_FILE, Preprocess
 from vitserve.errors import CalibrationError, ConfigError
 from vitserve.exporter.compare import compare_outputs, format_table
-from vitserve.exporter.config import Calibration, Gates, ModelSpec, Precision
+from vitserve.exporter.config import CPU_INT8_MODES, Calibration, Gates, ModelSpec, Precision
 from vitserve.exporter.export import ONNX_NAME, read_manifest, sha256_file
 
 log = logging.getLogger(__name__)
@@ -388,15 +390,20 @@ PROBE_IMAGES = 4
 PROBE_MIN_COSINE = 0.999
 
 
-def make_cpu_int8(src: Path, dst_dir: Path, calib: np.ndarray, mode: str = "dynamic") -> dict[str, Any]:
-    """onnxruntime quantization for the CPU, one file per flavour of CPU_INT8_FLAVOURS in `dst_dir`:
-    per-channel int8 weights on MatMul/Gemm, attention matmuls in float; `dynamic` (activations quantized
-    per batch at run time) or `static` (QDQ, activations calibrated on `calib`)."""
+CPU_INT8_SUBDIR = "cpu-int8"  # the INT8 variant's per-token CPU flavours, beside its Q/DQ model.onnx
+
+
+def make_cpu_int8(src: Path, dst_dir: Path, calib: np.ndarray, mode: str = "token") -> dict[str, Any]:
+    """onnxruntime int8 for the CPU, one file per flavour of CPU_INT8_FLAVOURS in `dst_dir`: int8 weights
+    per channel on MatMul/Gemm, attention matmuls in float, activations as CPU_INT8_MODES[mode] says."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
-    if mode not in ("dynamic", "static"):
-        raise ConfigError(f"cpu-int8 mode {mode!r}: expected 'dynamic' or 'static'")
+    from vitserve.exporter.token_int8 import quantize_per_token
+
+    if mode not in CPU_INT8_MODES:
+        raise ConfigError(f"cpu-int8 mode {mode!r}: expected one of {', '.join(CPU_INT8_MODES)}")
     excluded = attention_matmuls(src)
+    dst_dir.mkdir(parents=True, exist_ok=True)
     for flavour in CPU_INT8_FLAVOURS.values():
         dst = str(dst_dir / flavour["file"])
         common = {
@@ -406,7 +413,9 @@ def make_cpu_int8(src: Path, dst_dir: Path, calib: np.ndarray, mode: str = "dyna
             "op_types_to_quantize": ["MatMul", "Gemm"],
             "nodes_to_exclude": excluded,
         }
-        if mode == "dynamic":
+        if mode == "token":
+            quantize_per_token(src, Path(dst), flavour["reduce_range"])
+        elif mode == "dynamic":
             quantize_dynamic(str(src), dst, **common)
         else:
             quantize_static(
@@ -419,10 +428,29 @@ def make_cpu_int8(src: Path, dst_dir: Path, calib: np.ndarray, mode: str = "dyna
             )
     return {
         "mode": mode,
+        "activations": CPU_INT8_MODES[mode],
         "excluded_attention_matmuls": len(excluded),
         "weights": "int8 per-channel",
         "flavours": {k: {"file": v["file"], "exact_on": v["exact_on"]} for k, v in CPU_INT8_FLAVOURS.items()},
     }
+
+
+def score_flavours(
+    folder: Path, fp32: Path, pixels: np.ndarray, reference: dict[str, np.ndarray], own: dict | None = None
+) -> dict[str, dict[str, Any]]:
+    """Each CPU_INT8_FLAVOURS file in `folder` scored against FP32 (`fidelity`, hardware-independent);
+    `own`: a flavour's score already taken (the cpu-int8 variant's own model.onnx)."""
+    out = {}
+    for flavour, f in CPU_INT8_FLAVOURS.items():
+        path = folder / f["file"]
+        out[flavour] = {
+            "file": f["file"],
+            "exact_on": f["exact_on"],
+            "fidelity": (own or {}).get(flavour)
+            or fidelity(fp32, path, Precision.CPU_INT8, pixels, reference),
+            "sha256": sha256_file(path),
+        }
+    return out
 
 
 def write_probe(
@@ -591,18 +619,28 @@ def publishable(passed: dict[str, bool]) -> tuple[bool, list[str]]:
     return PORTABLE_FLAVOUR in published, published
 
 
+def _gate_flavours(report: dict[str, Any], gates: Gates) -> None:
+    """Gate each cpu-int8 flavour of `report` (cpu-int8 arithmetic: the cpu-int8 threshold) and list the
+    ones published (`publishable`)."""
+    for f in report["flavours"].values():
+        f["passed"], f["gate"] = check_gate(Precision.CPU_INT8, f["fidelity"], gates)
+    _, report["published_flavours"] = publishable({k: f["passed"] for k, f in report["flavours"].items()})
+
+
 def apply_gates(precision: Precision, report: dict[str, Any], gates: Gates) -> dict[str, Any]:
     """Apply `gates` to a report (and to each cpu-int8 flavour); a cpu-int8 variant passes when its
     portable flavour does (every host can fall back to it), and publishes each flavour that passes
-    (`publishable`). The heads of a many-heads model gate the flavours again (multihead.gate_heads)."""
-    for f in report.get("flavours", {}).values():
-        f["passed"], f["gate"] = check_gate(precision, f["fidelity"], gates)
+    (`publishable`). The INT8 variant passes on its own Q/DQ model's score; its per-token CPU flavours
+    (`cpu_int8`) are published each on its own score. The heads of a many-heads model gate the cpu-int8
+    variant's flavours again (multihead.gate_heads)."""
     if "flavours" in report:
+        _gate_flavours(report, gates)
         portable = report["flavours"][PORTABLE_FLAVOUR]
-        _, report["published_flavours"] = publishable({k: f["passed"] for k, f in report["flavours"].items()})
         report["passed"], report["gate"] = portable["passed"], portable["gate"]
     else:
         report["passed"], report["gate"] = check_gate(precision, report["fidelity"], gates)
+    if "cpu_int8" in report:
+        _gate_flavours(report["cpu_int8"], gates)
     return report
 
 
@@ -654,7 +692,7 @@ def make_variant(
     fp32_dir: Path,
     out_dir: Path,
     spec: ModelSpec,
-    cpu_int8_mode: str = "dynamic",
+    cpu_int8_mode: str = "token",
     eval_count: int = 32,
 ) -> dict[str, Any]:
     """Make the `precision` variant of the FP32 export in `fp32_dir` into `out_dir`, score it against
@@ -683,6 +721,8 @@ def make_variant(
     if precision is Precision.INT8:
         settings["quantize_attention"] = spec.calibration.quantize_attention
         settings["high_precision_dtype"] = "fp16"  # the Q/DQ graph's non-quantized parts (make_int8)
+        # and its per-token CPU flavours (CPU_INT8_SUBDIR), for CPU hosts where OpenVINO's int8 does not fit
+        settings["cpu_int8"] = {k: v["reduce_range"] for k, v in CPU_INT8_FLAVOURS.items()}
     if precision is Precision.CPU_INT8:
         settings["mode"] = cpu_int8_mode
         settings["flavours"] = {k: v["reduce_range"] for k, v in CPU_INT8_FLAVOURS.items()}
@@ -692,7 +732,7 @@ def make_variant(
         settings = {"emulate": BF16_OPS}
     probed = precision in (Precision.INT8, Precision.CPU_INT8, Precision.BF16)
     if probed:
-        settings["probe"] = {"images": PROBE_IMAGES, "references": 2}  # the probe's layout
+        settings["probe"] = {"images": PROBE_IMAGES, "references": 3}  # the probe's layout
     key = variant_key(precision, fp32, files, settings, recipe, eval_count)
     cached = out_dir / VARIANT_REPORT
     if cached.exists():
@@ -721,6 +761,8 @@ def make_variant(
             details = make_fp16(src, dst, calib, Path(work))
         elif precision is Precision.INT8:
             details = make_int8(src, dst, calib, spec.calibration.method, spec.calibration.quantize_attention)
+            # from the FP32 export itself (ModelOpt may have rewritten its private copy `src`)
+            details["cpu_int8"] = make_cpu_int8(fp32, tmp / CPU_INT8_SUBDIR, calib, "token")
         elif precision is Precision.CPU_INT8:
             details = make_cpu_int8(src, tmp, calib, cpu_int8_mode)
         elif precision is Precision.BF16:
@@ -757,25 +799,27 @@ def make_variant(
         if precision is Precision.BF16:  # scored on the emulation, served as the FP32 file
             report["emulation"], report["onnx"] = report["onnx"], str(fp32)
         if precision is Precision.CPU_INT8:
-            report["flavours"] = {}
-            for flavour, f in CPU_INT8_FLAVOURS.items():
-                ff = (
-                    fid
-                    if f["file"] == ONNX_NAME
-                    else fidelity(fp32, tmp / f["file"], precision, pixels, reference)
-                )
-                report["flavours"][flavour] = {
-                    "file": f["file"],
-                    "exact_on": f["exact_on"],
-                    "fidelity": ff,
-                    "sha256": sha256_file(tmp / f["file"]),
-                }
+            report["flavours"] = score_flavours(
+                tmp,
+                fp32,
+                pixels,
+                reference,
+                {k: fid for k, f in CPU_INT8_FLAVOURS.items() if f["file"] == ONNX_NAME},
+            )
+        if precision is Precision.INT8:
+            report["cpu_int8"] = {
+                "mode": "token",
+                "folder": CPU_INT8_SUBDIR,
+                "flavours": score_flavours(tmp / CPU_INT8_SUBDIR, fp32, pixels, reference),
+            }
         if probed:
             refs = {"fp32": fp32}
             if precision is Precision.CPU_INT8:
                 refs |= {k: tmp / f["file"] for k, f in CPU_INT8_FLAVOURS.items()}
             else:
                 refs[precision.value] = dst
+            if precision is Precision.INT8:
+                refs |= {k: tmp / CPU_INT8_SUBDIR / f["file"] for k, f in CPU_INT8_FLAVOURS.items()}
             native = (
                 tuple(CPU_INT8_FLAVOURS)
                 if precision is Precision.CPU_INT8 and cpu_int8_mode == "static"

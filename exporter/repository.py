@@ -148,7 +148,8 @@ class Variant:
 
     def served_files(self) -> dict[str, tuple[str, Path]]:
         """flavour (and "probe") -> (its file's name in the model's version folder, source): the variant's
-        own ONNX is model.onnx; an FP32 flavour's file, when it is not that, is the FP32 fallback."""
+        own ONNX is model.onnx; an FP32 flavour's file, when it is not that, is the FP32 fallback; another
+        cpu-int8 flavour's is model.<flavour>.onnx."""
         out = {}
         for k, f in self.flavours:
             if k == "probe":
@@ -157,6 +158,8 @@ class Variant:
                 out[k] = (ONNX_FILE, f)
             elif k in contract.FP32_FLAVOURS:
                 out[k] = (contract.FP32_FALLBACK_FILE, f)
+            elif k in contract.INT8_ISAS:  # a cpu-int8 flavour beside another model.onnx (the INT8 variant's)
+                out[k] = (f"model.{k}.onnx", f)
             else:
                 out[k] = (f.name, f)
         return out

@@ -4,9 +4,10 @@
 
 For each backbone (RANDOM-INIT weights: these machines are offline) the files `make engines` writes are
 made once into `--work` (kept between runs): the FP32 export, the explicit Q/DQ INT8 ONNX made for TensorRT
-(ModelOpt, calibrated on the bundled photos) and onnxruntime's dynamic cpu-int8 (the flavour this host's
-int8 ISA picks). Rows (the served model's flavour names where it has one): onnxruntime FP32, onnxruntime
-dynamic cpu-int8 (today's CPU default), OpenVINO FP32 (`openvino-fp32`), OpenVINO BF16 (`openvino-bf16`,
+(ModelOpt, calibrated on the bundled photos) and onnxruntime's cpu-int8 per call (`dynamic`) and per token
+(`token`, what the INT8 and cpu-int8 models carry now), in the flavour this host's int8 ISA picks. Rows (the
+served model's flavour names where it has one): onnxruntime FP32, onnxruntime dynamic cpu-int8 (issue 26's
+"today": the CPU default before it), onnxruntime per-token cpu-int8, OpenVINO FP32 (`openvino-fp32`), OpenVINO BF16 (`openvino-bf16`,
 only where the host has BF16), OpenVINO on the Q/DQ ONNX (`openvino-int8`), onnxruntime on the Q/DQ ONNX.
 Per row: in-process images/s at batch 1 and 8 (`--threads` threads; every engine measured in turn, round
 after round, the median over `--rounds`), cosine to FP32 (mean, min) on the held-out photos, and batch
@@ -51,7 +52,8 @@ def files_for(backbone: str, work: Path) -> dict[str, Path]:
     calib = None
     qdq = root / "int8" / ONNX_FILE
     cpu = root / "cpu-int8"
-    if not qdq.exists() or not (cpu / VNNI_FILE).exists():
+    token = root / "cpu-int8-token"
+    if not qdq.exists() or not (cpu / VNNI_FILE).exists() or not (token / VNNI_FILE).exists():
         _, calib = load_pixels(calibration_files(Calibration(), work), entry, entry.preprocess)
     if not qdq.exists():
         qdq.parent.mkdir(parents=True, exist_ok=True)
@@ -59,7 +61,14 @@ def files_for(backbone: str, work: Path) -> dict[str, Path]:
     if not (cpu / VNNI_FILE).exists():
         cpu.mkdir(parents=True, exist_ok=True)
         make_cpu_int8(fp32, cpu, calib, "dynamic")
-    return {"fp32": fp32, "qdq": qdq, "vnni": cpu / VNNI_FILE, "avx2": cpu / ONNX_FILE}
+    if not (token / VNNI_FILE).exists():
+        make_cpu_int8(fp32, token, calib, "token")
+    return {
+        "fp32": fp32,
+        "qdq": qdq,
+        **{k: cpu / f["file"] for k, f in CPU_INT8_FLAVOURS.items()},
+        **{f"token-{k}": token / f["file"] for k, f in CPU_INT8_FLAVOURS.items()},
+    }
 
 
 def engines(files: dict[str, Path], threads: int, isa: str) -> dict[str, Any]:
@@ -71,6 +80,9 @@ def engines(files: dict[str, Path], threads: int, isa: str) -> dict[str, Any]:
     out: dict[str, Any] = {
         "onnxruntime fp32": onnxrt.cpu_session(files["fp32"], threads=threads),
         f"onnxruntime cpu-int8 dynamic ({flavour})": onnxrt.cpu_session(files[flavour], threads=threads),
+        f"onnxruntime cpu-int8 per token ({flavour})": onnxrt.cpu_session(
+            files[f"token-{flavour}"], threads=threads
+        ),
     }
     if have_openvino() is None:
         out["openvino fp32 (openvino-fp32)"] = OpenVinoSession(str(files["fp32"]), threads, "f32")

@@ -131,8 +131,8 @@ def vitb32_build(tmp_path_factory, linear_head) -> dict:
     root = tmp_path_factory.mktemp("vitb32_build")
     # preprocess_threads 2: the served ensemble tests go through the threaded preprocess path (the
     # hardened repository of test_reliability keeps the default, 1)
-    # precisions/cpu_precisions: bf16 is published by default; dynamic cpu-int8 (an image's embedding
-    # depends on its batch-mates) only where asked for, as here: the client tests go through it (issue 26)
+    # precisions/cpu_precisions: bf16 is published by default; cpu-int8 (per token: batch-invariant) only
+    # where asked for, as here: the client tests go through it (issue 26)
     config = write_models_yaml(
         root / "models.yaml",
         *linear_head,

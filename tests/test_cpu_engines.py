@@ -20,7 +20,7 @@ import pytest
 
 from vitserve import contract
 from vitserve.contract import CpuBackboneParams, Precision, parse_backbone_model_name
-from vitserve.exporter.config import CPU_DEFAULT_PRECISIONS
+from vitserve.exporter.config import CPU_DEFAULT_PRECISIONS, Kind
 from vitserve.exporter.precision import PROBE_MIN_COSINE, PROBE_NAME
 from vitserve.exporter.repository import read_config, read_params
 from vitserve.exporter.triton_models.onnx_cpu import FLAVOUR_ORDER, PROBE_REFERENCE, flavour_order, host_isa
@@ -81,12 +81,47 @@ def _check_cpu_models(*repositories: Path) -> set:
                 qdq, fp32 = (art / "vitb32" / p / contract.ONNX_FILE for p in ("int8", "fp32"))
                 assert (d / "1" / contract.ONNX_FILE).read_bytes() == qdq.read_bytes()
                 assert (d / "1" / contract.FP32_FALLBACK_FILE).read_bytes() == fp32.read_bytes()
+                token = [f for f in contract.INT8_ISAS if f in params.flavours]  # per-token int8 flavours
+                assert token and all(params.flavours[f] == f"model.{f}.onnx" for f in token), params.flavours
     return seen
 
 
 def test_every_cpu_model_carries_its_flavours_probe_and_fp32_fallback(vitb32_build):
     seen = _check_cpu_models(vitb32_build["repository"])
     assert {Precision.FP32, Precision.BF16, Precision.CPU_INT8} <= seen  # what this build publishes
+
+
+def test_the_int8_variant_carries_per_token_cpu_flavours_for_hosts_openvino_int8_does_not_fit(vitb32_build):
+    """The INT8 variant (TensorRT's Q/DQ file) also carries the per-token cpu-int8 flavours, scored
+    hardware-independently and gated like cpu-int8; its CPU model tries OpenVINO on the Q/DQ file first, then
+    the published per-token flavours (named model.<flavour>.onnx beside the Q/DQ model.onnx), then FP32, and
+    its probe holds every one's reference."""
+    from vitserve.exporter.config import load_models
+    from vitserve.exporter.pipeline import cpu_flavours
+    from vitserve.exporter.precision import CPU_INT8_FLAVOURS, CPU_INT8_SUBDIR, VARIANT_REPORT
+    from vitserve.exporter.repository import Variant
+
+    spec = load_models(vitb32_build["config"])[0]
+    art = vitb32_build["artifacts"] / "vitb32"
+    report = json.loads((art / "int8" / VARIANT_REPORT).read_text())
+    token = report["cpu_int8"]
+    assert token["mode"] == "token" and set(token["flavours"]) == set(CPU_INT8_FLAVOURS)
+    for f in token["flavours"].values():
+        assert f["fidelity"]["hardware_independent"] and f["gate"].startswith(("PASS", "FAIL"))
+    published = token["published_flavours"]
+    assert published == [k for k, f in token["flavours"].items() if f["passed"]]
+    fp32 = art / "fp32" / contract.ONNX_FILE
+    flavours = cpu_flavours(Precision.INT8, art, {"int8": report}, fp32, (), spec)
+    names = [k for k, _ in flavours]
+    assert names == [contract.OPENVINO_INT8, *published, *contract.FP32_FLAVOURS, "probe"]
+    served = Variant(
+        Precision.INT8, Kind.CPU, art / "int8" / contract.ONNX_FILE, None, flavours
+    ).served_files()
+    assert served[contract.OPENVINO_INT8][0] == contract.ONNX_FILE
+    for k in published:
+        assert served[k] == (f"model.{k}.onnx", art / "int8" / CPU_INT8_SUBDIR / CPU_INT8_FLAVOURS[k]["file"])
+    probe = np.load(served["probe"][1])
+    assert {f"embeddings_{PROBE_REFERENCE[k]}" for k in names if k != "probe"} <= set(probe.files)
 
 
 def test_without_openvino_its_flavours_are_skipped_with_a_log_line(vitb32_build, monkeypatch, capsys):
@@ -157,14 +192,14 @@ def _photos(count: int) -> np.ndarray:
 
 @pytest.mark.triton
 def test_published_cpu_models_answer_the_same_in_any_batch(vitb32_build, vitb32_server):
-    """Every CPU variant published by default (of vitb32_build: fp32, bf16; int8 in the test below),
-    through the real tritonserver: the same photos alone, in requests of 2 and of the model's max batch
-    (8 here), and as 16 concurrent single-image requests: max abs <= 1e-4 on the normalised embeddings."""
+    """Every CPU variant published by default (of vitb32_build: fp32, bf16; int8 in the test below) and
+    cpu-int8 in its default per-token mode, through the real tritonserver: the same photos alone, in
+    requests of 2 and of the model's max batch (8 here), and as 16 concurrent single-image requests: max
+    abs <= 1e-4 on the normalised embeddings."""
     repository = vitb32_build["repository"]
-    models = [
-        n for n in _cpu_backbones(repository) if parse_backbone_model_name(n)[1] in CPU_DEFAULT_PRECISIONS
-    ]
-    assert models
+    invariant = (*CPU_DEFAULT_PRECISIONS, Precision.CPU_INT8)
+    models = [n for n in _cpu_backbones(repository) if parse_backbone_model_name(n)[1] in invariant]
+    assert Precision.CPU_INT8 in {parse_backbone_model_name(n)[1] for n in models}
     max_batch = read_config(repository / "vitb32" / "config.pbtxt").max_batch_size
     worst = _batch_invariance(vitb32_server.http_url, models, _photos(16), max_batch)
     assert max(worst.values()) <= BATCH_INVARIANCE_MAX_ABS, worst

@@ -12,9 +12,9 @@ so everything that depends on the serving host is decided here, when the model l
   (FLAVOUR_ORDER), and the first one that reproduces, on a held-out probe batch, the embeddings its
   arithmetic gave at build time (where the fidelity gate was applied: cosine >= `probe_min_cosine`) serves;
   otherwise the next. OpenVINO runs the explicit Q/DQ INT8 ONNX (TensorRT's INT8 model) on hosts with VNNI
-  or AMX and the FP32 ONNX in bf16 on hosts with BF16; onnxruntime's dynamic cpu-int8 flavours (`vnni`:
-  full-range weights, `avx2`: 7-bit weights, exact on every x86-64 host) serve where models.yaml asks for
-  them. Every quantized model carries the FP32 file (FP32_FALLBACK_FILE): a host where no quantized
+  or AMX and the FP32 ONNX in bf16 on hosts with BF16; onnxruntime's cpu-int8 flavours (`vnni`: full-range
+  weights, `avx2`: 7-bit weights, exact on every x86-64 host; per token by default, exporter/token_int8.py)
+  serve the cpu-int8 model, and the int8 model where OpenVINO's int8 does not fit the host (AVX2). Every quantized model carries the FP32 file (FP32_FALLBACK_FILE): a host where no quantized
   flavour passes serves FP32, logged as an error, and the ensemble stays up. OpenVINO missing from the
   serving environment: its flavours are skipped, with a log line;
 - lanes: a batch of at least `lanes` images is split into `lanes` slices that run at once, each on its own
@@ -64,7 +64,8 @@ _O = contract
 # perf/results/cpu_engines.md): on AMX, OpenVINO on the Q/DQ INT8 ONNX runs 1.25-1.44x today's dynamic
 # cpu-int8 and its BF16 beats it at batch 8; OpenVINO FP32 runs 1.05x (AMX) to 1.5-1.8x (AVX2) onnxruntime
 # FP32. Without VNNI, OpenVINO's int8 kernels add u8 x s8 pairs in int16 and saturate on full-range weights
-# (cosine 0.969 to FP32 on the AVX2 host): an AVX2 host never tries `openvino-int8`, as it never tries `vnni`.
+# (cosine 0.969 to FP32 on the AVX2 host): an AVX2 host never tries `openvino-int8`, as it never tries `vnni`;
+# the int8 model serves its per-token `avx2` flavour there (0.96-0.97x the img/s of per-call dynamic int8).
 FLAVOUR_ORDER = {
     "amx": (_O.OPENVINO_INT8, _O.OPENVINO_BF16, "vnni", "avx2", *_O.FP32_FLAVOURS),
     "bf16": (_O.OPENVINO_INT8, _O.OPENVINO_BF16, "vnni", "avx2", *_O.FP32_FLAVOURS),
