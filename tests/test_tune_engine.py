@@ -209,13 +209,21 @@ def test_a_pinned_model_serves_its_flavour_where_it_passes_its_probe(vitb32_buil
         finally:
             model.finalize()
         assert f"{name}: flavour '{pin}' pinned" in capsys.readouterr().out
-    as_json = json_format.MessageToDict(cfg, preserving_proto_field_name=True)
-    target = Target("vitb32", {"fp32": name}, "vitb32", None, True, {name: as_json})
-    engines = engine_candidates(target, vitb32_build["repository"])["fp32"]
-    assert engines["serves"] == unpinned
-    assert engines["sweep"] == [
+    configs = {
+        m: json_format.MessageToDict(
+            read_config(d.parent / m / "config.pbtxt"), preserving_proto_field_name=True
+        )
+        for m in (name, "vitb32_bf16_cpu")
+    }
+    target = Target("vitb32", {"fp32": name, "bf16": "vitb32_bf16_cpu"}, "vitb32", None, True, configs)
+    engines = engine_candidates(target, vitb32_build["repository"])
+    assert engines["fp32"]["serves"] == unpinned
+    assert engines["fp32"]["sweep"] == [
         f for f in flavour_order(isa, list(params.flavours)) if ok[f] and f != unpinned
     ]
+    # a quantized model's FP32 flavours are its fallback (the fp32 variant's engines): never swept there
+    bf16 = engines["bf16"]
+    assert not set(bf16["sweep"]) & set(contract.FP32_FLAVOURS) and bf16["serves"] is not None, bf16
 
 
 def test_the_report_shows_the_engines_and_the_pinned_configurations(tmp_path):

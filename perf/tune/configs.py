@@ -181,7 +181,8 @@ def engine_candidates(target: Target, repository: str | Path, threads: int = 1) 
             continue
         isa = host_isa(cpu_flags(), forced=params.isa)
         order = flavour_order(isa, list(params.flavours))
-        scored = [f for f in order if f not in FP32_FLAVOURS] or order
+        quantized = any(f not in FP32_FLAVOURS for f in params.flavours)
+        scored = [f for f in order if f not in FP32_FLAVOURS] if quantized else order
         scored += [params.flavour] if params.flavour and params.flavour not in scored else []
         scores: dict[str, dict] = {}
         for f in scored:
