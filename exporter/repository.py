@@ -191,8 +191,11 @@ def backbone_config(
         params = CpuBackboneParams(
             cpu_threads=spec.cpu_threads or "auto",
             share=cpu_share,
-            # the INT8 Q/DQ graph is FP16 outside its quantized matmuls (make_int8): extended, like FP16
-            optimization="extended" if variant.precision in (Precision.FP16, Precision.INT8) else "all",
+            # the INT8 Q/DQ graph is FP16 outside its quantized matmuls (make_int8): extended, like FP16,
+            # where onnxruntime runs it; with flavours, OpenVINO runs it and onnxruntime only per-token / FP32
+            optimization="extended"
+            if variant.precision is Precision.FP16 or (variant.precision is Precision.INT8 and not flavours)
+            else "all",
             cpu_spinning=spec.cpu_spinning,
             cpu_lanes=spec.cpu_lanes or "auto",
             flavours=flavours,
