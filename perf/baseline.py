@@ -1,4 +1,5 @@
-"""In-process baseline: a served model's own ONNX file run directly with onnxruntime's CPU provider.
+"""In-process baseline: a served model's own ONNX file run directly with onnxruntime's CPU provider (or, for
+a vitserve CPU model serving an OpenVINO flavour, OpenVINO: `flavour`).
 
 Each served model is measured against the file it runs itself (`NAME_{precision}_cpu/1/model.onnx`; for
 an ensemble, its backbone step's), at the same batch size and intra-op thread count, so that served images/s
@@ -117,6 +118,7 @@ def run_baseline(
     warmup_runs: int = 3,
     shapes: dict[str, list[int]] | None = None,
     seed: int = 0,
+    flavour: str | None = None,
 ) -> BaselineResult:
     """Run `onnx_path` with onnxruntime (CPU provider) on random inputs of `batch_size` for `duration_s`.
 
@@ -141,10 +143,18 @@ def run_baseline(
         session = onnxrt.cpu_session(onnx_path, threads=threads, optimization=optimization)
     except Exception as e:  # onnxruntime raises its own untyped errors for a bad file
         raise ConfigError(f"onnxruntime could not load {str(onnx_path)!r}: {e}") from e
+    inputs, provider, run = session.get_inputs(), "CPUExecutionProvider", session.run
+    if flavour is not None and flavour.startswith("openvino"):  # the served model's engine (onnx_cpu.py)
+        from vitserve.exporter.triton_models.onnx_cpu import OPENVINO_PRECISION, OpenVinoSession, usable_cores
+
+        ov = OpenVinoSession(str(onnx_path), threads or usable_cores(), OPENVINO_PRECISION[flavour])
+        names = [o.name for o in session.get_outputs()]
+        del session
+        provider, run = f"OpenVINO CPU ({flavour})", lambda _, feed: ov.run(names, feed)
     shapes = shapes or {}
     rng = np.random.default_rng(seed)
     feeds = {}
-    for inp in session.get_inputs():
+    for inp in inputs:
         dims = list(inp.shape)
         rest = shapes.get(inp.name, dims[1:])
         if any(not isinstance(d, int) or d < 0 for d in rest):
@@ -156,11 +166,11 @@ def run_baseline(
             raise ConfigError(f"input {inp.name!r} of {onnx_path.name} has type {inp.type}, not supported")
         feeds[inp.name] = rng.random([batch_size, *rest]).astype(dtype)
     for _ in range(warmup_runs):
-        session.run(None, feeds)
+        run(None, feeds)
     latencies = []
     start = time.perf_counter()
     while (now := time.perf_counter()) - start < duration_s or not latencies:
-        session.run(None, feeds)
+        run(None, feeds)
         latencies.append(time.perf_counter() - now)
     seconds = time.perf_counter() - start
     lat_us = np.asarray(latencies) * 1e6
@@ -170,7 +180,7 @@ def run_baseline(
         batch_size=batch_size,
         threads=threads,
         optimization=optimization,
-        provider="CPUExecutionProvider",
+        provider=provider,
         runs=len(latencies),
         seconds=seconds,
         images_per_s=len(latencies) * batch_size / seconds,

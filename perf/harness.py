@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from vitserve.contract import CPU_BACKBONE_PARAM, CpuBackboneParams
 from vitserve.errors import ConfigError, ServerError, VitServeError
 from vitserve.perf import server_stats
 from vitserve.perf.baseline import BaselineResult, ort_settings_from_config, run_baseline
@@ -73,7 +74,7 @@ def _baseline_files(
         for spec in specs:
             for name in (spec.name, *server_stats.ensemble_steps(spec.config)):
                 if (repo / name / "1" / "model.onnx").is_file():
-                    files[spec.name] = repo / name / "1" / "model.onnx"
+                    files[spec.name] = served_file(repo / name)
                     break
     if isinstance(onnx, dict):
         for model, path in onnx.items():
@@ -94,6 +95,37 @@ def _baseline_files(
         if not path.is_file():
             raise ConfigError(f"baseline ONNX file {str(path)!r} of model {model!r} does not exist")
     return files
+
+
+def served_file(model_dir: Path) -> Path:
+    """The ONNX file a model folder's model runs on this host: `1/model.onnx`, or, for a vitserve CPU model
+    with flavours, the file of the flavour its probe picks here (onnx_cpu.probe_flavours: the int8 model
+    serves its per-token file on an AVX2 host, not the Q/DQ model.onnx); `served_flavour` names it."""
+    flavour = served_flavour(model_dir)
+    if flavour is None:
+        return model_dir / "1" / "model.onnx"
+    from vitserve.exporter.repository import read_config, read_params
+
+    params = read_params(read_config(model_dir / "config.pbtxt"), CpuBackboneParams)
+    return model_dir / "1" / params.flavours[flavour]
+
+
+def served_flavour(model_dir: Path) -> str | None:
+    """The flavour (contract.CPU_FLAVOURS) a vitserve CPU model folder serves on this host, None for other
+    models."""
+    from vitserve.exporter.repository import read_config, read_params
+    from vitserve.exporter.triton_models.onnx_cpu import probe_flavours
+
+    config = model_dir / "config.pbtxt"
+    if not config.is_file():
+        return None
+    cfg = read_config(config)
+    if CPU_BACKBONE_PARAM not in cfg.parameters:  # not a vitserve CPU backbone
+        return None
+    params = read_params(cfg, CpuBackboneParams)
+    if not params.flavours:
+        return None
+    return probe_flavours(str(model_dir), isa=params.isa)["serves"]
 
 
 def _baseline_settings(url: str, onnx: Path, specs: list[ModelSpec]) -> tuple[dict, str]:
@@ -243,9 +275,14 @@ def run_sweep(
                 f"intra-op threads {settings.get('threads', 'default')}, graph optimization "
                 f"{settings.get('optimization', 'all')} (from {source})"
             )
+            flavour = served_flavour(Path(path).parent.parent)
+            if flavour is not None:
+                result.baseline_settings[str(path)] += f", the {flavour} flavour this host serves"
             for b in batch_sizes:
                 try:
-                    base = run_baseline(path, b, duration_s=duration_s, shapes=shapes, **settings)
+                    base = run_baseline(
+                        path, b, duration_s=duration_s, shapes=shapes, flavour=flavour, **settings
+                    )
                 except Exception as e:  # onnxruntime raises its own untyped errors; the sweep goes on
                     log.error("in-process baseline %s at batch %d failed: %s", path, b, e)
                     base = BaselineResult.failed(path, b, f"{type(e).__name__}: {e}", **settings)

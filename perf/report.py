@@ -169,9 +169,11 @@ def markdown(result: SweepResult) -> str:
         ]
     if result.baselines:
         lines += [
-            "## In-process baselines (onnxruntime, CPU provider)",
+            "## In-process baselines",
             "",
-            "Each served model against the ONNX file it runs itself (an ensemble: its backbone step's).",
+            "Each served model against the ONNX file it runs itself (an ensemble: its backbone step's), on its"
+            " engine: a vitserve CPU model's file and engine are the flavour its probe picks on this host"
+            " (onnxruntime or OpenVINO, in the settings column), other models' onnxruntime's CPU provider.",
             "",
             "| ONNX | models | batch | images/s | p50 ms | p99 ms | runs | settings |",
             "|---|---|---:|---:|---:|---:|---:|---|",

@@ -401,3 +401,24 @@ def test_cli_takes_a_repository_or_model_onnx_pairs(variants_server, tmp_path, c
     assert "efficiency" in capsys.readouterr().out
     assert main([*argv, "--onnx", str(onnx)]) == 2  # a bare file next to MODEL=FILE pairs is ambiguous
     assert "MODEL=PATH" in capsys.readouterr().err
+
+
+def test_the_baseline_of_a_cpu_model_is_the_flavour_it_serves_on_this_host(vitb32_build):
+    """`vitserve perf` judges a vitserve CPU model against the file and engine its probe picks on this host
+    (not model.onnx on onnxruntime, which for the int8 model is the Q/DQ file an AVX2 host never serves)."""
+    from vitserve.contract import CpuBackboneParams
+    from vitserve.exporter.repository import read_config, read_params
+    from vitserve.exporter.triton_models.onnx_cpu import probe_flavours
+    from vitserve.perf.baseline import run_baseline
+    from vitserve.perf.harness import served_file, served_flavour
+
+    repo = vitb32_build["repository"]
+    for name in ("vitb32_fp32_cpu", "vitb32_cpu-int8_cpu"):
+        d = repo / name
+        flavour = served_flavour(d)
+        assert flavour is not None and flavour == probe_flavours(str(d))["serves"], name
+        params = read_params(read_config(d / "config.pbtxt"), CpuBackboneParams)
+        assert served_file(d) == d / "1" / params.flavours[flavour]
+        base = run_baseline(served_file(d), 1, duration_s=0.2, threads=1, flavour=flavour)
+        assert base.ok and base.provider.startswith("OpenVINO") == flavour.startswith("openvino"), base
+    assert served_flavour(repo / "vitb32") is None  # the ensemble has no engine of its own

@@ -62,7 +62,7 @@ BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 _O = contract
 # Flavours a host of each CPU class tries, best first (a model tries those it has). Measured (ViT-B-32,
 # perf/results/cpu_engines.md): on AMX, OpenVINO on the Q/DQ INT8 ONNX runs 1.25-1.44x today's dynamic
-# cpu-int8 and its BF16 beats it at batch 8; OpenVINO FP32 runs 1.05x (AMX) to 1.5-1.8x (AVX2) onnxruntime
+# cpu-int8 and its BF16 beats it at batch 8; OpenVINO FP32 runs 1.05x (AMX) to 0.9-1.8x (AVX2, between runs) onnxruntime
 # FP32. Without VNNI, OpenVINO's int8 kernels add u8 x s8 pairs in int16 and saturate on full-range weights
 # (cosine 0.969 to FP32 on the AVX2 host): an AVX2 host never tries `openvino-int8`, as it never tries `vnni`;
 # the int8 model serves its per-token `avx2` flavour there (0.96-0.97x the img/s of per-call dynamic int8).
