@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from vitserve.contract import CPU_BACKBONE_PARAM, CpuBackboneParams
+from vitserve.contract import CPU_BACKBONE_PARAM, ONNX_FILE, CpuBackboneParams
 from vitserve.errors import ConfigError, ServerError, VitServeError
 from vitserve.perf import server_stats
 from vitserve.perf.baseline import BaselineResult, ort_settings_from_config, run_baseline
@@ -73,7 +73,7 @@ def _baseline_files(
             raise ConfigError(f"repository {str(repo)!r} is not a folder (the Triton model repository)")
         for spec in specs:
             for name in (spec.name, *server_stats.ensemble_steps(spec.config)):
-                if (repo / name / "1" / "model.onnx").is_file():
+                if (repo / name / "1" / ONNX_FILE).is_file():
                     files[spec.name] = served_file(repo / name)
                     break
     if isinstance(onnx, dict):
@@ -103,7 +103,7 @@ def served_file(model_dir: Path) -> Path:
     serves its per-token file on an AVX2 host, not the Q/DQ model.onnx); `served_flavour` names it."""
     flavour = served_flavour(model_dir)
     if flavour is None:
-        return model_dir / "1" / "model.onnx"
+        return model_dir / "1" / ONNX_FILE
     from vitserve.exporter.repository import read_config, read_params
 
     params = read_params(read_config(model_dir / "config.pbtxt"), CpuBackboneParams)
