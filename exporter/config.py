@@ -29,7 +29,7 @@ KIND_PRECISIONS: dict[Kind, tuple[Precision, ...]] = {
 }
 
 
-# How the cpu-int8 flavours quantize activations (models.yaml `cpu_int8_mode`):
+# How the cpu-int8 flavours quantize activations (models.yaml `cpu_int8_mode`; the first is the default):
 CPU_INT8_MODES = {
     # per token, from that token alone (exporter/token_int8.py): an image's embedding is the same alone or in
     # any batch; 0.96-0.97x the img/s of `dynamic` on the AVX2 host (perf/results/cpu_engines.md)
@@ -40,6 +40,7 @@ CPU_INT8_MODES = {
     # QDQ calibrated on the calibration images: fixed scales, slower than FP32 on the hosts measured
     "static": "activations quantized with fixed scales calibrated on the calibration images (QDQ)",
 }
+CPU_INT8_DEFAULT_MODE = next(iter(CPU_INT8_MODES))  # token: what the INT8 variant's CPU flavours use too
 
 
 # What the CPU kind serves by default, of the precisions built (ModelSpec.cpu_precisions)
@@ -322,7 +323,7 @@ class ModelSpec:
     # turn images upright from their EXIF orientation; scale 16/32-bit greyscale to 8 bits (Pillow clips it).
     exif_transpose: bool = True
     scale_16bit: bool = True
-    cpu_int8_mode: str = "token"  # precision.CPU_INT8_MODES: token (batch-invariant) | dynamic | static
+    cpu_int8_mode: str = CPU_INT8_DEFAULT_MODE  # CPU_INT8_MODES: token (batch-invariant) | dynamic | static
     # What the CPU kind serves of the precisions built. None: fp32, int8 (TensorRT's Q/DQ INT8 ONNX, run by
     # OpenVINO where the host's int8 kernels fit it, else FP32) and bf16 (OpenVINO where the host has BF16,
     # else FP32), of those built: each gives an image the same embedding alone or in any batch. cpu-int8

@@ -40,8 +40,15 @@ import numpy as np
 from vitserve.contract import EMBEDDINGS, PIXELS, PROBE_FILE, Preprocess
 from vitserve.errors import CalibrationError, ConfigError
 from vitserve.exporter.compare import compare_outputs, format_table
-from vitserve.exporter.config import CPU_INT8_MODES, Calibration, Gates, ModelSpec, Precision
-from vitserve.exporter.export import ONNX_NAME, read_manifest, sha256_file
+from vitserve.exporter.config import (
+    CPU_INT8_DEFAULT_MODE,
+    CPU_INT8_MODES,
+    Calibration,
+    Gates,
+    ModelSpec,
+    Precision,
+)
+from vitserve.exporter.export import EXTERNAL_DATA_NAME, ONNX_NAME, read_manifest, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -394,7 +401,9 @@ PROBE_MIN_COSINE = 0.999
 CPU_INT8_SUBDIR = "cpu-int8"  # the INT8 variant's per-token CPU flavours, beside its Q/DQ model.onnx
 
 
-def make_cpu_int8(src: Path, dst_dir: Path, calib: np.ndarray, mode: str = "token") -> dict[str, Any]:
+def make_cpu_int8(
+    src: Path, dst_dir: Path, calib: np.ndarray, mode: str = CPU_INT8_DEFAULT_MODE
+) -> dict[str, Any]:
     """onnxruntime int8 for the CPU, one file per flavour of CPU_INT8_FLAVOURS in `dst_dir`: int8 weights
     per channel on MatMul/Gemm, attention matmuls in float, activations as CPU_INT8_MODES[mode] says."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
@@ -693,7 +702,7 @@ def make_variant(
     fp32_dir: Path,
     out_dir: Path,
     spec: ModelSpec,
-    cpu_int8_mode: str = "token",
+    cpu_int8_mode: str = CPU_INT8_DEFAULT_MODE,
     eval_count: int = 32,
 ) -> dict[str, Any]:
     """Make the `precision` variant of the FP32 export in `fp32_dir` into `out_dir`, score it against
@@ -724,6 +733,10 @@ def make_variant(
         settings["high_precision_dtype"] = "fp16"  # the Q/DQ graph's non-quantized parts (make_int8)
         # and its per-token CPU flavours (CPU_INT8_SUBDIR), for CPU hosts where OpenVINO's int8 does not fit
         settings["cpu_int8"] = {k: v["reduce_range"] for k, v in CPU_INT8_FLAVOURS.items()}
+    # The per-token files are written as one protobuf each: an FP32 export past 2 GiB (external data: ViT-H,
+    # ViT-g, EVA02-E) gets none (its CPU int8 model serves OpenVINO on the Q/DQ file or FP32), rather than
+    # files the repository could not carry whole.
+    token_flavours = precision is Precision.INT8 and not (fp32_dir / EXTERNAL_DATA_NAME).exists()
     if precision is Precision.CPU_INT8:
         settings["mode"] = cpu_int8_mode
         settings["flavours"] = {k: v["reduce_range"] for k, v in CPU_INT8_FLAVOURS.items()}
@@ -762,8 +775,8 @@ def make_variant(
             details = make_fp16(src, dst, calib, Path(work))
         elif precision is Precision.INT8:
             details = make_int8(src, dst, calib, spec.calibration.method, spec.calibration.quantize_attention)
-            # from the FP32 export itself (ModelOpt may have rewritten its private copy `src`)
-            details["cpu_int8"] = make_cpu_int8(fp32, tmp / CPU_INT8_SUBDIR, calib, "token")
+            if token_flavours:  # from the FP32 export itself (ModelOpt may have rewritten its copy `src`)
+                details["cpu_int8"] = make_cpu_int8(fp32, tmp / CPU_INT8_SUBDIR, calib, CPU_INT8_DEFAULT_MODE)
         elif precision is Precision.CPU_INT8:
             details = make_cpu_int8(src, tmp, calib, cpu_int8_mode)
         elif precision is Precision.BF16:
@@ -807,9 +820,9 @@ def make_variant(
                 reference,
                 {k: fid for k, f in CPU_INT8_FLAVOURS.items() if f["file"] == ONNX_NAME},
             )
-        if precision is Precision.INT8:
+        if precision is Precision.INT8 and token_flavours:
             report["cpu_int8"] = {
-                "mode": "token",
+                "mode": details["cpu_int8"]["mode"],
                 "folder": CPU_INT8_SUBDIR,
                 "flavours": score_flavours(tmp / CPU_INT8_SUBDIR, fp32, pixels, reference),
             }
@@ -819,7 +832,7 @@ def make_variant(
                 refs |= {k: tmp / f["file"] for k, f in CPU_INT8_FLAVOURS.items()}
             else:
                 refs[precision.value] = dst
-            if precision is Precision.INT8:
+            if precision is Precision.INT8 and token_flavours:
                 refs |= {k: tmp / CPU_INT8_SUBDIR / f["file"] for k, f in CPU_INT8_FLAVOURS.items()}
             native = (
                 tuple(CPU_INT8_FLAVOURS)
