@@ -32,7 +32,8 @@ KIND_PRECISIONS: dict[Kind, tuple[Precision, ...]] = {
 # How the cpu-int8 flavours quantize activations (models.yaml `cpu_int8_mode`; the first is the default):
 CPU_INT8_MODES = {
     # per token, from that token alone (exporter/token_int8.py): an image's embedding is the same alone or in
-    # any batch; 0.96-0.97x the img/s of `dynamic` on the AVX2 host (perf/results/cpu_engines.md)
+    # any batch; 0.97-0.98x (ViT-B-32) and 0.90x (ViT-B-16) the img/s of `dynamic` on the AVX2 host
+    # (perf/results/cpu_engines.md)
     "token": "activations quantized per token at run time: the same embedding alone or in any batch",
     # onnxruntime's quantize_dynamic: one scale per call, so an image's embedding changes with its
     # batch-mates (max abs 2.7e-3 to 3.4e-3 on ViT-B-32's normalised embedding); only when asked for

@@ -20,7 +20,8 @@ products sum in int32 (VNNI, AMX). Activations are symmetric around a fixed zero
 onnxruntime's integer matmuls take a scalar activation zero point only; per token, the range is the
 token's own, which makes up for the bit a symmetric range gives away (ViT-B-32: cosine to FP32 0.99976
 per token against 0.99975 per call). Attention's matmuls (both inputs activations) stay in float.
-Measured in-process on a 2-core AVX2 host (ViT-B-32, random init, 2 threads): 0.96-0.97x the img/s of the
+Measured in-process on a 2-core AVX2 host (random init, 2 threads): 0.97-0.98x (ViT-B-32, 50 tokens) and 0.90x
+(ViT-B-16, 197 tokens: the per-row scale costs grow with the tokens) the img/s of the
 per-call flavour at batch 1 and 8 (perf/results/cpu_engines.md).
 """
 

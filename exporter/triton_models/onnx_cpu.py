@@ -65,7 +65,7 @@ _O = contract
 # cpu-int8 and its BF16 beats it at batch 8; OpenVINO FP32 runs 1.05x (AMX) to 0.9-1.8x (AVX2, between runs) onnxruntime
 # FP32. Without VNNI, OpenVINO's int8 kernels add u8 x s8 pairs in int16 and saturate on full-range weights
 # (cosine 0.969 to FP32 on the AVX2 host): an AVX2 host never tries `openvino-int8`, as it never tries `vnni`;
-# the int8 model serves its per-token `avx2` flavour there (0.96-0.97x the img/s of per-call dynamic int8).
+# the int8 model serves its per-token `avx2` flavour there (0.90-0.98x the img/s of per-call dynamic int8).
 FLAVOUR_ORDER = {
     "amx": (_O.OPENVINO_INT8, _O.OPENVINO_BF16, "vnni", "avx2", *_O.FP32_FLAVOURS),
     "bf16": (_O.OPENVINO_INT8, _O.OPENVINO_BF16, "vnni", "avx2", *_O.FP32_FLAVOURS),
