@@ -69,9 +69,10 @@ def test_concurrent_single_images_run_as_one_batch_while_the_instance_is_busy(vi
         before = server_stats.snapshot(client, backbone)
         for _ in range(blockers):  # full batches: nothing can join them (max_batch_size)
             client.async_infer(backbone, request(full), callback=done)
+        singles = [request(1) for _ in range(4)]  # made first: sent back to back, they arrive together
         time.sleep(0.5)  # received; the instance has at least a second and a half of them left to run
-        for _ in range(4):
-            client.async_infer(backbone, request(1), callback=done)
+        for inputs in singles:
+            client.async_infer(backbone, inputs, callback=done)
         t0 = time.monotonic()
         while len(results) + len(errors) < blockers + 4 and time.monotonic() - t0 < 300:
             time.sleep(0.05)
