@@ -328,7 +328,9 @@ def test_static_cpu_int8_loads_and_answers_the_same_in_any_batch(vitb32_build, l
     name = "vitb32_cpu-int8_cpu"
     assert (tmp_path / "repo" / name).is_dir()
     pixels = _photos(8)
-    ref = onnxrt.run(onnxrt.cpu_session(art / "vitb32" / "fp32" / contract.ONNX_FILE), pixels)["embeddings"]
+    ref = onnxrt.run(onnxrt.cpu_session(art / "vitb32" / "fp32" / contract.ONNX_FILE), pixels)[
+        contract.EMBEDDINGS
+    ]
     with TritonServer(tmp_path / "repo", log_path=tmp_path / "server.log") as server:
         worst = _batch_invariance(server.http_url, [name], pixels, 8)
         import tritonclient.http as httpclient

@@ -14,7 +14,7 @@ from dataclasses import asdict, replace
 import pytest
 
 from vitserve import contract
-from vitserve.contract import ContractError, CpuBackboneParams
+from vitserve.contract import CPU_BACKBONE_PARAM, ContractError, CpuBackboneParams
 from vitserve.errors import ConfigError
 from vitserve.exporter.triton_models.onnx_cpu import FLAVOUR_ORDER, flavour_order
 from vitserve.perf.tune.configs import Target, backbone_override, cpu_params, current_knobs
@@ -64,7 +64,7 @@ def _backbone_config(name: str, **params) -> dict:
         "max_batch_size": 8,
         "instance_group": [{"count": 1, "kind": "KIND_CPU"}],
         "dynamic_batching": {"preferred_batch_size": [4], "max_queue_delay_microseconds": "0"},
-        "parameters": {"onnx_cpu": {"string_value": _params(**params).to_json()}},
+        "parameters": {CPU_BACKBONE_PARAM: {"string_value": _params(**params).to_json()}},
     }
 
 
