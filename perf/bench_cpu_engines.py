@@ -12,8 +12,8 @@ only where the host has BF16), OpenVINO on the Q/DQ ONNX (`openvino-int8`), onnx
 Per row: in-process images/s at batch 1 and 8 (`--threads` threads; every engine measured in turn, round
 after round, the median over `--rounds`), cosine to FP32 (mean, min) on the held-out photos, and batch
 invariance: the max abs difference of an image's L2-normalised embedding alone vs inside a batch of 8 and
-of 16. Results go to perf/results/cpu_engines.{md,json} (section `## Engines`, with the host line and this
-command); nothing is asserted.
+of 16. Results go to perf/results/cpu_engines.{md,json} (section `## Engines: ISA host`, one per CPU class, with the host line
+and this command); nothing is asserted.
 """
 
 from __future__ import annotations
@@ -29,11 +29,14 @@ import numpy as np
 
 from vitserve.contract import ONNX_FILE
 from vitserve.exporter.precision import CPU_INT8_FLAVOURS
+from vitserve.perf.report import write_section
 
 VNNI_FILE = CPU_INT8_FLAVOURS["vnni"]["file"]
 
 RESULTS = Path(__file__).parent / "results"
 SECTION = "## Engines"
+MARKDOWN = "cpu_engines.md"
+TITLE = "# CPU serving: engines and per-request overhead"
 EVAL_IMAGES = 16
 
 
@@ -156,15 +159,18 @@ def bench(backbone: str, work: Path, threads: int, rounds: int, seconds: float, 
 
 
 def write(rows: list[dict], host: str, command: str, threads: int, rounds: int, isa: str) -> str:
-    """Replace the `## Engines` section of perf/results/cpu_engines.md (other sections are kept) and
-    write cpu_engines.json's `engines` entry."""
+    """Replace this host class's section (`## Engines: ISA host`) of perf/results/cpu_engines.md (other
+    sections, other hosts' among them, are kept) and cpu_engines.json's `engines` entry for `isa`."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     jpath = RESULTS / "cpu_engines.json"
     data = json.loads(jpath.read_text()) if jpath.exists() else {}
-    data["engines"] = {"host": host, "command": command, "threads": threads, "rounds": rounds, "rows": rows}
+    data.setdefault("engines", {})[isa] = {
+        "host": host, "command": command, "threads": threads, "rounds": rounds, "rows": rows,
+    }  # fmt: skip
     jpath.write_text(json.dumps(data, indent=2) + "\n")
+    heading = f"{SECTION}: {isa} host"
     lines = [
-        SECTION,
+        heading,
         "",
         f"Host: {host}",
         "",
@@ -184,11 +190,12 @@ def write(rows: list[dict], host: str, command: str, threads: int, rounds: int, 
             f"| {r['backbone']} | {r['engine']} | {r['b1']:.1f} | {r['b8']:.1f} | {r['vs_fp32']} | "
             f"{r['vs_cpu_int8']} | {r['cos_mean']:.6f} | {r['cos_min']:.6f} | {r['batch_max_abs']:.1e} |"
         )
-    if isa not in ("amx", "bf16"):
+    if isa != "amx":
         lines += [
             "",
-            f"This host has no BF16 or AMX (CPU class '{isa}'): OpenVINO BF16 is not measured here, and neither"
-            " are the AMX acceptance numbers. Measured on an Intel Xeon with AVX-512 + VNNI + AMX (2 cores,"
+            f"This host has no AMX (CPU class '{isa}'): the AMX acceptance numbers are not measured here."
+            + ("" if isa == "bf16" else " Nor is OpenVINO BF16 (no AVX512-BF16 either).")
+            + " Measured on an Intel Xeon with AVX-512 + VNNI + AMX (2 cores,"
             " shared/ENVIRONMENT.md, 2026-12-02, NOT this host), img/s b1 / b8: ViT-B-32 onnxruntime FP32"
             " 20.6 / 30.3, dynamic cpu-int8 62.9 / 102.2, OpenVINO BF16 56.0 / 116.4, OpenVINO on the Q/DQ ONNX"
             " 78.6 / 146.8 (1.25x / 1.44x today's cpu-int8, cos 0.99975); ViT-B-16 onnxruntime FP32 8.2 / 7.9,"
@@ -196,15 +203,7 @@ def write(rows: list[dict], host: str, command: str, threads: int, rounds: int, 
             " (1.54x / 1.75x, cos mean 0.99983).",
         ]
     section = "\n".join(lines) + "\n"
-    mpath = RESULTS / "cpu_engines.md"
-    text = mpath.read_text() if mpath.exists() else "# CPU serving: engines and per-request overhead\n\n"
-    if SECTION in text:
-        head, _, rest = text.partition(SECTION)
-        nxt = rest.find("\n## ")
-        text = head + section + (rest[nxt + 1 :] if nxt >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    mpath.write_text(text)
+    write_section(RESULTS / MARKDOWN, heading, section, TITLE)
     return section
 
 

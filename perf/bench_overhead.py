@@ -17,8 +17,9 @@ rounds, and each ratio is taken within its pair: the median over the rounds is r
 highest. Around every served window Triton's statistics give the server's side per request (queue, compute
 input / infer / output, average batch executed): served latency minus those is the client and the transfer.
 
-Results: perf/results/overhead.json and the section "## Per-request overhead" of perf/results/cpu_engines.md
-(replaced when it is there; the file's other sections are left as they are). `--tune-report` adds the
+Results: perf/results/overhead-ISA.json and the section "## Per-request overhead: ISA host" of
+perf/results/cpu_engines.md, one per CPU class (replaced when it is there; the file's other sections, other
+hosts' among them, are left as they are). `--tune-report` adds the
 untuned/tuned summary of a `vitserve tune` run (its tune.json). Nothing is asserted.
 """
 
@@ -38,7 +39,6 @@ import numpy as np
 
 RESULTS = Path(__file__).parent / "results"
 SECTION = "## Per-request overhead"
-ENGINES_FILE = "cpu_engines.md"
 # (concurrency, images per request) -> the in-process batch it is compared with
 POINTS = {(1, 1): 1, (4, 1): 4, (1, 8): 8}
 
@@ -104,13 +104,20 @@ def copy_us_per_image(shape: list[int]) -> float:
 
 def run(url: str, repository: Path, models: list[str], rounds: int, seconds: float, work: Path) -> dict:
     from vitserve.exporter.hostinfo import cpu_summary
-    from vitserve.exporter.triton_models.onnx_cpu import usable_cores
+    from vitserve.exporter.triton_models.onnx_cpu import cpu_flags, host_isa, usable_cores
     from vitserve.perf.bench_lanes import read_dims
     from vitserve.perf.inputs import connect, describe_model, make_payloads
     from vitserve.perf.measure import Generator, measure_point
 
     cores = usable_cores()
-    out = {"host": cpu_summary(), "cores": cores, "rounds": rounds, "seconds": seconds, "models": {}}
+    out = {
+        "host": cpu_summary(),
+        "isa": host_isa(cpu_flags()),
+        "cores": cores,
+        "rounds": rounds,
+        "seconds": seconds,
+        "models": {},
+    }
     client = connect(url)
     rng = np.random.default_rng(0)
     try:
@@ -254,10 +261,10 @@ def section(
     notes: str | None = None,
     interleaved: dict | None = None,
 ) -> str:
-    """The Markdown section for cpu_engines.md; `before`: an earlier run's overhead.json (the served settings
+    """The Markdown section for cpu_engines.md; `before`: an earlier run's overhead-ISA.json (the served settings
     before a change), shown beside this run's ratios."""
     lines = [
-        SECTION,
+        heading(result["isa"]),
         "",
         f"Command: `{command}`",
         "",
@@ -378,22 +385,25 @@ def write(
     notes: str | None = None,
     interleaved: dict | None = None,
 ) -> Path:
-    """overhead.json, and the section of cpu_engines.md (replaced where it is, appended where it is not)."""
+    """overhead-ISA.json, and this host class's section of cpu_engines.md (replaced where it is, appended
+    where it is not; other hosts' sections are kept)."""
+    from vitserve.perf.bench_cpu_engines import MARKDOWN, TITLE
+    from vitserve.perf.report import write_section
+
     results.mkdir(parents=True, exist_ok=True)
-    (results / "overhead.json").write_text(json.dumps({"command": command, **result}, indent=2) + "\n")
-    path = results / ENGINES_FILE
-    text = path.read_text() if path.is_file() else "# CPU engines\n"
-    new = section(result, command, tune, before, notes, interleaved)
-    start = text.find(SECTION + "\n")
-    if start >= 0:
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + new + (text[nxt + 1 :] if nxt >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + new
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    isa = result["isa"]
+    (results / json_name(isa)).write_text(json.dumps({"command": command, **result}, indent=2) + "\n")
+    path = results / MARKDOWN
+    write_section(path, heading(isa), section(result, command, tune, before, notes, interleaved), TITLE)
     return path
+
+
+def json_name(isa: str) -> str:
+    return f"overhead-{isa}.json"
+
+
+def heading(isa: str) -> str:
+    return f"{SECTION}: {isa} host"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -404,12 +414,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--url", default=None, help="a running tritonserver (gRPC); default: start one here")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seconds", type=float, default=3.0)
-    p.add_argument("--results", default=str(RESULTS), help="where overhead.json and cpu_engines.md are")
-    p.add_argument("--before", default=None, help="an earlier run's overhead.json, shown beside this one")
+    p.add_argument("--results", default=str(RESULTS), help="where overhead-ISA.json and cpu_engines.md are")
+    p.add_argument("--before", default=None, help="an earlier run's overhead-ISA.json, shown beside this one")
     p.add_argument("--notes", default=None, help="a Markdown file of findings, added to the section as it is")
     p.add_argument(
         "--render", default=None, metavar="OVERHEAD_JSON",
-        help="measure nothing: write the section again from a run's overhead.json (its own command kept)",
+        help="measure nothing: write the section again from a run's overhead-ISA.json (its own command kept)",
     )  # fmt: skip
     p.add_argument(
         "--tune-report", default=None, help="a `vitserve tune` tune.json: its untuned/tuned summary"
@@ -435,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.render:
         result = json.loads(Path(args.render).read_text())
         path = write(result, result.pop("command"), tune, Path(args.results), before, notes, interleaved)
-        print(f"wrote {path.parent / 'overhead.json'} and the section {SECTION!r} of {path}")
+        print(f"wrote {path.parent / json_name(result['isa'])} and {heading(result['isa'])!r} of {path}")
         return 0
     repository = Path(args.repository)
     work = Path(tempfile.mkdtemp(prefix="vitserve-overhead-"))
@@ -461,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         result = run(args.url, repository, args.models, args.rounds, args.seconds, work)
     path = write(result, command, tune, Path(args.results), before, notes, interleaved)
-    print(f"wrote {path.parent / 'overhead.json'} and the section {SECTION!r} of {path}")
+    print(f"wrote {path.parent / json_name(result['isa'])} and {heading(result['isa'])!r} of {path}")
     return 0
 
 

@@ -35,6 +35,20 @@ def _write_atomic(path: Path, data: str | bytes) -> None:
     os.replace(tmp, path)
 
 
+def write_section(path: Path, heading: str, section: str, title: str) -> None:
+    """Put `section` (starting with the line `heading`, e.g. "## Engines: avx2 host") into the Markdown file
+    `path`: in place of the section with that heading where there is one (up to the next "## "), else at the
+    end; the file starts with `title` when it is new. Other sections, other hosts' among them, are kept."""
+    text = path.read_text() if path.is_file() else f"{title}\n"
+    start = text.find(heading + "\n")
+    if start >= 0:
+        nxt = text.find("\n## ", start + len(heading))
+        text = text[:start] + section + (text[nxt + 1 :] if nxt >= 0 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    _write_atomic(path, text)
+
+
 def _clean(value):
     # JSON has no NaN; null says "not measured" as it should.
     if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):

@@ -422,3 +422,20 @@ def test_the_baseline_of_a_cpu_model_is_the_flavour_it_serves_on_this_host(vitb3
         base = run_baseline(served_file(d), 1, duration_s=0.2, threads=1, flavour=flavour)
         assert base.ok and base.provider.startswith("OpenVINO") == flavour.startswith("openvino"), base
     assert served_flavour(repo / "vitb32") is None  # the ensemble has no engine of its own
+
+
+def test_a_hosts_section_replaces_its_own_and_keeps_the_other_hosts(tmp_path):
+    """perf/results/cpu_engines.md holds one section per CPU class: a run on one host rewrites its own and
+    leaves another host's numbers (and the sections after them) as they were."""
+    from vitserve.perf.report import write_section
+
+    path = tmp_path / "cpu_engines.md"
+    write_section(path, "## Engines: avx2 host", "## Engines: avx2 host\n\nold avx2\n", "# T")
+    write_section(path, "## Engines: bf16 host", "## Engines: bf16 host\n\nbf16 run\n", "# T")
+    write_section(path, "## Notes", "## Notes\n\nkept\n", "# T")
+    write_section(path, "## Engines: avx2 host", "## Engines: avx2 host\n\nnew avx2\n", "# T")
+    text = path.read_text()
+    assert text.startswith("# T\n")
+    assert "old avx2" not in text and text.count("new avx2") == 1
+    assert text.index("new avx2") < text.index("bf16 run") < text.index("kept")
+    assert text.count("## Engines: bf16 host") == 1
