@@ -32,6 +32,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--random-init", action="store_true", help="override every model's weights with random init"
     )
     p.add_argument("--only", action="append", help="build only these model names")
+    p.add_argument(
+        "--jobs",
+        default=None,
+        help="precision variants made at once: N or 'auto' (default: $VITSERVE_BUILD_JOBS, else auto: one"
+        " per usable core, as many as fit in memory)",
+    )
     p.set_defaults(func=_build)
 
 
@@ -71,5 +77,12 @@ def _export(args: argparse.Namespace) -> int:
 def _build(args: argparse.Namespace) -> int:
     from vitserve.exporter.pipeline import build_all
 
-    build_all(args.config, args.repository, args.artifacts, random_init=args.random_init, only=args.only)
+    build_all(
+        args.config,
+        args.repository,
+        args.artifacts,
+        random_init=args.random_init,
+        only=args.only,
+        jobs=args.jobs,
+    )
     return 0

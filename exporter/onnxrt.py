@@ -95,9 +95,60 @@ def exact_integer_matmuls(model):
     return model
 
 
-def exact_session(path: str | Path, threads: int | None = None, optimization: str = "all"):
+def float16_as_float32(model):
+    """`model` (in place) with its FP16 parts in FP32: FP16 initializers and constants converted, Casts to
+    FP16 made Casts to FP32, FP16 value types made FP32. What OpenVINO's CPU plugin computes of a graph
+    with FP16 parts (the Q/DQ INT8 ONNX's non-quantized parts, ModelOpt's `high_precision_dtype`): it runs
+    them at its inference precision, f32 (or bf16), not in FP16 as TensorRT does."""
+    from onnx import AttributeProto, TensorProto, numpy_helper
+
+    f16, f32 = TensorProto.FLOAT16, TensorProto.FLOAT
+
+    def widen(t):
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name))
+
+    g = model.graph
+    for t in g.initializer:
+        if t.data_type == f16:
+            widen(t)
+    for n in g.node:
+        for a in n.attribute:
+            if a.name == "to" and a.type == AttributeProto.INT and a.i == f16:
+                a.i = f32
+            elif a.type == AttributeProto.TENSOR and a.t.data_type == f16:
+                widen(a.t)
+    for v in (*g.value_info, *g.input, *g.output):
+        if v.type.tensor_type.elem_type == f16:
+            v.type.tensor_type.elem_type = f32
+    return model
+
+
+def _session_of(model, so):
+    """A CPU session of an in-memory `model`; past protobuf's 2 GiB through a temporary file with external
+    data, kept as long as the session is."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    providers = ["CPUExecutionProvider"]
+    if model.ByteSize() < 2**31 - 2**20:
+        return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
+    tmp = tempfile.TemporaryDirectory(prefix="vitserve-float32-")
+    path = Path(tmp.name) / "model.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, location="model.onnx.data")
+    session = ort.InferenceSession(str(path), so, providers=providers)
+    session.vitserve_tmp = tmp  # removed with the session
+    return session
+
+
+def exact_session(
+    path: str | Path, threads: int | None = None, optimization: str = "all", float32: bool = False
+):
     """A session that scores `path` independently of the host's int8 kernels (see the module doc).
-    Float models get a plain `cpu_session`. Returns (session, description of the evaluator)."""
+    Float models get a plain `cpu_session`. `float32`: a Q/DQ graph's FP16 parts run in FP32
+    (`float16_as_float32`: what OpenVINO computes of it, where the default is what TensorRT computes).
+    Returns (session, description of the evaluator)."""
     import onnx
     import onnxruntime as ort
 
@@ -117,8 +168,12 @@ def exact_session(path: str | Path, threads: int | None = None, optimization: st
     if ops & QDQ_OPS:
         so = _options(threads, optimization)
         so.add_session_config_entry("session.disable_quant_qdq", "1")
+        what = "Q/DQ run as fake quantization in float (session.disable_quant_qdq=1)"
+        if float32:
+            session = _session_of(float16_as_float32(onnx.load(str(path))), so)
+            return session, what + ", its FP16 parts in FP32"
         session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        return session, "Q/DQ run as fake quantization in float (session.disable_quant_qdq=1)"
+        return session, what
     return cpu_session(path, threads, optimization), "float graph"
 
 

@@ -396,6 +396,11 @@ PROBE_IMAGES = 4
 # 0.999 passes the largest spread with 1e-3 - 1.04e-4 = 9.0e-4 to spare, 8.6x the spread (>= 5x asked), and
 # the smallest saturation misses it by 9x. The old 0.9999 left 2.2e-5 (0.28x the spread).
 PROBE_MIN_COSINE = 0.999
+# The probe's `int8` reference: the Q/DQ INT8 ONNX as OpenVINO computes it. Against the file's TensorRT
+# arithmetic (FP16 parts in FP16) OpenVINO's exact VNNI int8 gave 1 - cosine 2.4e-3 on ViT-B-32's probe (an
+# AVX-512 VNNI + BF16 Xeon), so the flavour was refused on every host that could run it; against this
+# reference: 1.7e-4 (f32) and 2.9e-4 (bf16 non-quantized parts; perf/results/cpu_engines.md, "Probe gate").
+PROBE_INT8_REFERENCE = "fake quantization, FP16 parts in FP32"
 
 
 CPU_INT8_SUBDIR = "cpu-int8"  # the INT8 variant's per-token CPU flavours, beside its Q/DQ model.onnx
@@ -468,7 +473,10 @@ def write_probe(
 ) -> None:
     """`out` (.npz): a held-out batch and, per reference name (onnx_cpu.PROBE_REFERENCE: fp32, int8, bf16,
     vnni, avx2), the embeddings the file's verified arithmetic gives (`onnxrt.exact_session`: Q/DQ as fake
-    quantization, integer matmuls exact, float graphs as they are). The CPU model runs the batch when it
+    quantization, integer matmuls exact, float graphs as they are). The `int8` reference is the Q/DQ file
+    with its FP16 parts in FP32 (PROBE_INT8_REFERENCE): the arithmetic of the flavour that serves it on a
+    CPU, OpenVINO, which runs FP16 parts at its own inference precision (the fidelity report scores the
+    file as TensorRT computes it, FP16 parts in FP16). The CPU model runs the batch when it
     loads and refuses a flavour whose embeddings on the serving host differ (cosine < PROBE_MIN_COSINE):
     that host's kernels do not compute the model that was verified (triton_models/onnx_cpu.py). `native`:
     references computed with this host's own kernels instead (static cpu-int8: onnxruntime's QLinear
@@ -482,8 +490,10 @@ def write_probe(
     for name, path in references.items():
         if name in native:
             session = onnxrt.cpu_session(path)
+        elif name == Precision.INT8.value:  # the Q/DQ file as the `openvino-int8` flavour computes it
+            session, _ = onnxrt.exact_session(path, optimization="extended", float32=True)
         else:
-            session, _ = onnxrt.exact_session(path, optimization="extended" if name == "int8" else "all")
+            session, _ = onnxrt.exact_session(path)
         arrays[f"{EMBEDDINGS}_{name}"] = onnxrt.run(session, pixels, batch_size=len(pixels))[EMBEDDINGS]
     tmp = out.with_name(out.name + ".tmp")
     with open(tmp, "wb") as fh:
@@ -704,9 +714,11 @@ def make_variant(
     spec: ModelSpec,
     cpu_int8_mode: str = CPU_INT8_DEFAULT_MODE,
     eval_count: int = 32,
-) -> dict[str, Any]:
+    cached_only: bool = False,
+) -> dict[str, Any] | None:
     """Make the `precision` variant of the FP32 export in `fp32_dir` into `out_dir`, score it against
-    FP32 on held-out photos, apply the gate; returns the report (also `out_dir/variant.json`). Every pixel
+    FP32 on held-out photos, apply the gate; returns the report (also `out_dir/variant.json`), or with
+    `cached_only` the cached report where its key is unchanged, else None (nothing made). Every pixel
     (calibration, fidelity, the cpu-int8 probe) is made with the model's one recipe,
     `spec.served_preprocess(manifest)`: what the served preprocess model sends."""
     from vitserve.exporter.backbones import get_backbone
@@ -747,6 +759,8 @@ def make_variant(
     probed = precision in (Precision.INT8, Precision.CPU_INT8, Precision.BF16)
     if probed:
         settings["probe"] = {"images": PROBE_IMAGES, "references": 3}  # the probe's layout
+        if precision is Precision.INT8:
+            settings["probe"]["int8"] = PROBE_INT8_REFERENCE
     key = variant_key(precision, fp32, files, settings, recipe, eval_count)
     cached = out_dir / VARIANT_REPORT
     if cached.exists():
@@ -760,6 +774,8 @@ def make_variant(
             report["cached"] = True
             log.info("%s %s: unchanged (key %s), reusing %s", spec.name, precision.value, key, out_dir)
             return report
+    if cached_only:
+        return None
     t0 = time.perf_counter()
     used, calib = load_pixels(files, entry, recipe)
     with atomic_directory(out_dir) as tmp, tempfile.TemporaryDirectory(dir=out_dir.parent) as work:

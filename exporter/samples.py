@@ -15,6 +15,7 @@ any user folder.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -187,7 +188,7 @@ def _write(images: list[tuple[str, Image.Image]], folder: Path) -> list[Path]:
     for name, im in images:
         path = folder / f"{name}.jpg"
         if not path.exists():
-            tmp = path.with_suffix(".tmp.jpg")
+            tmp = path.with_suffix(f".{os.getpid()}.tmp.jpg")  # processes may write the same folder
             im.save(tmp, quality=95)
             tmp.replace(path)
         paths.append(path)

@@ -41,8 +41,9 @@ def test_cpu_class_from_flags_and_the_order_it_tries():
         assert order[-2:] == contract.FP32_FLAVOURS, isa  # every host ends on FP32: never a dead model
     # without VNNI, int8 kernels saturate on full-range weights: neither OpenVINO's nor the vnni flavour
     assert flavour_order("avx2", every) == ["avx2", *contract.FP32_FLAVOURS]
-    # bf16 only where the flags say so
+    # bf16 only on AMX: AVX512-BF16 alone ran OpenVINO BF16 slower than FP32
     assert contract.OPENVINO_BF16 not in flavour_order("vnni", every)
+    assert flavour_order("bf16", every) == flavour_order("vnni", every)
     assert flavour_order("amx", every)[:2] == [contract.OPENVINO_INT8, contract.OPENVINO_BF16]
     assert (
         flavour_order("vnni", [contract.OPENVINO_INT8, *contract.FP32_FLAVOURS])[0] == contract.OPENVINO_INT8
@@ -122,6 +123,57 @@ def test_the_int8_variant_carries_per_token_cpu_flavours_for_hosts_openvino_int8
         assert served[k] == (f"model.{k}.onnx", art / "int8" / CPU_INT8_SUBDIR / CPU_INT8_FLAVOURS[k]["file"])
     probe = np.load(served["probe"][1])
     assert {f"embeddings_{PROBE_REFERENCE[k]}" for k in names if k != "probe"} <= set(probe.files)
+
+
+def test_fp16_parts_made_fp32_compute_in_fp32():
+    """onnxrt.float16_as_float32 (the arithmetic of OpenVINO on a graph with FP16 parts): an FP16 matmul
+    between casts computes x @ w in float32, with the weights as stored, and no FP16 is left."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from vitserve.exporter import onnxrt
+
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((3, 64)).astype(np.float32), rng.standard_normal((64, 5)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["x"], ["x16"], to=TensorProto.FLOAT16),
+            helper.make_node("MatMul", ["x16", "w"], ["y16"]),
+            helper.make_node("Cast", ["y16"], ["y"], to=TensorProto.FLOAT),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 5])],
+        [numpy_helper.from_array(w.astype(np.float16), "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    so = onnxrt._options(1, "disabled")
+
+    def run(m):
+        return onnxrt._session_of(m, so).run(["y"], {"x": x})[0]
+
+    exact = x.astype(np.float64) @ w.astype(np.float16).astype(np.float64)  # the weights as stored
+    after = run(onnxrt.float16_as_float32(model))
+    np.testing.assert_allclose(after, exact, atol=1e-5)
+    assert all(t.data_type == TensorProto.FLOAT for t in model.graph.initializer)
+    assert all(a.i == TensorProto.FLOAT for n in model.graph.node for a in n.attribute if a.name == "to")
+
+
+def test_the_int8_probe_reference_is_the_qdq_file_as_openvino_computes_it(vitb32_build):
+    """The probe's `int8` reference (what the `openvino-int8` flavour must reproduce) is the Q/DQ file with
+    its FP16 parts in FP32, not TensorRT's FP16 arithmetic (the fidelity report's): OpenVINO runs FP16 parts
+    at its own precision, and against the FP16 arithmetic it was refused on hosts where it is exact."""
+    from vitserve.exporter import onnxrt
+
+    art = vitb32_build["artifacts"] / "vitb32" / "int8"
+    probe = np.load(art / PROBE_NAME)
+    x = probe[contract.PIXELS]
+    ref = probe[f"{contract.EMBEDDINGS}_{PROBE_REFERENCE[contract.OPENVINO_INT8]}"]
+    runs = {}
+    for float32 in (True, False):
+        session, _ = onnxrt.exact_session(art / contract.ONNX_FILE, optimization="extended", float32=float32)
+        runs[float32] = onnxrt.run(session, x, batch_size=len(x))[contract.EMBEDDINGS]
+    np.testing.assert_allclose(ref, runs[True], atol=1e-5)
+    assert np.abs(ref - runs[False]).max() > 1e-4  # the two arithmetics differ on this model
 
 
 def test_without_openvino_its_flavours_are_skipped_with_a_log_line(vitb32_build, monkeypatch, capsys):

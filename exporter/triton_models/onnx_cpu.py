@@ -12,7 +12,7 @@ so everything that depends on the serving host is decided here, when the model l
   (FLAVOUR_ORDER), and the first one that reproduces, on a held-out probe batch, the embeddings its
   arithmetic gave at build time (where the fidelity gate was applied: cosine >= `probe_min_cosine`) serves;
   otherwise the next. OpenVINO runs the explicit Q/DQ INT8 ONNX (TensorRT's INT8 model) on hosts with VNNI
-  or AMX and the FP32 ONNX in bf16 on hosts with BF16; onnxruntime's cpu-int8 flavours (`vnni`: full-range
+  or AMX and the FP32 ONNX in bf16 on hosts with AMX; onnxruntime's cpu-int8 flavours (`vnni`: full-range
   weights, `avx2`: 7-bit weights, exact on every x86-64 host; per token by default, exporter/token_int8.py)
   serve the cpu-int8 model, and the int8 model where OpenVINO's int8 does not fit the host (AVX2). Every quantized model carries the FP32 file (FP32_FALLBACK_FILE): a host where no quantized
   flavour passes serves FP32, logged as an error, and the ensemble stays up. OpenVINO missing from the
@@ -66,9 +66,12 @@ _O = contract
 # FP32. Without VNNI, OpenVINO's int8 kernels add u8 x s8 pairs in int16 and saturate on full-range weights
 # (cosine 0.969 to FP32 on the AVX2 host): an AVX2 host never tries `openvino-int8`, as it never tries `vnni`;
 # the int8 model serves its per-token `avx2` flavour there (0.90-0.98x the img/s of per-call dynamic int8).
+# With AVX512-BF16 but no AMX (a Xeon with AVX-512 VNNI + BF16), OpenVINO's BF16 ran 0.57-0.77x onnxruntime
+# FP32 and its Q/DQ INT8 1.0-1.17x the per-token `vnni` flavour: such a host tries no BF16 (the bf16 model
+# serves FP32 there, logged) and the int8 order of a VNNI host.
 FLAVOUR_ORDER = {
     "amx": (_O.OPENVINO_INT8, _O.OPENVINO_BF16, "vnni", "avx2", *_O.FP32_FLAVOURS),
-    "bf16": (_O.OPENVINO_INT8, _O.OPENVINO_BF16, "vnni", "avx2", *_O.FP32_FLAVOURS),
+    "bf16": (_O.OPENVINO_INT8, "vnni", "avx2", *_O.FP32_FLAVOURS),
     "vnni": (_O.OPENVINO_INT8, "vnni", "avx2", *_O.FP32_FLAVOURS),
     "avx2": ("avx2", *_O.FP32_FLAVOURS),
 }
