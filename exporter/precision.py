@@ -707,6 +707,14 @@ def variant_key(
     )
 
 
+def _anchor(report: dict[str, Any], precision: Precision, out_dir: Path, fp32: Path) -> None:
+    """The report's file paths where the variant is now: a cached report read from an artifacts folder that
+    was moved or copied must not point into the old one (which may hold another model by now)."""
+    report["onnx"] = str(out_dir / ONNX_NAME)
+    if precision is Precision.BF16:  # scored on the emulation, served as the FP32 file
+        report["emulation"], report["onnx"] = report["onnx"], str(fp32)
+
+
 def make_variant(
     precision: Precision,
     fp32_dir: Path,
@@ -771,6 +779,7 @@ def make_variant(
             and (not probed or (out_dir / PROBE_NAME).exists())
         ):
             apply_gates(precision, report, spec.gates)
+            _anchor(report, precision, out_dir, fp32)
             report["cached"] = True
             log.info("%s %s: unchanged (key %s), reusing %s", spec.name, precision.value, key, out_dir)
             return report
@@ -823,11 +832,9 @@ def make_variant(
                 in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "Cast")
             },
             "sha256": sha256_file(dst),
-            "onnx": str(out_dir / ONNX_NAME),
             "cached": False,
         }
-        if precision is Precision.BF16:  # scored on the emulation, served as the FP32 file
-            report["emulation"], report["onnx"] = report["onnx"], str(fp32)
+        _anchor(report, precision, out_dir, fp32)
         if precision is Precision.CPU_INT8:
             report["flavours"] = score_flavours(
                 tmp,

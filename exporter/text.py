@@ -390,6 +390,7 @@ def make_text_variant(precision, fp32_dir: Path, out_dir: Path, gates) -> dict[s
         report = json.loads(cached.read_text())
         if report.get("key") == key:
             report["passed"], report["gate"] = check_gate(precision, report["fidelity"], gates)
+            report["onnx"] = str(out_dir / ONNX_FILE)  # where it is now (the artifacts may have moved)
             return report
     t0 = time.perf_counter()
     with atomic_directory(out_dir) as tmp, tempfile.TemporaryDirectory(dir=out_dir.parent) as work:

@@ -34,7 +34,7 @@ def test_jobs_follow_the_setting_the_cores_and_the_memory(monkeypatch):
             pipeline.variant_jobs(bad, 1, 4)
 
 
-def _tiny(root: Path) -> tuple[ModelSpec, Path]:
+def _tiny(root: Path, precisions: tuple[str, ...] = ("fp32", "cpu-int8", "int8")) -> tuple[ModelSpec, Path]:
     from tiny_models import tiny_backbone
 
     model_dir = root / "artifacts" / "m"
@@ -44,7 +44,7 @@ def _tiny(root: Path) -> tuple[ModelSpec, Path]:
             "name": "m",
             "backbone": "ViT-B-32",
             "weights": "random",
-            "precisions": ["fp32", "cpu-int8", "int8"],
+            "precisions": list(precisions),
             "calibration": {"num_images": 4},
         }
     )
@@ -101,3 +101,21 @@ def _alive(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return False
     return state != "Z"
+
+
+def test_a_copied_artifacts_folder_serves_its_own_files(tmp_path):
+    """A cached variant read from artifacts that were copied elsewhere points into the copy, never back into
+    the original folder (which may hold another model by then)."""
+    import shutil
+
+    spec, model_dir = _tiny(tmp_path / "a", ("fp32", "cpu-int8", "bf16"))
+    first = pipeline.make_variants(spec, model_dir / "fp32", model_dir, 1)
+    copy = tmp_path / "b" / "m"
+    shutil.copytree(model_dir, copy)
+    shutil.rmtree(tmp_path / "a")
+    again = pipeline.make_variants(spec, copy / "fp32", copy, 1)
+    for p, report in again.items():
+        assert report["cached"] and report["key"] == first[p]["key"], p
+        for field in ("onnx", "emulation"):
+            if field in report:
+                assert Path(report[field]).is_relative_to(copy) and Path(report[field]).is_file(), (p, field)
