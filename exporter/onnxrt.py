@@ -135,8 +135,8 @@ def _session_of(model, so):
     if model.ByteSize() < 2**31 - 2**20:
         return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
     tmp = tempfile.TemporaryDirectory(prefix="vitserve-float32-")
-    path = Path(tmp.name) / "model.onnx"
-    onnx.save_model(model, str(path), save_as_external_data=True, location="model.onnx.data")
+    path = Path(tmp.name) / "float32.onnx"  # a scratch copy, not a served file
+    onnx.save_model(model, str(path), save_as_external_data=True, location="float32.onnx.data")
     session = ort.InferenceSession(str(path), so, providers=providers)
     session.vitserve_tmp = tmp  # removed with the session
     return session

@@ -168,7 +168,7 @@ def make_variants(
 
 
 def build_model(
-    spec: ModelSpec, artifacts: Path, random_init: bool = False, jobs: int | None = None
+    spec: ModelSpec, artifacts: Path, random_init: bool = False, jobs: int | str | None = None
 ) -> dict[str, Any]:
     """Export and make the precision variants of one model (`jobs` at once, see `variant_jobs`); returns its
     build record."""
