@@ -12,8 +12,8 @@ only where the host has BF16), OpenVINO on the Q/DQ ONNX (`openvino-int8`), onnx
 Per row: in-process images/s at batch 1 and 8 (`--threads` threads; every engine measured in turn, round
 after round, the median over `--rounds`), cosine to FP32 (mean, min) on the held-out photos, and batch
 invariance: the max abs difference of an image's L2-normalised embedding alone vs inside a batch of 8 and
-of 16. Results go to perf/results/cpu_engines.{md,json} (section `## Engines: ISA host`, one per CPU class, with the host line
-and this command); nothing is asserted.
+of 16. Results go to perf/results/cpu_engines.{md,json} (section `## Engines: ISA host`, one per CPU class,
+with the host line and this command); nothing is asserted.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import numpy as np
 
 from vitserve.contract import ONNX_FILE
 from vitserve.exporter.precision import CPU_INT8_FLAVOURS
-from vitserve.perf.report import write_section
+from vitserve.perf.report import host_heading, write_section
 
 VNNI_FILE = CPU_INT8_FLAVOURS["vnni"]["file"]
 
@@ -168,7 +168,7 @@ def write(rows: list[dict], host: str, command: str, threads: int, rounds: int, 
         "host": host, "command": command, "threads": threads, "rounds": rounds, "rows": rows,
     }  # fmt: skip
     jpath.write_text(json.dumps(data, indent=2) + "\n")
-    heading = f"{SECTION}: {isa} host"
+    heading = host_heading(SECTION, isa)
     lines = [
         heading,
         "",

@@ -261,8 +261,8 @@ def section(
     notes: str | None = None,
     interleaved: dict | None = None,
 ) -> str:
-    """The Markdown section for cpu_engines.md; `before`: an earlier run's overhead-ISA.json (the served settings
-    before a change), shown beside this run's ratios."""
+    """The Markdown section for cpu_engines.md; `before`: an earlier run's overhead-ISA.json (the served
+    settings before a change), shown beside this run's ratios."""
     lines = [
         heading(result["isa"]),
         "",
@@ -403,7 +403,9 @@ def json_name(isa: str) -> str:
 
 
 def heading(isa: str) -> str:
-    return f"{SECTION}: {isa} host"
+    from vitserve.perf.report import host_heading
+
+    return host_heading(SECTION, isa)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,6 +35,11 @@ def _write_atomic(path: Path, data: str | bytes) -> None:
     os.replace(tmp, path)
 
 
+def host_heading(section: str, isa: str) -> str:
+    """The heading of a results section kept once per CPU class, e.g. "## Engines: avx2 host"."""
+    return f"{section}: {isa} host"
+
+
 def write_section(path: Path, heading: str, section: str, title: str) -> None:
     """Put `section` (starting with the line `heading`, e.g. "## Engines: avx2 host") into the Markdown file
     `path`: in place of the section with that heading where there is one (up to the next "## "), else at the
