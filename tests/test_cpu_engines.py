@@ -351,6 +351,37 @@ def test_probe_under_real_avx2_kernels_passes_with_margin_or_refuses(vitb32_cpu_
         print(name, json.dumps(result))
 
 
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA, which OpenVINO's CPU plugin honours): a cap above the host's ISA
+# changes nothing, AVX2 has no VNNI on any x86-64 host
+ONEDNN_CAPS = ("AVX2", "AVX512_CORE", "AVX512_CORE_VNNI", "AVX512_CORE_BF16", "AVX512_CORE_AMX")
+
+
+@pytest.mark.slow
+def test_openvino_int8_probe_under_lower_isas_passes_with_margin_or_refuses(vitb32_cpu_repository):
+    """The int8 model's `openvino-int8` probe with OpenVINO's kernels capped at each lower ISA of this host
+    (its cross-ISA spread, measured on one host): it either passes with a margin >= 5x its distance to the
+    reference, or is refused; and capped at AVX2 (u8 x s8 pairs summed in int16: saturation) it is refused
+    on every host."""
+    from vitserve.contract import OPENVINO_INT8
+    from vitserve.exporter.triton_models.onnx_cpu import have_openvino
+
+    if have_openvino() is not None:
+        pytest.skip(have_openvino())
+    d = vitb32_cpu_repository / "vitb32_int8_cpu"
+    seen = {}
+    for cap in ONEDNN_CAPS:
+        cmd = [sys.executable, "-m", "vitserve.exporter.triton_models.onnx_cpu", "--probe", str(d)]
+        cmd += ["--only", OPENVINO_INT8, "--threads", "2"]
+        env = {**os.environ, "ONEDNN_MAX_CPU_ISA": cap}
+        result = json.loads(subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout)
+        r, gate = result["flavours"][OPENVINO_INT8], result["min_cosine"]
+        spread = 1 - r["cosine"]
+        assert r["cosine"] < gate or r["cosine"] - gate >= 5 * spread, (cap, r)
+        seen[cap] = r
+    print(json.dumps(seen))
+    assert seen["AVX2"]["cosine"] < gate, seen
+
+
 @pytest.mark.slow
 @pytest.mark.triton
 def test_static_cpu_int8_loads_and_answers_the_same_in_any_batch(vitb32_build, linear_head, tmp_path):
