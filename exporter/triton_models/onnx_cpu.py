@@ -492,6 +492,12 @@ class TritonPythonModel:
             self.pool.shutdown(wait=True)
 
 
+def probe_passed(result: dict, flavour: str) -> bool:
+    """Whether `flavour` passed its probe in a probe_flavours `result` (one that failed to run did not)."""
+    r = result["flavours"][flavour]
+    return "cosine" in r and r["cosine"] >= result["min_cosine"]
+
+
 def probe_flavours(
     model_dir: str,
     isa: str | None = None,
@@ -502,8 +508,9 @@ def probe_flavours(
 ) -> dict:
     """Score the flavours of a built CPU model (`model_dir`: its folder, with config.pbtxt) on its probe,
     as `initialize` would on this host (CPU class `isa`, else detected): the flavours in the host's order
-    (`every`: all of them), each with its cosine and max abs difference to its reference, the gate, and
-    which one would serve. `images`: the first N probe images only (qemu-user is slow; not for the dynamic
+    (`every`: all of them), each with its cosine and max abs difference to its reference (or the `error`
+    of an engine that fails here: refused), the gate, and which one would serve. `images`: the first N
+    probe images only (qemu-user is slow; not for the dynamic
     cpu-int8 flavours, whose activation scales, so their references, are those of the whole probe batch).
     `only`: these flavours only."""
     from vitserve.exporter.repository import read_config, read_params
@@ -528,12 +535,16 @@ def probe_flavours(
 
     out: dict = {"isa": isa, "min_cosine": params.probe_min_cosine, "flavours": {}, "serves": None}
     for f in names:
-        engine = model._engine(f, os.path.join(version, params.flavours[f]), threads, session)
         ref = probe[f"{contract.EMBEDDINGS}_{PROBE_REFERENCE[f]}"]
-        got = engine.run([contract.EMBEDDINGS], {contract.PIXELS: probe[contract.PIXELS]})[0]
+        try:
+            engine = model._engine(f, os.path.join(version, params.flavours[f]), threads, session)
+            got = engine.run([contract.EMBEDDINGS], {contract.PIXELS: probe[contract.PIXELS]})[0]
+        except Exception as e:  # refused, as `initialize` refuses an engine that cannot open or run the file
+            out["flavours"][f] = {"error": f"{type(e).__name__}: {e}"}
+            continue
         cos = min_cosine(ref, got)
         out["flavours"][f] = {"cosine": cos, "max_abs": float(np.abs(ref - got).max())}
-    passed = [f for f in flavour_order(isa, names) if out["flavours"][f]["cosine"] >= out["min_cosine"]]
+    passed = [f for f in flavour_order(isa, names) if probe_passed(out, f)]
     out["serves"] = passed[0] if passed else None
     return out
 

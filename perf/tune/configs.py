@@ -162,7 +162,13 @@ def engine_candidates(target: Target, repository: str | Path, threads: int = 1) 
     host's order tries and that passed, less `serves`). A quantized model's FP32 flavours are its fallback,
     the fp32 variant's engines: not swept there. A variant whose folder is not here (a remote repository)
     gets a `note` and no sweep."""
-    from vitserve.exporter.triton_models.onnx_cpu import cpu_flags, flavour_order, host_isa, probe_flavours
+    from vitserve.exporter.triton_models.onnx_cpu import (
+        cpu_flags,
+        flavour_order,
+        host_isa,
+        probe_flavours,
+        probe_passed,
+    )
 
     out: dict[str, dict] = {}
     if not target.onnx_cpu:
@@ -188,7 +194,7 @@ def engine_candidates(target: Target, repository: str | Path, threads: int = 1) 
         for f in scored:
             try:
                 r = probe_flavours(str(folder), params.isa, threads, every=True, only=[f])
-                scores[f] = {**r["flavours"][f], "passed": r["flavours"][f]["cosine"] >= r["min_cosine"]}
+                scores[f] = {**r["flavours"][f], "passed": probe_passed(r, f)}
             except Exception as e:  # an engine missing here or failing on the file: not a candidate
                 scores[f] = {"error": f"{type(e).__name__}: {e}", "passed": False}
         # what serves unpinned: the first of the served order that passes (an unscored FP32 fallback serves)
