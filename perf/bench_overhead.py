@@ -103,8 +103,9 @@ def copy_us_per_image(shape: list[int]) -> float:
 
 
 def run(url: str, repository: Path, models: list[str], rounds: int, seconds: float, work: Path) -> dict:
+    from vitserve.contract import CpuBackboneParams
     from vitserve.exporter.hostinfo import cpu_summary
-    from vitserve.exporter.triton_models.onnx_cpu import cpu_flags, host_isa, usable_cores
+    from vitserve.exporter.triton_models.onnx_cpu import cpu_flags, host_isa, served_threads, usable_cores
     from vitserve.perf.bench_lanes import read_dims
     from vitserve.perf.inputs import connect, describe_model, make_payloads
     from vitserve.perf.measure import Generator, measure_point
@@ -131,6 +132,10 @@ def run(url: str, repository: Path, models: list[str], rounds: int, seconds: flo
             spec = describe_model(url, name)
             served_config = client.get_model_config(name, as_json=True)["config"]
             ref = in_process(model_dir, cores)
+            threads = served_threads(served_config, CpuBackboneParams.from_model_config(served_config))[2]
+            if threads != cores:  # e.g. `share` > 1: several models of the repository split the cores
+                print(f"WARNING: {name} serves with {threads} thread(s), the in-process reference with {cores}: "
+                      "the ratio compares different thread counts (`share` or instances in its config)", flush=True)  # fmt: skip
             pairs: dict[str, list[dict]] = {f"c{c}_b{b}": [] for c, b in POINTS}
             try:
                 for r in range(rounds):
@@ -157,6 +162,7 @@ def run(url: str, repository: Path, models: list[str], rounds: int, seconds: flo
             out["models"][name] = {
                 "engine": getattr(ref, "flavour", None) or "onnxruntime",
                 "threads": cores,
+                "served_threads": threads,
                 "served": _served_settings(served_config),
                 "points": {k: _summary(v) for k, v in pairs.items()},
                 "pairs": pairs,
@@ -220,13 +226,14 @@ def untuned_vs_tuned(url: str, tune: dict, rounds: int, seconds: float, work: Pa
 def _served_settings(config: dict) -> str:
     """The served settings that decide overhead, as one line."""
     from vitserve.contract import CpuBackboneParams
+    from vitserve.exporter.triton_models.onnx_cpu import served_threads
 
     p = CpuBackboneParams.from_model_config(config)
     db = config.get("dynamic_batching") or {}
-    instances = sum(int(g.get("count", 1)) for g in config.get("instance_group", []))
+    instances, _, threads = served_threads(config, p)
     spin = {None: "default", True: "on", False: "off"}[p.cpu_spinning]
     return (
-        f"{instances} instance(s), cpu_threads {p.cpu_threads}, cpu_lanes {p.cpu_lanes}, spinning {spin}, "
+        f"{instances} instance(s), cpu_threads {p.cpu_threads} = {threads}, cpu_lanes {p.cpu_lanes}, spinning {spin}, "
         f"max_queue_delay {int(db.get('max_queue_delay_microseconds', 0) or 0)} us, "
         f"preferred {[int(b) for b in db.get('preferred_batch_size', [])]}"
     )

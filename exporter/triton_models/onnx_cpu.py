@@ -214,6 +214,14 @@ def usable_cores(cgroup_root: str = "/sys/fs/cgroup") -> int:
     return max(1, cores)
 
 
+def served_threads(config: dict, params: contract.CpuBackboneParams) -> tuple[int, int, int]:
+    """(instances, usable cores, intra-op threads per instance) of a CPU backbone model served with
+    `config` (its config as JSON, as Triton hands it to `initialize`) on this host."""
+    instances = sum(int(g.get("count", 1)) for g in config.get("instance_group", [])) or 1
+    cores = usable_cores()
+    return instances, cores, choose_threads(params.cpu_threads, cores, instances, params.share)
+
+
 def choose_threads(setting, cores: int, instances: int, share: int) -> int:
     """onnxruntime intra-op threads for one instance: `setting` when it is a number, else the cores
     divided among every instance of the CPU backbones that serve at once (at least 1)."""
@@ -292,9 +300,7 @@ class TritonPythonModel:
         )  # a malformed parameter fails the load, by name
         name = config["name"]
         folder = os.path.join(args["model_repository"], args["model_version"])
-        instances = sum(int(g.get("count", 1)) for g in config.get("instance_group", [])) or 1
-        cores = usable_cores()
-        threads = choose_threads(params.cpu_threads, cores, instances, params.share)
+        instances, cores, threads = served_threads(config, params)
         level = graph_optimization_level(params.optimization)
         spinning = params.cpu_spinning
 
