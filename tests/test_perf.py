@@ -102,7 +102,7 @@ def test_perf_analyzer_and_builtin_agree(sweep):
     # Pairs are measured back to back on a shared 2-core host: judge the typical pair, not the unluckiest.
     # The bound is for counting errors (a batch counted as one image, a window off by a warm-up: 0.5x or
     # 2x), not for the clients' speeds: the builtin client's Python cost per request on add_one depends on
-    # the CPU (median 0.75-1.0 on the AVX2 EPYC and the VNNI Xeon, 0.745 on a 2.0 GHz AMX Xeon VM).
+    # the CPU (>= 0.75 in every run on the AVX2 EPYC and the VNNI Xeon, 0.745 on a 2.0 GHz AMX Xeon VM).
     assert 0.6 <= float(np.median(list(ratios.values()))) <= 1 / 0.6, ratios
 
 
