@@ -516,9 +516,8 @@ def probe_flavours(
     as `initialize` would on this host (CPU class `isa`, else detected): the flavours in the host's order
     (`every`: all of them), each with its cosine and max abs difference to its reference (or the `error`
     of an engine that fails here: refused), the gate, and which one would serve. `images`: the first N
-    probe images only (qemu-user is slow; not for the dynamic
-    cpu-int8 flavours, whose activation scales, so their references, are those of the whole probe batch).
-    `only`: these flavours only."""
+    probe images only (qemu-user is slow; not for the dynamic cpu-int8 flavours, whose activation scales,
+    so their references, are those of the whole probe batch). `only`: these flavours only."""
     from vitserve.exporter.repository import read_config, read_params
 
     params = read_params(read_config(os.path.join(model_dir, "config.pbtxt")), contract.CpuBackboneParams)
