@@ -19,8 +19,8 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,9 @@ from vitserve.contract import Kind, PreprocessParams, backbone_model_name
 from vitserve.exporter.compare import format_table
 
 RESULTS = Path(__file__).parent / "results"
+MODELS_YAML = (
+    Path(__file__).resolve().parents[1] / "models.yaml"
+)  # the committed defaults (a source checkout)
 # the results files' tables (exporter/compare.py owns the helper)
 _md = functools.partial(format_table, markdown=True, float_format=".4g")
 NOTE = "RANDOM-INIT weights (offline machine): speeds are the real architectures'; fidelity is of untrained models."
@@ -293,110 +296,115 @@ def bench_preprocess(seconds: float = 10.0) -> None:
     )
 
 
-def bench_serving(backbones: list[str], duration_s: float) -> None:
-    """FP32 vs CPU INT8, in-process vs served (real tritonserver, python backend + onnxruntime),
-    batch 1 and 8; served at concurrency 4 (batch 1, dynamic batching) and 2 (batch 8)."""
+def serving_config(backbones: list[str], template: Path = MODELS_YAML) -> dict[str, Any]:
+    """The side-by-side build of `bench_serving`: per backbone, the first model of `template` (the committed
+    models.yaml: its precisions, CPU defaults and batching) with random weights, no head and no text tower,
+    `force: true` (a random head fails int8's top-1 gate; pretrained weights pass it), and beside it
+    NAMEdyn, which serves `cpu-int8` in `cpu_int8_mode: dynamic`: the per-call dynamic int8 that was the CPU
+    default before issue 26 ("today's cpu-int8")."""
     import yaml
 
-    from vitserve.exporter.pipeline import build_all
-    from vitserve.perf.harness import run_sweep
-    from vitserve.server import TritonServer
-
-    work = Path(tempfile.mkdtemp(prefix="vitserve-bench-"))
-    names = {b: b.lower().replace("-", "") for b in backbones}
-    models = [
-        {
+    base = yaml.safe_load(template.read_text())["models"][0]
+    models = []
+    for b in backbones:
+        n = b.lower().replace("-", "")
+        m = {
+            **base,
             "name": n,
             "backbone": b,
             "weights": "random",
             "head": "none",
-            "precisions": ["fp32", "cpu-int8"],
-            "kinds": ["cpu"],
-            "profile": {"min": 1, "opt": 8, "max": 16},
-            "dynamic_batching": {"preferred_batch_sizes": [8, 16], "max_queue_delay_us": 5000},
-            "calibration": {"num_images": 16},
+            "text": False,
+            "force": True,
         }
-        for b, n in names.items()
-    ]
-    (work / "models.yaml").write_text(yaml.safe_dump({"models": models}))
-    build_all(work / "models.yaml", work / "repo", work / "artifacts", random_init=True)
-    rows = []
-    for b, n in names.items():
-        for p in ("fp32", "cpu-int8"):
-            onnx = work / "artifacts" / n / p / "model.onnx"
-            for batch in (1, 8):
-                rows.append(
-                    {
-                        "backbone": b,
-                        "variant": p,
-                        "batch": batch,
-                        "in_process_images_per_s": round(_ort_speed(onnx, batch, seconds=duration_s), 2),
-                    }
-                )
-                print(rows[-1], flush=True)
-    with TritonServer(work / "repo", log_path=work / "server.log") as server:
-        for row in rows:
-            n = names[row["backbone"]]
-            model = backbone_model_name(n, row["variant"], Kind.CPU)
-            conc = 4 if row["batch"] == 1 else 2
-            res = run_sweep(
-                server.grpc_url,
-                model,
-                [conc],
-                [row["batch"]],
-                generator="perf_analyzer",
-                duration_s=duration_s,
-                progress=False,
-            )
-            pt = res.points[0]
-            row |= {
-                "served_concurrency": conc,
-                "served_images_per_s": round(pt.images_per_s, 2),
-                "served_p99_ms": round(pt.p99_us / 1000, 1),
-            }
-            row["served_over_in_process"] = round(
-                row["served_images_per_s"] / row["in_process_images_per_s"], 3
-            )
-            print(row, flush=True)
-    for row in rows:
-        base = next(
-            r
-            for r in rows
-            if r["backbone"] == row["backbone"] and r["variant"] == "fp32" and r["batch"] == row["batch"]
+        m.pop("labels", None)
+        dyn = {**m, "name": f"{n}dyn", "precisions": ["fp32", "cpu-int8"], "cpu_precisions": ["cpu-int8"]}
+        models += [m, dyn | {"cpu_int8_mode": "dynamic"}]
+    return {"models": models}
+
+
+def bench_serving(backbones: list[str], rounds: int, seconds: float, work: str) -> None:
+    """The published default CPU model against today's cpu-int8, served and in-process, in one run per host.
+
+    Builds `serving_config` into WORK/repo (random init), serves it with the real tritonserver and measures,
+    per backbone, the backbone its ensemble routes to and NAMEdyn's cpu-int8 model with
+    `bench_overhead.run` (served over the same engine and file in this process, back-to-back pairs).
+    Every CPU backbone is served with `share` 1 (the cores of the host: one model is measured at a time)."""
+    import yaml
+
+    from vitserve.contract import CpuBackboneParams
+    from vitserve.exporter.pipeline import build_all
+    from vitserve.exporter.repository import (
+        published_backbones,
+        read_config,
+        read_params,
+        set_params,
+        write_config,
+    )
+    from vitserve.perf import bench_overhead
+    from vitserve.server import TritonServer
+
+    root = Path(work)
+    root.mkdir(parents=True, exist_ok=True)
+    config = serving_config(backbones)
+    (root / "models.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    build_all(root / "models.yaml", root / "repo", root / "artifacts", random_init=True)
+    repo = root / "repo"
+    for cfg_path in repo.glob("*/config.pbtxt"):
+        cfg = read_config(cfg_path)
+        if CpuBackboneParams.KEY in cfg.parameters:
+            set_params(cfg, replace(read_params(cfg, CpuBackboneParams), share=1))
+            write_config(cfg_path.parent, cfg)
+    pairs = []  # (backbone, the published default, today's cpu-int8)
+    for b in backbones:
+        n = b.lower().replace("-", "")
+        pairs.append(
+            (b, published_backbones(repo, n)[0], backbone_model_name(f"{n}dyn", "cpu-int8", Kind.CPU))
         )
-        row["in_process_vs_fp32"] = round(row["in_process_images_per_s"] / base["in_process_images_per_s"], 2)
-        row["served_vs_fp32"] = round(row["served_images_per_s"] / base["served_images_per_s"], 2)
+    models = [m for _, default, today in pairs for m in (default, today)]
+    command = (
+        f"python -m vitserve.perf.bench_pipeline serving --backbones {' '.join(backbones)} "
+        f"--rounds {rounds} --seconds {seconds:g} --work {work}"
+    )
+    with TritonServer(repo, log_path=root / "server.log") as server:
+        result = bench_overhead.run(server.grpc_url, repo, models, rounds, seconds, root)
+    rows = []
+    for b, default, today in pairs:
+        d, t = result["models"][default]["points"], result["models"][today]["points"]
+        for point in d:
+            rows.append({
+                "backbone": b, "point": point,
+                "default": f"{default} ({result['models'][default]['engine']})",
+                "today": f"{today} ({result['models'][today]['engine']})",
+                "served_default": round(d[point]["served_images_per_s"], 1),
+                "served_today": round(t[point]["served_images_per_s"], 1),
+                "served_ratio": round(d[point]["served_images_per_s"] / t[point]["served_images_per_s"], 2),
+                "in_process_default": round(d[point]["in_process_images_per_s"], 1),
+                "in_process_today": round(t[point]["in_process_images_per_s"], 1),
+                "in_process_ratio": round(
+                    d[point]["in_process_images_per_s"] / t[point]["in_process_images_per_s"], 2
+                ),
+            })  # fmt: skip
     fidelity = {}
-    for b, n in names.items():
-        r = json.loads((work / "artifacts" / n / "cpu-int8" / "variant.json").read_text())
-        fidelity[b] = {
-            k: r["fidelity"]["outputs"]["embeddings"][k] for k in ("cosine_min", "cosine_mean")
-        } | {"gate": r["gate"]}
-    table = _md(
-        rows,
-        [
-            "backbone",
-            "variant",
-            "batch",
-            "in_process_images_per_s",
-            "in_process_vs_fp32",
-            "served_concurrency",
-            "served_images_per_s",
-            "served_vs_fp32",
-            "served_over_in_process",
-            "served_p99_ms",
-        ],
+    for b in backbones:
+        n = b.lower().replace("-", "")
+        for name, precision in ((n, "int8"), (f"{n}dyn", "cpu-int8")):
+            r = json.loads((root / "artifacts" / name / precision / "variant.json").read_text())
+            fidelity[f"{b} {precision}"] = {
+                k: r["fidelity"]["outputs"]["embeddings"][k] for k in ("cosine_min", "cosine_mean")
+            }
+    table = (
+        "The published default CPU model (the backbone each ensemble routes to) against today's cpu-int8 "
+        "(`cpu_int8_mode: dynamic`), images/s, medians of back-to-back pairs; c = clients in flight, b = "
+        "images per request (in-process: the batch the server could make of them):\n\n"
     )
-    table += "\n\nCPU INT8 fidelity vs FP32 (32 held-out photo views):\n\n"
-    table += _md(
-        [{"backbone": k, **v} for k, v in fidelity.items()], ["backbone", "cosine_min", "cosine_mean", "gate"]
-    )
-    _write(
-        "serving_cpu",
-        {"rows": rows, "cpu_int8_fidelity": fidelity},
-        table,
-        f"python -m vitserve.perf.bench_pipeline serving --backbones {' '.join(backbones)} --duration-s {duration_s}",
-    )
+    table += _md(rows, ["backbone", "point", "default", "today", "served_default", "served_today",
+                        "served_ratio", "in_process_default", "in_process_today", "in_process_ratio"])  # fmt: skip
+    table += "\n\nINT8 fidelity vs FP32 (embeddings, held-out photo views):\n\n"
+    table += _md([{"variant": k, **v} for k, v in fidelity.items()], ["variant", "cosine_min", "cosine_mean"])
+    overhead = bench_overhead.section(result, command).split("\n", 1)[1]  # without its cpu_engines.md heading
+    table += "\n\n## Served over in-process, per model\n" + overhead
+    _write("serving_cpu", {"rows": rows, "fidelity": fidelity, "overhead": result}, table, command)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -423,7 +431,9 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--work", default="artifacts/bench")
     s = sub.add_parser("serving")
     s.add_argument("--backbones", nargs="+", default=["ViT-B-32", "ViT-B-16"])
-    s.add_argument("--duration-s", type=float, default=8.0)
+    s.add_argument("--rounds", type=int, default=3)
+    s.add_argument("--seconds", type=float, default=3.0, help="per measurement")
+    s.add_argument("--work", default="/tmp/vitserve-bench-serving", help="the build and repository (kept)")
     sub.add_parser("preprocess")
     args = p.parse_args(argv)
     if args.what == "export":
@@ -433,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
             args.backbones, args.images, Path(args.work) / "precision", args.precisions, args.eval_images
         )
     elif args.what == "serving":
-        bench_serving(args.backbones, args.duration_s)
+        bench_serving(args.backbones, args.rounds, args.seconds, args.work)
     else:
         bench_preprocess()
     return 0

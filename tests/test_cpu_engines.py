@@ -429,3 +429,24 @@ def test_static_cpu_int8_loads_and_answers_the_same_in_any_batch(vitb32_build, l
     assert cos.mean() >= Gates().cpu_int8_mean_cosine, cos
     text = (tmp_path / "server.log").read_text()
     assert re.search(rf"{name}: cpu-int8 flavour '(vnni|avx2)' for host", text) or "SERVING FP32" in text
+
+
+def test_the_serving_bench_builds_the_default_beside_todays_cpu_int8(tmp_path):
+    """`bench_pipeline serving` measures what models.yaml publishes against the per-call dynamic cpu-int8:
+    its config is models.yaml's first model (so it follows the committed defaults) and it loads."""
+    import yaml
+
+    from vitserve.exporter.config import Precision, load_models
+    from vitserve.perf.bench_pipeline import MODELS_YAML, serving_config
+
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump(serving_config(["ViT-B-32", "ViT-B-16"])))
+    specs = {s.name: s for s in load_models(path)}
+    assert list(specs) == ["vitb32", "vitb32dyn", "vitb16", "vitb16dyn"]
+    default = next(s for s in load_models(MODELS_YAML))
+    for name in ("vitb32", "vitb16"):
+        assert specs[name].precisions == default.precisions and specs[name].cpu_precisions == default.cpu_precisions
+        assert specs[name].dynamic_batching == default.dynamic_batching and specs[name].force
+        assert specs[name].weights == "random" and not specs[name].text
+        assert specs[f"{name}dyn"].cpu_precisions == (Precision.CPU_INT8,)
+        assert specs[f"{name}dyn"].cpu_int8_mode == "dynamic"

@@ -190,13 +190,9 @@ def engine_candidates(target: Target, repository: str | Path, threads: int = 1) 
         quantized = any(f not in FP32_FLAVOURS for f in params.flavours)
         scored = [f for f in order if f not in FP32_FLAVOURS] if quantized else order
         scored += [params.flavour] if params.flavour and params.flavour not in scored else []
-        scores: dict[str, dict] = {}
-        for f in scored:
-            try:
-                r = probe_flavours(str(folder), params.isa, threads, every=True, only=[f])
-                scores[f] = {**r["flavours"][f], "passed": probe_passed(r, f)}
-            except Exception as e:  # an engine missing here or failing on the file: not a candidate
-                scores[f] = {"error": f"{type(e).__name__}: {e}", "passed": False}
+        # an engine missing here or failing on the file comes back with its `error`: not a candidate
+        r = probe_flavours(str(folder), params.isa, threads, every=True, only=scored)
+        scores = {f: {**r["flavours"][f], "passed": probe_passed(r, f)} for f in scored}
         # what serves unpinned: the first of the served order that passes (an unscored FP32 fallback serves)
         served = flavour_order(isa, list(params.flavours), params.flavour)
         serves = next((f for f in served if scores.get(f, {"passed": True})["passed"]), None)
