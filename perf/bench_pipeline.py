@@ -402,7 +402,9 @@ def bench_serving(backbones: list[str], rounds: int, seconds: float, work: str) 
                         "served_ratio", "in_process_default", "in_process_today", "in_process_ratio"])  # fmt: skip
     table += "\n\nINT8 fidelity vs FP32 (embeddings, held-out photo views):\n\n"
     table += _md([{"variant": k, **v} for k, v in fidelity.items()], ["variant", "cosine_min", "cosine_mean"])
-    overhead = bench_overhead.section(result, command).split("\n", 1)[1]  # without its cpu_engines.md heading
+    # bench_overhead's section without its cpu_engines.md heading and command (this file names the command)
+    overhead = "\n".join(line for line in bench_overhead.section(result, command).splitlines()[1:]
+                         if not line.startswith("Command:"))  # fmt: skip
     table += "\n\n## Served over in-process, per model\n" + overhead
     _write("serving_cpu", {"rows": rows, "fidelity": fidelity, "overhead": result}, table, command)
 
