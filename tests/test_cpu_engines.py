@@ -445,7 +445,10 @@ def test_the_serving_bench_builds_the_default_beside_todays_cpu_int8(tmp_path):
     assert list(specs) == ["vitb32", "vitb32dyn", "vitb16", "vitb16dyn"]
     default = next(s for s in load_models(MODELS_YAML))
     for name in ("vitb32", "vitb16"):
-        assert specs[name].precisions == default.precisions and specs[name].cpu_precisions == default.cpu_precisions
+        assert (
+            specs[name].precisions == default.precisions
+            and specs[name].cpu_precisions == default.cpu_precisions
+        )
         assert specs[name].dynamic_batching == default.dynamic_batching and specs[name].force
         assert specs[name].weights == "random" and not specs[name].text
         assert specs[f"{name}dyn"].cpu_precisions == (Precision.CPU_INT8,)
