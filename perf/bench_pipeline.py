@@ -26,13 +26,12 @@ from typing import Any
 
 import numpy as np
 
-from vitserve.contract import Kind, PreprocessParams, backbone_model_name
+from vitserve.contract import EMBEDDINGS, Kind, Precision, PreprocessParams, backbone_model_name
 from vitserve.exporter.compare import format_table
 
 RESULTS = Path(__file__).parent / "results"
-MODELS_YAML = (
-    Path(__file__).resolve().parents[1] / "models.yaml"
-)  # the committed defaults (a source checkout)
+# the committed defaults (a source checkout): what `bench_serving` measures
+MODELS_YAML = Path(__file__).resolve().parents[1] / "models.yaml"
 # the results files' tables (exporter/compare.py owns the helper)
 _md = functools.partial(format_table, markdown=True, float_format=".4g")
 NOTE = "RANDOM-INIT weights (offline machine): speeds are the real architectures'; fidelity is of untrained models."
@@ -296,6 +295,11 @@ def bench_preprocess(seconds: float = 10.0) -> None:
     )
 
 
+def _serving_name(backbone: str) -> str:
+    """The model name `serving_config` gives a backbone (ViT-B-32 -> vitb32; NAMEdyn beside it)."""
+    return backbone.lower().replace("-", "")
+
+
 def serving_config(backbones: list[str], template: Path = MODELS_YAML) -> dict[str, Any]:
     """The side-by-side build of `bench_serving`: per backbone, the first model of `template` (the committed
     models.yaml: its precisions, CPU defaults and batching) with random weights, no head and no text tower,
@@ -307,7 +311,7 @@ def serving_config(backbones: list[str], template: Path = MODELS_YAML) -> dict[s
     base = yaml.safe_load(template.read_text())["models"][0]
     models = []
     for b in backbones:
-        n = b.lower().replace("-", "")
+        n = _serving_name(b)
         m = {
             **base,
             "name": n,
@@ -318,7 +322,8 @@ def serving_config(backbones: list[str], template: Path = MODELS_YAML) -> dict[s
             "force": True,
         }
         m.pop("labels", None)
-        dyn = {**m, "name": f"{n}dyn", "precisions": ["fp32", "cpu-int8"], "cpu_precisions": ["cpu-int8"]}
+        dyn = {**m, "name": f"{n}dyn", "precisions": [Precision.FP32.value, Precision.CPU_INT8.value],
+               "cpu_precisions": [Precision.CPU_INT8.value]}  # fmt: skip
         models += [m, dyn | {"cpu_int8_mode": "dynamic"}]
     return {"models": models}
 
@@ -357,9 +362,9 @@ def bench_serving(backbones: list[str], rounds: int, seconds: float, work: str) 
             write_config(cfg_path.parent, cfg)
     pairs = []  # (backbone, the published default, today's cpu-int8)
     for b in backbones:
-        n = b.lower().replace("-", "")
+        n = _serving_name(b)
         pairs.append(
-            (b, published_backbones(repo, n)[0], backbone_model_name(f"{n}dyn", "cpu-int8", Kind.CPU))
+            (b, published_backbones(repo, n)[0], backbone_model_name(f"{n}dyn", Precision.CPU_INT8, Kind.CPU))
         )
     models = [m for _, default, today in pairs for m in (default, today)]
     command = (
@@ -387,11 +392,11 @@ def bench_serving(backbones: list[str], rounds: int, seconds: float, work: str) 
             })  # fmt: skip
     fidelity = {}
     for b in backbones:
-        n = b.lower().replace("-", "")
-        for name, precision in ((n, "int8"), (f"{n}dyn", "cpu-int8")):
+        n = _serving_name(b)
+        for name, precision in ((n, Precision.INT8), (f"{n}dyn", Precision.CPU_INT8)):
             r = json.loads((root / "artifacts" / name / precision / "variant.json").read_text())
             fidelity[f"{b} {precision}"] = {
-                k: r["fidelity"]["outputs"]["embeddings"][k] for k in ("cosine_min", "cosine_mean")
+                k: r["fidelity"]["outputs"][EMBEDDINGS][k] for k in ("cosine_min", "cosine_mean")
             }
     table = (
         "The published default CPU model (the backbone each ensemble routes to) against today's cpu-int8 "
