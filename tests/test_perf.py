@@ -1,4 +1,4 @@
-"""The perf harness against the real tritonserver: reports, metrics, generator agreement, bounds, errors."""
+"""The perf harness against the real tritonserver: reports, metrics, what the generators count, bounds, errors."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 CONCURRENCIES = [1, 2]
 BATCHES = [1, 4]
+SWEEP_S = 2.0  # the measured window of each sweep point
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,7 @@ def sweep(tiny_server, add_one_onnx, tmp_path_factory):
     """One sweep with both generators and a baseline, shared by the assertions below (about 30 s)."""
     out = tmp_path_factory.mktemp("perf") / "add_one"
     result = run_sweep(
-        tiny_server.grpc_url, "add_one", CONCURRENCIES, BATCHES, generator="both", duration_s=2.0,
+        tiny_server.grpc_url, "add_one", CONCURRENCIES, BATCHES, generator="both", duration_s=SWEEP_S,
         warmup_s=0.5, max_total_s=300, out_dir=out, onnx={"add_one": add_one_onnx}, baseline_threads=1,
         command="pytest tests/test_perf.py (sweep fixture)", progress=False,
     )  # fmt: skip
@@ -88,22 +89,23 @@ def test_points_have_throughput_monotonic_percentiles_and_server_breakdown(sweep
         assert p.gpu_util_pct is None or p.gpu_util_pct >= 0  # null without a GPU
 
 
-def test_perf_analyzer_and_builtin_agree(sweep):
-    # Both keep `concurrency` requests in flight for the same measured time after the same warm-up and
-    # count requests that start and end in the window. What remains is the client's own cost per request,
-    # which matters on add_one (~0.4 ms per request) and not on a ViT; see perf/loadgen.py.
+def test_both_generators_count_what_the_server_counted(sweep):
+    # Counting errors (a batch counted as one image, a window off by a warm-up, a request counted twice)
+    # show against Triton's own statistics for the same window; the clients' speeds do not enter. Their
+    # ratio depends on the CPU and on the neighbours of a shared host (0.22-0.90 within one run on a
+    # 2-core AMX VM), so it is reported (report.md, "Side by side") and not asserted.
     result, _ = sweep
-    by = {(p.generator, p.batch_size, p.concurrency): p for p in result.points}
-    ratios = {
-        (b, c): by["builtin", b, c].images_per_s / by["perf_analyzer", b, c].images_per_s
-        for b in BATCHES
-        for c in CONCURRENCIES
-    }
-    # Pairs are measured back to back on a shared 2-core host: judge the typical pair, not the unluckiest.
-    # The bound is for counting errors (a batch counted as one image, a window off by a warm-up: 0.5x or
-    # 2x), not for the clients' speeds: the builtin client's Python cost per request on add_one depends on
-    # the CPU (>= 0.75 in every run on the AVX2 EPYC and the VNNI Xeon, 0.745 on a 2.0 GHz AMX Xeon VM).
-    assert 0.6 <= float(np.median(list(ratios.values()))) <= 1 / 0.6, ratios
+    for p in result.points:
+        point = (p.generator, p.batch_size, p.concurrency, p.requests, p.server_requests)
+        # The server completes what the client counted, and what was in flight when a window closed: for
+        # the builtin generator each worker's last request; perf_analyzer's three windows leave a few
+        # more between them (11 in 3505 seen).
+        extra = p.concurrency if p.generator == "builtin" else p.concurrency + 0.25 * p.requests
+        assert p.requests <= p.server_requests <= p.requests + extra, point
+        assert p.window_s == pytest.approx(SWEEP_S, rel=0.5), p
+        assert p.images_per_s * p.window_s == pytest.approx(p.requests * p.batch_size, rel=1e-3), p
+    by = {(p.generator, p.batch_size, p.concurrency) for p in result.points}
+    assert by == {(g, b, c) for g in ("perf_analyzer", "builtin") for b in BATCHES for c in CONCURRENCIES}
 
 
 def test_efficiency_against_in_process_baseline(sweep):
