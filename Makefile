@@ -31,7 +31,7 @@ perf-deps:
 	else echo "NOTE: perf_analyzer needs libb64: run 'sudo apt-get install libb64-0d' (Debian/Ubuntu)"; fi
 
 test: setup
-	$(BIN)/pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not slow and not gpu" --durations=25 $(PYTEST_ARGS)
 
 test-slow: setup
 	$(BIN)/pytest -m "slow" $(PYTEST_ARGS)
