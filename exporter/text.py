@@ -356,7 +356,7 @@ def make_text_variant(precision, fp32_dir: Path, out_dir: Path, gates) -> dict[s
         _exact,
         attention_matmuls,
         check_gate,
-        quiet_modelopt,
+        running_modelopt,
         save_onnx,
     )
 
@@ -405,7 +405,7 @@ def make_text_variant(precision, fp32_dir: Path, out_dir: Path, gates) -> dict[s
             from modelopt.onnx.autocast import convert_to_mixed_precision
 
             np.savez(Path(work) / "calibration.npz", **{TOKENS: calib})
-            with quiet_modelopt():
+            with running_modelopt():
                 model = convert_to_mixed_precision(
                     onnx_path=str(src),
                     low_precision_type="fp16",
@@ -422,7 +422,7 @@ def make_text_variant(precision, fp32_dir: Path, out_dir: Path, gates) -> dict[s
             from modelopt.onnx.quantization import quantize
 
             excluded = attention_matmuls(src)
-            with quiet_modelopt():
+            with running_modelopt():
                 quantize(
                     onnx_path=str(src),
                     quantize_mode="int8",

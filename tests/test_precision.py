@@ -200,3 +200,38 @@ def test_build_pixels_follow_a_tag_that_normalizes_otherwise(tmp_path):
     np.testing.assert_array_equal(load_pixels(files, vitl, recipe)[1], tags_own)
     np.testing.assert_array_equal(eval_pixels(vitl, recipe, 3)[1], tags_own)
     np.testing.assert_array_equal(to_pixels(vitl, views, recipe)[1], tags_own)
+
+
+def test_modelopt_dead_node_cleanup_removes_what_modelopts_own_removes():
+    """running_modelopt swaps ModelOpt's quadratic AutoCast cleanup for `_cleanup_no_consumers`: on a
+    random graph with dead ends, multi-output nodes and network outputs, both leave the same nodes."""
+    from types import SimpleNamespace
+
+    from modelopt.onnx.autocast.precisionconverter import PrecisionConverter
+    from onnx import TensorProto, helper
+
+    from vitserve.exporter import precision
+
+    rng = np.random.default_rng(0)
+    tensors, nodes = ["x"], []
+    for i in range(400):
+        inputs = list(rng.choice(tensors, size=int(rng.integers(1, 3))))
+        outputs = [f"t{i}_{k}" for k in range(int(rng.integers(1, 3)))]
+        nodes.append(helper.make_node("Custom", inputs, outputs, name=f"n{i}"))
+        tensors += outputs
+    outputs = [helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in rng.choice(tensors, 20)]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)], outputs
+    )
+    theirs, ours = (SimpleNamespace(model=helper.make_model(graph)) for _ in range(2))
+    with precision.running_modelopt():
+        patched = PrecisionConverter._cleanup_no_consumer_nodes
+    assert patched is precision._cleanup_no_consumers or precision._modelopt_version() != (
+        precision.MODELOPT_CLEANUP_READ
+    )
+    assert PrecisionConverter._cleanup_no_consumer_nodes is not precision._cleanup_no_consumers  # restored
+    PrecisionConverter._cleanup_no_consumer_nodes(theirs)
+    precision._cleanup_no_consumers(ours)
+    left = [n.name for n in ours.model.graph.node]
+    assert [n.name for n in theirs.model.graph.node] == left
+    assert 0 < len(left) < len(nodes)  # something was removed, something kept
