@@ -219,10 +219,11 @@ def _modelopt_version() -> str:
 
 def _cleanup_no_consumers(converter) -> None:
     """ModelOpt 0.47's `PrecisionConverter._cleanup_no_consumer_nodes`, the same removals, with the graph's
-    consumed tensors gathered once. Its own asks `get_consumer_nodes` (a scan of every node) for each output
-    of each node: quadratic. ViT-B-32's INT8 variant (its FP16 parts go through AutoCast) took 170 s with
-    it and 140 s with this, the same bytes written; more on the larger backbones. A node goes when none of its outputs is a network
-    output or consumed by a node; the graph is read whole before anything is removed, as there."""
+    consumed tensors gathered once. Its own asks `get_consumer_nodes` (a scan of every node) for each
+    output of each node: quadratic. ViT-B-32's INT8 variant (its FP16 parts go through AutoCast) took
+    170 s with it and 140 s with this, the same bytes written; more on the larger backbones. A node goes
+    when none of its outputs is a network output or consumed by a node; the graph is read whole before
+    anything is removed, as there."""
     graph = converter.model.graph
     kept = {o.name for o in graph.output} | {t for n in graph.node for t in n.input}
     for node in [n for n in graph.node if not any(out in kept for out in n.output)]:

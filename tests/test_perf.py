@@ -104,8 +104,10 @@ def test_both_generators_count_what_the_server_counted(sweep):
         assert p.requests <= p.server_requests <= p.requests + extra, point
         assert p.window_s == pytest.approx(SWEEP_S, rel=0.5), p
         assert p.images_per_s * p.window_s == pytest.approx(p.requests * p.batch_size, rel=1e-3), p
-    by = {(p.generator, p.batch_size, p.concurrency) for p in result.points}
-    assert by == {(g, b, c) for g in ("perf_analyzer", "builtin") for b in BATCHES for c in CONCURRENCIES}
+    measured = {(p.generator, p.batch_size, p.concurrency) for p in result.points}
+    assert measured == {
+        (g, b, c) for g in ("perf_analyzer", "builtin") for b in BATCHES for c in CONCURRENCIES
+    }
 
 
 def test_efficiency_against_in_process_baseline(sweep):
