@@ -17,6 +17,7 @@ from vitserve.perf.baseline import ort_settings_from_config
 from vitserve.perf.harness import run_sweep
 from vitserve.perf.inputs import ModelSpec, TensorSpec, describe_model, make_payloads, write_input_data
 from vitserve.perf.loadgen import run_load
+from vitserve.perf.measure import Generator
 from vitserve.perf.perf_analyzer import run_perf_analyzer
 from vitserve.perf.sweep_result import PointResult, precision_speedups
 from vitserve.server import TritonServer, free_port
@@ -100,13 +101,13 @@ def test_both_generators_count_what_the_server_counted(sweep):
         # The server completes what the client counted, and what was in flight when a window closed: for
         # the builtin generator each worker's last request; perf_analyzer's three windows leave a few
         # more between them (11 in 3505 seen).
-        extra = p.concurrency if p.generator == "builtin" else p.concurrency + 0.25 * p.requests
+        extra = p.concurrency if p.generator == Generator.BUILTIN else p.concurrency + 0.25 * p.requests
         assert p.requests <= p.server_requests <= p.requests + extra, point
         assert p.window_s == pytest.approx(SWEEP_S, rel=0.5), p
         assert p.images_per_s * p.window_s == pytest.approx(p.requests * p.batch_size, rel=1e-3), p
     measured = {(p.generator, p.batch_size, p.concurrency) for p in result.points}
     assert measured == {
-        (g, b, c) for g in ("perf_analyzer", "builtin") for b in BATCHES for c in CONCURRENCIES
+        (g, b, c) for g in Generator.BOTH.generators() for b in BATCHES for c in CONCURRENCIES
     }
 
 
